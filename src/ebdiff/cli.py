@@ -1,0 +1,246 @@
+"""Command line: thin wrappers that parse, call the library and print a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import ConfigError, EbdiffError
+
+DEMO_CONFIG = "demo.yaml"
+
+
+def _configs_dir() -> Path:
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "configs", Path.cwd() / "configs"):
+        if cand.is_dir():
+            return cand
+    return here.parent / "configs"
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+# ---------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import latest_checkpoint
+    from .config import load_config
+    from .trainer import Trainer
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.yaml"
+        if not cfg_path.is_file():
+            raise ConfigError(f"--resume: {run_dir} is not an ebdiff run folder (no config.yaml)")
+        cfg = load_config(cfg_path, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+        if latest_checkpoint(run_dir) is not None:
+            raise ConfigError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                              "or choose another --out")
+    summary = Trainer(cfg, run_dir, resume=bool(args.resume)).run()
+    _print_train_summary(summary)
+    return 0
+
+
+def _print_train_summary(s: dict) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return
+    t = s["time_s"]
+    print("\n== ebdiff train summary ==")
+    print(f"run folder         {s['run_dir']}")
+    print(f"iterations         {s['iterations']} (dense {s['dense_iterations']}, ticket {s['ticket_iterations']})")
+    d = s.get("dense") or {}
+    print(f"dense model        {_fmt(d.get('params'))} params, {_fmt(d.get('macs'))} MACs")
+    info = s.get("ticket_info")
+    if s.get("ticket"):
+        tk = s["ticket"]
+        print(f"ticket             {_fmt(tk['params'])} params, {_fmt(tk['macs'])} MACs "
+              f"(drawn at iteration {info['iteration']}, check {info['check']}, "
+              f"max distance {info['max_distance'] if info['max_distance'] is None else round(info['max_distance'], 4)})")
+        print(f"search cost        {info['search_seconds']:.1f} s dense training + checks, "
+              f"{info['check_seconds_mean'] * 1e3:.1f} ms per check (mean)")
+    elif info is not None and not info.get("found", True):
+        print(f"ticket             none drawn by iteration {info['iteration']}")
+    print(f"training time      {t['train_total']:.1f} s (dense {t['dense_s']:.1f}, checks {t['check_s']:.1f}, "
+          f"extract {t['extract_s']:.1f}, ticket {t['sparse_s']:.1f}); wall {t['wall_s']:.1f} s")
+    print(f"device             {s['device']} x {s['processes']}")
+
+
+# ---------------------------------------------------------------------- sample
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .checkpoint import load_model, resolve_checkpoint
+    from .diffusion import Schedule
+    from .models import eps_fn
+    from .report import save_grid
+    from .sampling import generate, to_uint8
+    from .config import DiffusionConfig, SampleConfig
+    from .trainer import _resolve_device
+
+    ckpt = resolve_checkpoint(Path(args.run))
+    device = _resolve_device(args.device)
+    model, meta = load_model(ckpt, ema=not args.no_ema, device=device)
+    dcfg = DiffusionConfig(**meta.get("diffusion", {}))
+    scfg = SampleConfig(**meta.get("sample", {}))
+    for k in ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size"):
+        v = getattr(args, k)
+        if v is not None:
+            setattr(scfg, k, v)
+    if scfg.sampler == "ddpm":
+        scfg.steps = dcfg.timesteps
+    if not 0 < scfg.steps <= dcfg.timesteps:
+        raise ConfigError(f"--steps must be in 1..{dcfg.timesteps}; got {scfg.steps}")
+    if scfg.n <= 0:
+        raise ConfigError(f"--n must be positive; got {scfg.n}")
+    schedule = Schedule.from_config(dcfg)
+    shape = tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
+                                              model.config.sample_size))
+    t0 = time.perf_counter()
+    x = generate(eps_fn(model), scfg.n, shape, schedule, sampler=scfg.sampler, steps=scfg.steps,
+                 spacing=scfg.spacing, eta=scfg.eta, variance=scfg.variance, batch_size=scfg.batch_size,
+                 seed=scfg.seed, device=device, progress=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    imgs = to_uint8(x)
+    out = Path(args.out) if args.out else Path(args.run) / f"samples_{scfg.sampler}{scfg.steps}.png"
+    save_grid(imgs, out)
+    npz = out.with_suffix(".npz")
+    from .checkpoint import atomic_save
+
+    def _w(p):
+        with open(p, "wb") as f:
+            np.savez_compressed(f, images=imgs)
+
+    atomic_save(npz, _w)
+    print(f"{scfg.n} samples ({scfg.sampler}, {scfg.steps} steps, {scfg.spacing if scfg.sampler == 'ddim' else 'all'} "
+          f"spacing, {'EMA' if not args.no_ema else 'online'} weights of {ckpt.name}) in {dt:.1f} s "
+          f"= {scfg.n / dt:.1f} images/s on {device}")
+    print(f"grid   {out}\nimages {npz}")
+    return 0
+
+
+# ---------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    from .models import PRESETS, build_model, count_macs_params
+
+    presets = [args.preset] if args.preset else list(PRESETS)
+    rows = []
+    for name in presets:
+        model = build_model(name)
+        macs, params = count_macs_params(model)
+        row = {"preset": name, "params": params, "macs": macs, "ratio": None}
+        rows.append(row)
+        for r in args.ratio or []:
+            if not 0 < r < 1:
+                raise ConfigError(f"--ratio must be in (0, 1); got {r}")
+            from .pruning import PruningEngine, extract
+
+            eng = PruningEngine(model)
+            small = extract(model, eng.plan(eng.mask("magnitude", r)))
+            m2, p2 = count_macs_params(small)
+            rows.append({"preset": name, "params": p2, "macs": m2, "ratio": r,
+                         "params_ratio": p2 / params, "macs_ratio": m2 / macs})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'preset':<10} {'ratio':>6} {'params':>10} {'MACs':>10} {'MACs x':>8}")
+    for r in rows:
+        ratio = "dense" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        mx = "" if r["ratio"] is None else f"{1 / r['macs_ratio']:.2f}x"
+        print(f"{r['preset']:<10} {ratio:>6} {_fmt(r['params']):>10} {_fmt(r['macs']):>10} {mx:>8}")
+    return 0
+
+
+# ---------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """EB-Diff-Train on Fashion-MNIST at demo scale: search, extract, train the ticket, sample."""
+    cfg = _configs_dir() / DEMO_CONFIG
+    out = args.out or "runs/demo"
+    from .checkpoint import latest_checkpoint
+
+    resume = latest_checkpoint(Path(out)) is not None
+    targs = argparse.Namespace(config=str(cfg), overrides=args.overrides, out=out,
+                               resume=out if resume else None)
+    cmd_train(targs)
+    sargs = argparse.Namespace(run=out, n=64, steps=None, sampler=None, spacing=None, eta=None, seed=None,
+                               batch_size=None, out=None, device="auto", no_ema=False)
+    cmd_sample(sargs)
+    print(f"\nDemo outputs in {out}/: samples_*.png (grid), hamming.png (mask distances), ticket.json, "
+          "metrics.jsonl, checkpoints/")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ebdiff", description="Early-Bird tickets for cheaper diffusion training")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a dense DDPM, or search + train an Early-Bird ticket (early_bird.ratio=R)")
+    t.add_argument("--config", help="YAML config (configs/*.yaml); defaults apply where absent")
+    t.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iters=200 model.preset=tiny")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="DDIM/DDPM samples from a run: PNG grid + .npz of uint8 images")
+    s.add_argument("run", help="run folder (newest checkpoint) or checkpoint folder")
+    s.add_argument("--n", type=int, help="number of images (default: the run's sample.n)")
+    s.add_argument("--steps", type=int, help="DDIM steps (default 100)")
+    s.add_argument("--sampler", choices=["ddim", "ddpm"])
+    s.add_argument("--spacing", choices=["quad", "uniform", "trailing"])
+    s.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--batch-size", type=int, dest="batch_size")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
+    s.add_argument("--out", help="PNG path (default RUN/samples_<sampler><steps>.png)")
+    s.set_defaults(fn=cmd_sample)
+
+    i = sub.add_parser("info", help="parameters and MACs of presets (and of pruned tickets with --ratio)")
+    i.add_argument("--preset", help="one preset (default: all)")
+    i.add_argument("--ratio", type=float, action="append", help="pruning ratio to size (repeatable)")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+
+    d = sub.add_parser("demo", help="EB-Diff-Train on Fashion-MNIST at demo scale (minutes on a CPU)")
+    d.add_argument("--out", help="run folder (default runs/demo; resumed if it exists)")
+    d.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/demo.yaml")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come after options (`--out X train.iters=5`): argparse leaves those over
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.fn(args)
+    except EbdiffError as exc:
+        print(f"ebdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ebdiff: interrupted (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Every setting of ebdiff as validated dataclasses: load YAML, apply dotted overrides, dump.
+
+A config is a tree of dataclasses. `load_config(path, overrides)` reads a YAML file whose top-level
+keys are the section names, applies `section.key=value` overrides (values parsed as YAML scalars)
+and validates every key and type. Unknown keys and wrong types raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # cifar10 | celeba64 | lsun256 | fmnist | tiny
+    dropout: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # fashion-mnist | cifar10 | celeba | lsun | imagefolder
+    root: str | None = None  # where the dataset lives; None = the dataset's default places
+    split: str = "train"
+    image_size: int | None = None  # None = the preset's resolution
+    resize: str = "pad"  # fashion-mnist 28->32: pad | resize
+    hflip: bool | None = None  # None = dataset default (on for cifar10/celeba/lsun, off for fashion-mnist)
+    lsun_category: str = "church_outdoor"
+    limit: int | None = None  # use only the first N images (tests, quick studies)
+    num_workers: int = 2  # for datasets streamed from image files
+    cache_dir: str | None = None  # decoded-image cache for JPEG datasets; None = ~/.cache/ebdiff
+    download: bool = True  # fashion-mnist only: try a torchvision download when it is nowhere on disk
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    beta_schedule: str = "linear"  # linear | cosine
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "epsilon"
+    loss_reduction: str = "mean"  # mean (diffusers) | sum (reference code: sum over C,H,W)
+    timestep_sampler: str = "antithetic"  # antithetic | uniform
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 800_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay = min(ema_decay, (1 + n) / (10 + n))
+    seed: int = 1234
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    keep_last: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    progress: bool = True
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"  # ddim | ddpm
+    steps: int = 100
+    spacing: str = "quad"  # quad (reference) | uniform | trailing
+    eta: float = 0.0
+    variance: str = "fixedlarge"  # DDPM: fixedlarge (reference) | fixedsmall
+    n: int = 64
+    batch_size: int = 256
+    use_ema: bool = True
+    seed: int = 0
+
+
+@dataclass
+class EarlyBirdConfig:
+    ratio: float | None = None  # None = dense training; a number in (0, 1) turns EB search on
+    criterion: str = "magnitude"  # magnitude | taylor | diff-pruning | random
+    eta: float = 0.1
+    queue: int = 5
+    check_every: Union[int, str] = "epoch"  # iterations, or "epoch" (one pass over the data)
+    mask_source: str = "online"  # online | ema
+    reinit: bool = False
+    max_search_iters: int | None = None  # None = no limit besides train.iters
+    on_miss: str = "continue-dense"  # continue-dense | extract-anyway
+    taylor_timesteps: int = 32  # timesteps per taylor/diff-pruning score (reference: all 1000)
+    taylor_batch: int = 16
+    diff_threshold: float = 0.05
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    early_bird: EarlyBirdConfig = field(default_factory=EarlyBirdConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.preset": ("cifar10", "celeba64", "lsun256", "fmnist", "tiny"),
+    "data.name": ("fashion-mnist", "cifar10", "celeba", "lsun", "imagefolder"),
+    "data.resize": ("pad", "resize"),
+    "diffusion.beta_schedule": ("linear", "cosine"),
+    "diffusion.prediction": ("epsilon",),
+    "diffusion.loss_reduction": ("mean", "sum"),
+    "diffusion.timestep_sampler": ("antithetic", "uniform"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "sample.sampler": ("ddim", "ddpm"),
+    "sample.spacing": ("quad", "uniform", "trailing"),
+    "sample.variance": ("fixedlarge", "fixedsmall"),
+    "early_bird.criterion": ("magnitude", "taylor", "diff-pruning", "random"),
+    "early_bird.mask_source": ("online", "ema"),
+    "early_bird.on_miss": ("continue-dense", "extract-anyway"),
+}
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """int -> float where a float is expected (YAML '1' for a float field)."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    origin = typing.get_origin(tp)
+    if origin is list and isinstance(value, list):
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner) for v in value]
+    if origin in (Union, types.UnionType) and isinstance(value, int) and not isinstance(value, bool):
+        args = typing.get_args(tp)
+        if float in args and int not in args:
+            return float(value)
+    return value
+
+
+def _set(section_obj: Any, section: str, key: str, value: Any) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    if key not in hints:
+        known = ", ".join(sorted(hints))
+        raise ConfigError(f"unknown config key '{section}.{key}' (known keys in '{section}': {known})")
+    tp = hints[key]
+    if isinstance(value, str) and not _type_ok(value, tp) and _type_ok(1.0, tp):
+        try:  # YAML 1.1 reads '2e-4' (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if not _type_ok(value, tp):
+        raise ConfigError(
+            f"config key '{section}.{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+    setattr(section_obj, key, _coerce(value, tp))
+
+
+def apply_dict(cfg: Config, data: dict[str, Any], where: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+    sections = typing.get_type_hints(Config)
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section '{section}' (known: {', '.join(sections)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
+        obj = getattr(cfg, section)
+        for key, value in values.items():
+            _set(obj, section, key, value)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key '{dotted}' must be section.key (e.g. train.iters=200)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})") from None
+    return parts[0], parts[1], value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for text in overrides:
+        section, key, value = parse_override(text)
+        apply_dict(cfg, {section: {key: value}}, where=f"override '{text}'")
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    flat = cfg.to_dict()
+    for dotted, choices in CHOICES.items():
+        section, key = dotted.split(".")
+        value = flat[section][key]
+        if value not in choices:
+            raise ConfigError(f"config key '{dotted}' must be one of {', '.join(choices)}; got {value!r}")
+    t = cfg.train
+    positive = {
+        "train.iters": t.iters, "train.batch_size": t.batch_size, "train.log_every": t.log_every,
+        "train.ckpt_every": t.ckpt_every, "train.keep_last": t.keep_last, "sample.steps": cfg.sample.steps,
+        "sample.n": cfg.sample.n, "sample.batch_size": cfg.sample.batch_size,
+        "diffusion.timesteps": cfg.diffusion.timesteps,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{name}' must be positive; got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"config key 'train.lr' must be positive; got {t.lr}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1); got {t.ema_decay}")
+    if len(t.adam_betas) != 2:
+        raise ConfigError("config key 'train.adam_betas' must be a list of two numbers")
+    if cfg.sample.steps > cfg.diffusion.timesteps:
+        raise ConfigError(
+            f"config key 'sample.steps' ({cfg.sample.steps}) exceeds diffusion.timesteps ({cfg.diffusion.timesteps})"
+        )
+    if not 0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1:
+        raise ConfigError("config keys 'diffusion.beta_start' < 'diffusion.beta_end' must lie in (0, 1)")
+    eb = cfg.early_bird
+    if eb.ratio is not None and not 0.0 < eb.ratio < 1.0:
+        raise ConfigError(f"config key 'early_bird.ratio' must be in (0, 1); got {eb.ratio}")
+    if eb.eta <= 0:
+        raise ConfigError(f"config key 'early_bird.eta' must be > 0; got {eb.eta}")
+    if eb.queue < 2:
+        raise ConfigError(f"config key 'early_bird.queue' must be >= 2; got {eb.queue}")
+    if isinstance(eb.check_every, str) and eb.check_every != "epoch":
+        raise ConfigError(f"config key 'early_bird.check_every' must be 'epoch' or a positive integer; got {eb.check_every!r}")
+    if isinstance(eb.check_every, int) and eb.check_every <= 0:
+        raise ConfigError(f"config key 'early_bird.check_every' must be positive; got {eb.check_every}")
+    if eb.max_search_iters is not None and eb.max_search_iters <= 0:
+        raise ConfigError(f"config key 'early_bird.max_search_iters' must be positive; got {eb.max_search_iters}")
+    if eb.taylor_timesteps <= 0 or eb.taylor_batch <= 0:
+        raise ConfigError("config keys 'early_bird.taylor_timesteps' and 'early_bird.taylor_batch' must be positive")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        apply_dict(cfg, data, where=str(path))
+    apply_overrides(cfg, overrides or [])
+    return validate(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return validate(apply_dict(Config(), data))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,333 @@
+"""Datasets as uint8 image tensors plus a deterministic, resumable batch stream.
+
+Small datasets (Fashion-MNIST, CIFAR-10) are decoded once into a uint8 tensor [N, C, H, W] that can
+live on the training device; batch b of epoch e is a fixed function of (seed, e, b), so a resumed run
+sees exactly the batches it would have seen. Large datasets (CelebA, LSUN, image folders) are read
+from files by a DataLoader with the same index order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+DEFAULT_HFLIP = {"fashion-mnist": False, "cifar10": True, "celeba": True, "lsun": True, "imagefolder": False}
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX files)
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated ({arr.size} bytes of {int(np.prod(shape))})")
+    return arr.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for sub in ("", "raw", "FashionMNIST/raw", "fashion-mnist"):
+        for name in (stem, stem + ".gz"):
+            p = folder / sub / name
+            if p.is_file():
+                return p
+    return None
+
+
+def fmnist_candidates(root: str | None) -> list[Path]:
+    if root:  # an explicit root is the only place looked at
+        return [Path(root).expanduser()]
+    places = [DEBIAN_FMNIST]
+    places.append(Path("~/.cache/ebdiff/fashion-mnist").expanduser())
+    return places
+
+
+def load_fashion_mnist(root: str | None, split: str = "train", size: int = 32, resize: str = "pad",
+                       download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    prefix = "train" if split == "train" else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    places = fmnist_candidates(root)
+    for folder in places:
+        img, lab = _find_idx(folder, stems[0]), _find_idx(folder, stems[1])
+        if img and lab:
+            images, labels = _read_idx(img), _read_idx(lab)
+            break
+    else:
+        images = labels = None
+        if download:
+            target = places[-1]
+            try:
+                from torchvision.datasets import FashionMNIST
+
+                FashionMNIST(str(target), train=split == "train", download=True)
+                return load_fashion_mnist(str(target), split, size, resize, download=False)
+            except Exception:  # offline, or the mirrors refused
+                pass
+        looked = ", ".join(str(p) for p in places)
+        raise DataError(
+            f"Fashion-MNIST not found (looked in {looked}; download {'failed' if download else 'disabled'}): "
+            "install it with 'apt-get install dataset-fashion-mnist' or pass data.root=DIR holding the four IDX files"
+        )
+    x = torch.from_numpy(images.copy()).unsqueeze(1)  # N,1,28,28
+    x = _fit(x, size, resize)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def _fit(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    h = x.shape[-1]
+    if h == size:
+        return x.contiguous()
+    if mode == "pad" and h < size:
+        p = size - h
+        return torch.nn.functional.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2)).contiguous()
+    y = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
+                                        align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- image files
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXT)
+
+
+def _class_index(files: list[Path], folder: Path) -> torch.Tensor:
+    classes = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
+    lookup = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([lookup.get(p.relative_to(folder).parts[0], -1) for p in files], dtype=torch.long)
+
+
+def _decode(path: Path, size: int, crop: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        if crop == "celeba" and (w, h) == (178, 218):
+            im = im.crop((25, 57, 25 + 140, 57 + 140))  # the DDIM/ reference CelebA crop
+        else:
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _cache_path(cache_dir: str | None, folder: Path, files: list[Path], size: int, crop: str) -> Path:
+    h = hashlib.sha1()
+    h.update(f"{folder.resolve()}|{size}|{crop}|{len(files)}".encode())
+    for p in files[:: max(1, len(files) // 64)]:
+        h.update(f"{p.name}:{p.stat().st_size}".encode())
+    base = Path(cache_dir).expanduser() if cache_dir else Path("~/.cache/ebdiff").expanduser()
+    return base / f"images-{h.hexdigest()[:16]}.npz"
+
+
+def load_image_folder(folder: Path, size: int, crop: str = "center", cache_dir: str | None = None,
+                      limit: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode every image under folder to uint8 [N, 3, size, size] (cached as .npz after the first time)."""
+    files = _list_images(folder)
+    if not files:
+        raise DataError(f"no images found under {folder}")
+    if limit:
+        files = files[:limit]
+    cache = _cache_path(cache_dir, folder, files, size, crop)
+    if cache.is_file():
+        with np.load(cache) as z:
+            return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
+    from tqdm.auto import tqdm
+
+    arr = np.stack([_decode(p, size, crop) for p in tqdm(files, desc=f"decoding {folder.name}", disable=not progress)])
+    images = arr.transpose(0, 3, 1, 2).copy()
+    labels = _class_index(files, folder).numpy()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, images=images, labels=labels)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache is only slower
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+class FileImageDataset(torch.utils.data.Dataset):
+    """Streams images from files (CelebA, LSUN exports, ImageNet folders): too large to keep decoded."""
+
+    def __init__(self, files: list[Path], size: int, crop: str):
+        self.files, self.size, self.crop = files, size, crop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(_decode(self.files[i], self.size, self.crop)).permute(2, 0, 1)
+
+
+def _load_cifar10(root: str | None, split: str, cache_dir: str | None, limit: int | None, progress: bool):
+    places = [Path(root).expanduser()] if root else []
+    places += [Path("data/cifar10"), Path("~/.cache/ebdiff/cifar10").expanduser()]
+    for base in places:
+        # torchvision's on-disk layout (cifar-10-batches-py)
+        if (base / "cifar-10-batches-py").is_dir():
+            from torchvision.datasets import CIFAR10
+
+            ds = CIFAR10(str(base), train=split == "train", download=False)
+            x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            y = torch.tensor(ds.targets, dtype=torch.long)
+            return (x[:limit], y[:limit]) if limit else (x, y)
+        # image-folder layout: <base>/{train,test}/<class>/*.jpg (optionally under cifar10-jpeg/)
+        for cand in (base / split, base / "cifar10-jpeg" / split):
+            if cand.is_dir():
+                return load_image_folder(cand, 32, "center", cache_dir, limit, progress)
+    looked = ", ".join(str(p) for p in places)
+    raise DataError(
+        f"CIFAR-10 not found (looked in {looked}): pass data.root=DIR holding torchvision's "
+        "cifar-10-batches-py or an image folder DIR/{train,test}/<class>/*.png"
+    )
+
+
+def _streamed_files(name: str, root: str | None, split: str, lsun_category: str) -> tuple[list[Path], str]:
+    if not root:
+        raise DataError(f"dataset '{name}' needs data.root=DIR (it is never downloaded by ebdiff)")
+    base = Path(root).expanduser()
+    if name == "celeba":
+        cands = [base / "celeba" / "img_align_celeba", base / "img_align_celeba", base]
+        crop = "celeba"
+    elif name == "lsun":
+        cands = [base / f"{lsun_category}_{split}", base / lsun_category, base]
+        crop = "center"
+    else:
+        cands = [base / split, base]
+        crop = "center"
+    for c in cands:
+        if c.is_dir():
+            files = _list_images(c)
+            if files:
+                return files, crop
+    hint = {
+        "celeba": "download img_align_celeba from the CelebA site and unpack it under DIR",
+        "lsun": f"export LSUN {lsun_category} to images (e.g. with the LSUN tools) under DIR/{lsun_category}_{split}",
+        "imagefolder": "DIR/<class>/*.jpg or DIR/*.jpg",
+    }[name]
+    raise DataError(f"no images for '{name}' under {base} (looked in {', '.join(map(str, cands))}): {hint}")
+
+
+class ImageData:
+    """A dataset as uint8 images [N, C, H, W] (in memory) or as image files (streamed)."""
+
+    def __init__(self, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                 files_dataset: FileImageDataset | None = None, hflip: bool = False, name: str = ""):
+        self.images, self.labels, self.files_dataset = images, labels, files_dataset
+        self.hflip, self.name = hflip, name
+
+    def __len__(self) -> int:
+        return len(self.images) if self.images is not None else len(self.files_dataset)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        if self.images is not None:
+            return tuple(self.images.shape[1:])
+        return tuple(self.files_dataset[0].shape)
+
+    def to(self, device: torch.device | str) -> "ImageData":
+        if self.images is not None:
+            self.images = self.images.to(device)
+        return self
+
+
+def load_dataset(dcfg, size: int, progress: bool = True) -> ImageData:
+    name = dcfg.name
+    hflip = DEFAULT_HFLIP[name] if dcfg.hflip is None else dcfg.hflip
+    if name == "fashion-mnist":
+        x, y = load_fashion_mnist(dcfg.root, dcfg.split, size, dcfg.resize, download=dcfg.download)
+        if dcfg.limit:
+            x, y = x[: dcfg.limit], y[: dcfg.limit]
+        return ImageData(x, y, hflip=hflip, name=name)
+    if name == "cifar10":
+        x, y = _load_cifar10(dcfg.root, dcfg.split, dcfg.cache_dir, dcfg.limit, progress)
+        if x.shape[-1] != size:
+            x = _fit(x, size, "resize")
+        return ImageData(x, y, hflip=hflip, name=name)
+    files, crop = _streamed_files(name, dcfg.root, dcfg.split, dcfg.lsun_category)
+    if dcfg.limit:
+        files = files[: dcfg.limit]
+    return ImageData(files_dataset=FileImageDataset(files, size, crop), hflip=hflip, name=name)
+
+
+# ---------------------------------------------------------------- deterministic batches
+def batch_indices(n: int, batch: int, iteration: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Indices of this rank's batch at a global iteration: epochs are seeded permutations, drop-last."""
+    per_epoch = n // (batch * world)
+    if per_epoch == 0:
+        raise DataError(f"dataset of {n} images is smaller than one global batch ({batch * world})")
+    epoch, step = divmod(iteration, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    start = (step * world + rank) * batch
+    return perm[start: start + batch]
+
+
+def iterations_per_epoch(n: int, batch: int, world: int = 1) -> int:
+    return max(1, n // (batch * world))
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+class BatchStream:
+    """Yields float batches in [-1, 1] for iterations start, start+1, ...; flips with a per-iteration seed."""
+
+    def __init__(self, data: ImageData, batch: int, seed: int, device: torch.device, rank: int = 0,
+                 world: int = 1, num_workers: int = 2):
+        self.data, self.batch, self.seed, self.device = data, batch, seed, device
+        self.rank, self.world, self.num_workers = rank, world, num_workers
+
+    def _flip(self, x: torch.Tensor, iteration: int) -> torch.Tensor:
+        if not self.data.hflip:
+            return x
+        g = torch.Generator().manual_seed(self.seed * 7_919 + iteration * 31 + self.rank)
+        flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+    def __call__(self, start: int) -> Iterator[torch.Tensor]:
+        n = len(self.data)
+        it = start
+        if self.data.images is not None:
+            while True:
+                idx = batch_indices(n, self.batch, it, self.seed, self.rank, self.world)
+                x = self.data.images[idx.to(self.data.images.device)].to(self.device, non_blocking=True)
+                yield self._flip(to_model_range(x), it)
+                it += 1
+        # streamed from files: a DataLoader over precomputed batches, resumed at `start`
+        stream = self
+
+        class _Batches(torch.utils.data.IterableDataset):
+            def __iter__(self_inner):
+                info = torch.utils.data.get_worker_info()
+                wid, nw = (info.id, info.num_workers) if info else (0, 1)
+                j = start + wid
+                while True:
+                    idx = batch_indices(n, stream.batch, j, stream.seed, stream.rank, stream.world)
+                    yield torch.stack([stream.data.files_dataset[int(i)] for i in idx])
+                    j += nw
+
+        loader = torch.utils.data.DataLoader(_Batches(), batch_size=None, num_workers=self.num_workers,
+                                             pin_memory=self.device.type == "cuda")
+        for x in loader:
+            yield self._flip(to_model_range(x.to(self.device, non_blocking=True)), it)
+            it += 1

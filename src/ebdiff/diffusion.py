@@ -1,0 +1,92 @@
+"""Noise schedule, forward process, training loss and timestep samplers (pure tensor code)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Discrete DDPM schedule. All tensors float64 on the CPU; index with integer timesteps."""
+
+    betas: torch.Tensor
+
+    @property
+    def T(self) -> int:
+        return int(self.betas.shape[0])
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        return 1.0 - self.betas
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return torch.cumprod(self.alphas, dim=0)
+
+    @classmethod
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "Schedule":
+        return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64))
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008) -> "Schedule":
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        abar = f / f[0]
+        betas = (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+        return cls(betas)
+
+    @classmethod
+    def from_config(cls, d) -> "Schedule":
+        if d.beta_schedule == "cosine":
+            return cls.cosine(d.timesteps)
+        return cls.linear(d.timesteps, d.beta_start, d.beta_end)
+
+
+def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+    out = values.to(device=t.device, dtype=dtype)[t]
+    return out.reshape(-1, *([1] * (ndim - 1)))
+
+
+def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+    abar = schedule.alphas_cumprod
+    a = _gather(abar.sqrt(), t, x0.ndim, x0.dtype)
+    s = _gather((1 - abar).sqrt(), t, x0.ndim, x0.dtype)
+    return a * x0 + s * noise
+
+
+def eps_loss(pred: torch.Tensor, noise: torch.Tensor, reduction: str = "mean",
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample squared error reduced over C,H,W ('mean' or 'sum'), then averaged over the batch."""
+    err = (pred.float() - noise.float()).pow(2).flatten(1)
+    per_sample = err.mean(1) if reduction == "mean" else err.sum(1)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+class TimestepSampler:
+    """Draws training timesteps in [lo, hi] (inclusive)."""
+
+    def __init__(self, lo: int, hi: int, antithetic: bool = True):
+        if not 0 <= lo <= hi:
+            raise ValueError(f"bad timestep range [{lo}, {hi}]")
+        self.lo, self.hi, self.antithetic = lo, hi, antithetic
+
+    def __call__(self, n: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+        if self.antithetic:
+            half = (n + 1) // 2
+            t = torch.randint(self.lo, self.hi + 1, (half,), generator=generator)
+            t = torch.cat([t, self.lo + self.hi - t])[:n]
+        else:
+            t = torch.randint(self.lo, self.hi + 1, (n,), generator=generator)
+        return t.to(device)
+
+
+def make_timestep_sampler(dcfg, lo: int = 0, hi: int | None = None) -> TimestepSampler:
+    hi = dcfg.timesteps - 1 if hi is None else hi
+    return TimestepSampler(lo, hi, antithetic=dcfg.timestep_sampler == "antithetic")

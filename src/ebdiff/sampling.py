@@ -1,0 +1,111 @@
+"""DDIM and DDPM samplers over any eps-model callable `f(x, t) -> eps`.
+
+Each sampler takes the model as a plain callable, so a single UNet, an EMA copy or a region router
+plug in the same way (the k-diffusion convention).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .diffusion import Schedule
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ddim_timesteps(T: int, steps: int, spacing: str = "quad") -> list[int]:
+    """Ascending list of the timesteps a DDIM sampler visits.
+
+    quad: the reference code's t_i = int(linspace(0, sqrt(0.8 T), steps)^2) (largest t ~ 0.8 T);
+    uniform: 0, T/steps, 2T/steps, ... ("leading"); trailing: ..., T-1.
+    """
+    if not 0 < steps <= T:
+        raise ValueError(f"steps must be in 1..{T}; got {steps}")
+    if spacing == "quad":
+        seq = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(int)
+    elif spacing == "uniform":
+        seq = np.arange(0, T, T // steps)[:steps]
+    elif spacing == "trailing":
+        seq = np.round(np.arange(T, 0, -T / steps)).astype(int)[::-1] - 1
+    else:
+        raise ValueError(f"unknown spacing '{spacing}'")
+    return [int(s) for s in seq]
+
+
+def _abar_at(abar: torch.Tensor, t: int) -> float:
+    return 1.0 if t < 0 else float(abar[t])
+
+
+@torch.no_grad()
+def ddim_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, timesteps: list[int],
+                eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDIM (Song et al.) from x_T = x over the given ascending timesteps; eta=0 is deterministic."""
+    abar = schedule.alphas_cumprod
+    prev = [-1] + timesteps[:-1]
+    for t, tn in zip(reversed(timesteps), reversed(prev)):
+        at, an = _abar_at(abar, t), _abar_at(abar, tn)
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = model(x, tt).float()
+        x0 = (x - eps * (1 - at) ** 0.5) / at ** 0.5
+        c1 = eta * ((1 - at / an) * (1 - an) / (1 - at)) ** 0.5
+        c2 = max(1 - an - c1 ** 2, 0.0) ** 0.5
+        x = an ** 0.5 * x0 + c2 * eps
+        if c1 > 0:
+            x = x + c1 * torch.randn(x.shape, generator=generator, device=x.device)
+    return x
+
+
+@torch.no_grad()
+def ddpm_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, variance: str = "fixedlarge",
+                clip_x0: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ancestral DDPM sampling over all T steps (variance 'fixedlarge' = beta_t, as the reference)."""
+    abar = schedule.alphas_cumprod
+    for t in reversed(range(schedule.T)):
+        at, an = _abar_at(abar, t), _abar_at(abar, t - 1)
+        beta = 1 - at / an
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = model(x, tt).float()
+        x0 = (x - eps * (1 - at) ** 0.5) / at ** 0.5
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        mean = (an ** 0.5 * beta * x0 + (1 - beta) ** 0.5 * (1 - an) * x) / (1 - at)
+        if t > 0:
+            if variance == "fixedlarge":
+                var = beta  # the reference: log(beta_t) for every t > 0
+            else:
+                var = beta * (1 - an) / (1 - at)
+            x = mean + var ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
+        else:
+            x = mean
+    return x
+
+
+def generate(model: EpsModel, n: int, shape: tuple[int, int, int], schedule: Schedule, *,
+             sampler: str = "ddim", steps: int = 100, spacing: str = "quad", eta: float = 0.0,
+             variance: str = "fixedlarge", batch_size: int = 256, seed: int = 0,
+             device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+    """n images in [-1, 1] as a float tensor on the CPU. Batch b uses seed (seed, b): reproducible."""
+    from tqdm.auto import tqdm
+
+    out = []
+    timesteps = ddim_timesteps(schedule.T, steps, spacing) if sampler == "ddim" else None
+    n_batches = (n + batch_size - 1) // batch_size
+    for b in tqdm(range(n_batches), desc=f"sampling ({sampler})", disable=not progress, leave=False):
+        m = min(batch_size, n - b * batch_size)
+        g = torch.Generator(device=device).manual_seed(seed * 100_003 + b)
+        x = torch.randn((m, *shape), generator=g, device=device)
+        if sampler == "ddim":
+            x = ddim_sample(model, x, schedule, timesteps, eta=eta, generator=g)
+        else:
+            x = ddpm_sample(model, x, schedule, variance=variance, generator=g)
+        out.append(x.clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW float -> NHWC uint8."""
+    x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()

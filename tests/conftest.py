@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.fixture(scope="session")
+def has_fmnist():
+    if not FMNIST.is_file():
+        pytest.fail("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); .ci/run installs it")
+    return True
+
+
+def tiny_args(out, *extra):
+    """Overrides for a fast CPU run of the tiny preset on a slice of Fashion-MNIST."""
+    return ["--out", str(out), "model.preset=tiny", "data.limit=256", "train.batch_size=8",
+            "train.device=cpu", "train.progress=false", "train.log_every=5", "train.ckpt_every=5",
+            "train.keep_last=10", "sample.steps=5", *extra]

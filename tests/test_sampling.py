@@ -1,0 +1,60 @@
+import torch
+
+from ebdiff.diffusion import Schedule
+from ebdiff.sampling import ddim_sample, ddim_timesteps, ddpm_sample, generate
+
+MU, SD = 0.3, 0.5
+
+
+def gaussian_eps(schedule):
+    """The exact eps-predictor for data x0 ~ N(MU, SD^2) per pixel."""
+    abar = schedule.alphas_cumprod
+
+    def f(x, t):
+        ab = abar[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return (1 - ab).sqrt() * (x - ab.sqrt() * MU) / (ab * SD**2 + 1 - ab)
+
+    return f
+
+
+def test_spacings():
+    assert ddim_timesteps(1000, 100, "uniform") == list(range(0, 1000, 10))
+    tr = ddim_timesteps(1000, 100, "trailing")
+    assert tr[0] == 9 and tr[-1] == 999 and len(tr) == 100
+    q = ddim_timesteps(1000, 100, "quad")
+    assert q[0] == 0 and q[-1] == 800 and all(a <= b for a, b in zip(q, q[1:]))
+
+
+def test_ddim_eta1_1000_steps_matches_ddpm_in_distribution():
+    s = Schedule.linear()
+    f = gaussian_eps(s)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    x1 = ddim_sample(f, torch.randn(4000, 1, 2, 2, generator=g1, dtype=torch.float64), s,
+                     ddim_timesteps(1000, 1000, "uniform"), eta=1.0, generator=g1)
+    x2 = ddpm_sample(f, torch.randn(4000, 1, 2, 2, generator=g2, dtype=torch.float64), s,
+                     variance="fixedsmall", clip_x0=False, generator=g2)
+    for x in (x1, x2):
+        assert abs(x.mean().item() - MU) < 0.02
+        assert abs(x.std().item() - SD) < 0.02
+    assert abs(x1.mean().item() - x2.mean().item()) < 0.025
+    assert abs(x1.std().item() - x2.std().item()) < 0.02
+
+
+def test_ddim_deterministic_and_correct():
+    s = Schedule.linear()
+    f = gaussian_eps(s)
+    x0 = torch.randn(8000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = ddim_sample(f, x0.clone(), s, ddim_timesteps(1000, 100, "trailing"))
+    b = ddim_sample(f, x0.clone(), s, ddim_timesteps(1000, 100, "trailing"))
+    assert torch.equal(a, b)
+    assert abs(a.mean().item() - MU) < 0.02 and abs(a.std().item() - SD) < 0.02
+
+
+def test_generate_is_seeded_and_batched():
+    s = Schedule.linear()
+    f = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    a = generate(f, 10, (1, 4, 4), s, steps=5, batch_size=4, seed=3)
+    b = generate(f, 10, (1, 4, 4), s, steps=5, batch_size=4, seed=3)
+    c = generate(f, 10, (1, 4, 4), s, steps=5, batch_size=4, seed=4)
+    assert a.shape == (10, 1, 4, 4) and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= -1 and a.max() <= 1

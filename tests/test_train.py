@@ -1,0 +1,149 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ebdiff.cli import main
+from conftest import tiny_args
+
+
+def weights(run, it, name="model.safetensors"):
+    return load_file(str(run / "checkpoints" / f"ckpt-{it:09d}" / name))
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bitwise_resume_dense(tmp_path, has_fmnist):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *tiny_args(a, "train.iters=20")]) == 0
+    assert main(["train", *tiny_args(b, "train.iters=10")]) == 0
+    assert main(["train", "--resume", str(b), "train.iters=20"]) == 0
+    assert same(weights(a, 20), weights(b, 20))
+    assert same(weights(a, 20, "ema.safetensors"), weights(b, 20, "ema.safetensors"))
+    assert not same(weights(a, 20), weights(a, 10))
+    lines = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    logs = [x for x in lines if "loss" in x]
+    assert [x["iter"] for x in logs] == [5, 10, 15, 20]
+    assert all(k in logs[0] for k in ("loss", "images_per_s", "wall_s", "lr"))
+    assert (a / "config.yaml").is_file() and (a / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("split", [4, 14])
+def test_bitwise_resume_early_bird(tmp_path, has_fmnist, split):
+    """Resume before the ticket (search phase) and after it (ticket phase) both continue exactly."""
+    eb = ["early_bird.ratio=0.5", "early_bird.check_every=2", "early_bird.eta=0.5", "early_bird.queue=3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *tiny_args(a, "train.iters=20", "train.ckpt_every=2", *eb)]) == 0
+    ticket = json.loads((a / "ticket.json").read_text())
+    assert ticket["iteration"] == 6 and ticket["check"] == 2  # eta 0.5: drawn at the first full queue
+    assert main(["train", *tiny_args(b, f"train.iters={split}", "train.ckpt_every=2", *eb)]) == 0
+    assert main(["train", "--resume", str(b), "train.iters=20"]) == 0
+    assert same(weights(a, 20), weights(b, 20))
+    assert json.loads((b / "ticket.json").read_text())["iteration"] == ticket["iteration"]
+
+
+def test_early_bird_run_and_artifacts(tmp_path, has_fmnist, capsys):
+    run = tmp_path / "eb"
+    eb = ["early_bird.ratio=0.5", "early_bird.check_every=2", "early_bird.eta=0.3", "early_bird.queue=3"]
+    assert main(["train", *tiny_args(run, "train.iters=16", *eb)]) == 0
+    out = capsys.readouterr().out
+    assert "ticket" in out and "search cost" in out
+    t = json.loads((run / "ticket.json").read_text())
+    for k in ("check", "iteration", "search_seconds", "ratio", "dense", "ticket", "check_seconds_mean"):
+        assert k in t
+    assert t["ticket"]["params"] < t["dense"]["params"] and t["ticket"]["macs"] < t["dense"]["macs"]
+    with np.load(run / "masks.npz") as z:
+        assert z["masks"].shape[0] == t["check"] + 1 and z["masks"].shape[1] == z["sizes"].sum()
+    dm = np.load(run / "hamming.npy")
+    assert dm.shape == (t["check"] + 1,) * 2 and np.allclose(dm, dm.T)
+    assert (run / "hamming.png").stat().st_size > 1000
+    s = json.loads((run / "summary.json").read_text())
+    assert s["dense_iterations"] == t["iteration"] and s["ticket_iterations"] == 16 - t["iteration"]
+    assert s["ticket"]["params"] == t["ticket"]["params"]
+    # the ticket reloads without pickle and samples
+    grid = tmp_path / "g.png"
+    assert main(["sample", str(run), "--n", "4", "--steps", "3", "--out", str(grid)]) == 0
+    imgs = np.load(grid.with_suffix(".npz"))["images"]
+    assert imgs.shape == (4, 32, 32, 1) and imgs.dtype == np.uint8
+
+
+@pytest.mark.parametrize("crit", ["taylor", "diff-pruning", "random"])
+def test_other_criteria_and_ema_source(tmp_path, has_fmnist, crit):
+    run = tmp_path / crit
+    eb = ["early_bird.ratio=0.3", f"early_bird.criterion={crit}", "early_bird.check_every=2",
+          "early_bird.eta=0.5", "early_bird.queue=2", "early_bird.mask_source=ema",
+          "early_bird.taylor_timesteps=4", "early_bird.taylor_batch=2"]
+    assert main(["train", *tiny_args(run, "train.iters=8", *eb)]) == 0
+    assert json.loads((run / "ticket.json").read_text())["criterion"] == crit
+
+
+def test_miss_then_continue_dense_or_extract_anyway(tmp_path, has_fmnist, capsys):
+    # eta so small that masks which change at all never converge
+    eb = ["early_bird.ratio=0.5", "early_bird.check_every=2", "early_bird.eta=1e-12", "early_bird.queue=3",
+          "early_bird.max_search_iters=6", "train.lr=0.05"]
+    run = tmp_path / "miss"
+    assert main(["train", *tiny_args(run, "train.iters=10", *eb)]) == 0
+    assert "no Early-Bird ticket within 6 iterations" in capsys.readouterr().out
+    s = json.loads((run / "summary.json").read_text())
+    assert s["phase"] == "dense" and s["dense_iterations"] == 10 and s["ticket"] is None
+    checks = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eb_check" in x]
+    assert [c["iter"] for c in checks] == [2, 4, 6]  # the search stops at max_search_iters
+    run2 = tmp_path / "anyway"
+    assert main(["train", *tiny_args(run2, "train.iters=10", *eb, "early_bird.on_miss=extract-anyway")]) == 0
+    t = json.loads((run2 / "ticket.json").read_text())
+    assert t["found"] is False and t["iteration"] == 6
+    assert json.loads((run2 / "summary.json").read_text())["phase"] == "ticket"
+
+
+def test_bad_input_one_line_nonzero(tmp_path, has_fmnist, capsys):
+    # unknown key / negative iterations / bad EB settings
+    for args in (["train.itres=5"], ["train.iters=-1"], ["early_bird.ratio=1.5"], ["early_bird.queue=1"],
+                 ["early_bird.eta=0"], ["early_bird.criterion=l3"]):
+        assert main(["train", "--out", str(tmp_path / "x"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ebdiff: error:") and "\n" not in err
+    assert not (tmp_path / "x").exists()  # nothing written
+    # missing dataset
+    assert main(["train", *tiny_args(tmp_path / "m", "train.iters=2", f"data.root={tmp_path / 'nowhere'}",
+                                     "data.download=false")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Fashion-MNIST not found" in err and "apt-get install dataset-fashion-mnist" in err and "\n" not in err
+    assert not (tmp_path / "m" / "checkpoints").exists()
+
+
+def test_corrupt_checkpoint(tmp_path, has_fmnist, capsys):
+    run = tmp_path / "c"
+    assert main(["train", *tiny_args(run, "train.iters=5")]) == 0
+    ck = run / "checkpoints" / "ckpt-000000005"
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    (ck / "ema.safetensors").write_bytes(b"garbage")
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot read weights" in err and "\n" not in err
+    assert not (tmp_path / "s.png").exists()
+    (ck / "ema.safetensors").write_bytes(before["ema.safetensors"])
+    (ck / "state.pt").write_bytes(before["state.pt"][:100])
+    assert main(["train", "--resume", str(run), "train.iters=8"]) == 2
+    assert "cannot read training state" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-000000005"]
+    # a run folder is never silently overwritten
+    assert main(["train", *tiny_args(run, "train.iters=5")]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_state_loads_weights_only(tmp_path, has_fmnist):
+    run = tmp_path / "w"
+    assert main(["train", *tiny_args(run, "train.iters=5")]) == 0
+    st = torch.load(run / "checkpoints" / "ckpt-000000005" / "state.pt", weights_only=True)
+    assert st["iteration"] == 5 and "optimizer" in st and "rng" in st
+
+
+def test_ddpm_sampler_cli(tmp_path, has_fmnist):
+    run = tmp_path / "d"
+    assert main(["train", *tiny_args(run, "train.iters=2", "diffusion.timesteps=20")]) == 0
+    assert main(["sample", str(run), "--sampler", "ddpm", "--n", "2", "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").is_file()
