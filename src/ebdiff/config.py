@@ -67,7 +67,10 @@ class TrainConfig:
     ckpt_every: int = 10_000
     keep_last: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 on a GPU, fp32 on the CPU) | bf16 | no
+    channels_last: Union[bool, str] = "auto"  # auto = on a GPU
+    compile: str = "auto"  # auto (reduce-overhead on one GPU, default on several, none on CPU) | none | default | ...
+    fused_optimizer: Union[bool, str] = "auto"  # auto = fused Adam on a GPU
     progress: bool = True
 
 
@@ -121,7 +124,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.prediction": ("epsilon",),
     "diffusion.loss_reduction": ("mean", "sum"),
     "diffusion.timestep_sampler": ("antithetic", "uniform"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.mixed_precision": ("auto", "no", "bf16"),
+    "train.compile": ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.sampler": ("ddim", "ddpm"),
     "sample.spacing": ("quad", "uniform", "trailing"),
     "sample.variance": ("fixedlarge", "fixedsmall"),
@@ -247,6 +251,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'train.lr' must be positive; got {t.lr}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1); got {t.ema_decay}")
+    for key in ("channels_last", "fused_optimizer"):
+        if isinstance(getattr(t, key), str) and getattr(t, key) != "auto":
+            raise ConfigError(f"config key 'train.{key}' must be auto, true or false; got {getattr(t, key)!r}")
     if len(t.adam_betas) != 2:
         raise ConfigError("config key 'train.adam_betas' must be a list of two numbers")
     if cfg.sample.steps > cfg.diffusion.timesteps:

@@ -8,6 +8,7 @@ from files by a DataLoader with the same index order.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -268,14 +269,18 @@ def load_dataset(dcfg, size: int, progress: bool = True) -> ImageData:
 
 
 # ---------------------------------------------------------------- deterministic batches
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def batch_indices(n: int, batch: int, iteration: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """Indices of this rank's batch at a global iteration: epochs are seeded permutations, drop-last."""
     per_epoch = n // (batch * world)
     if per_epoch == 0:
         raise DataError(f"dataset of {n} images is smaller than one global batch ({batch * world})")
     epoch, step = divmod(iteration, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
+    perm = _epoch_permutation(n, seed, epoch)
     start = (step * world + rank) * batch
     return perm[start: start + batch]
 

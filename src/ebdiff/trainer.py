@@ -27,6 +27,7 @@ from .earlybird import EarlyBirdDetector
 from .errors import CheckpointError, ConfigError
 from .masks import ChannelMask, distance_matrix
 from .models import build_model, count_macs_params, preset_shape
+from .step import TrainStep, make_optimizer, prepare_model, resolve_fast_path
 
 
 class EMA:
@@ -88,13 +89,16 @@ def _fmt_num(x: float) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, callbacks: list | None = None):
+        """callbacks: functions f(trainer) called after every iteration (studies, custom logging)."""
         from accelerate import Accelerator
 
+        self.callbacks = list(callbacks or [])
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         device = _resolve_device(cfg.train.device)
-        self.acc = Accelerator(cpu=device == "cpu", mixed_precision=cfg.train.mixed_precision)
+        # accelerate places the process and wraps DDP; precision and compilation are the TrainStep's
+        self.acc = Accelerator(cpu=device == "cpu", mixed_precision="no")
         self.device = self.acc.device
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.main = self.acc.is_main_process
@@ -157,6 +161,7 @@ class Trainer:
             self.ema.updates = int(state.get("ema_updates", 0))
             self.opt.load_state_dict(state["optimizer"])
             _set_rng_state(state["rng"])
+        self._build_step()
         if self.dense_size is None:
             dense = self.model if self.plan is None else build_model(cfg.model.preset)
             m, p = count_macs_params(dense)
@@ -165,13 +170,16 @@ class Trainer:
             self._start_search()
 
     def _make_optimizer(self) -> None:
-        t = self.cfg.train
-        kw = {}
-        if self.device.type == "cuda":
-            kw["fused"] = True
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                    weight_decay=t.weight_decay, **kw)
-        self.model_p, self.opt_p = self.acc.prepare(self.model, self.opt)
+        self.fast = resolve_fast_path(self.cfg.train, self.device, self.world)
+        prepare_model(self.model, self.fast)
+        self.opt = make_optimizer(self.model.parameters(), self.cfg.train, self.fast)
+        self.model_p = self.acc.prepare_model(self.model)  # DDP under accelerate launch / torchrun
+
+    def _build_step(self) -> None:
+        """A compiled step per model shape: the ticket gets its own after extraction."""
+        self.step = TrainStep(self.model_p, self.model, self.opt, self.ema, self._sqrt_ab, self._sqrt_1mab,
+                              self.cfg.diffusion.loss_reduction, self.cfg.train.grad_clip, self.fast)
+        self.noise_gen = torch.Generator(device=self.device)
 
     # ------------------------------------------------------------------ early bird
     def _start_search(self) -> None:
@@ -278,6 +286,7 @@ class Trainer:
         del self.engine
         self._make_optimizer()
         self.ema = EMA(self.model, self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
+        self._build_step()
         macs, params = count_macs_params(self.model)
         self.timing["extract_s"] += time.perf_counter() - t0
         self.timing["search_s"] = self.timing["dense_s"]
@@ -355,20 +364,14 @@ class Trainer:
                            self._meta(), state, self.cfg.train.keep_last, extra)
 
     # ------------------------------------------------------------------ loop
-    def _step(self, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _step(self, x0: torch.Tensor) -> torch.Tensor:
+        # every random draw of an iteration is a function of (seed, iteration, rank): exact resume
+        seed = (self.cfg.train.seed * 1_000_003 + self.iteration) * 64 + self.rank
+        g = torch.Generator().manual_seed(seed)
         t = self.tsampler(x0.shape[0], generator=g).to(self.device, non_blocking=True)
-        noise = torch.randn(x0.shape, generator=g).to(self.device, non_blocking=True)
-        xt = self._sqrt_ab[t].view(-1, 1, 1, 1) * x0 + self._sqrt_1mab[t].view(-1, 1, 1, 1) * noise
-        with self.acc.autocast():
-            pred = self.model_p(xt, t).sample
-        loss = eps_loss(pred, noise, self.cfg.diffusion.loss_reduction)
-        self.acc.backward(loss)
-        if self.cfg.train.grad_clip > 0:
-            self.acc.clip_grad_norm_(self.model_p.parameters(), self.cfg.train.grad_clip)
-        self.opt_p.step()
-        self.opt_p.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
-        return loss.detach()
+        self.noise_gen.manual_seed(seed)
+        noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
+        return self.step(x0, t, noise)
 
     def run(self) -> dict:
         from tqdm.auto import tqdm
@@ -392,14 +395,15 @@ class Trainer:
         wall0 = self._wall0 = time.perf_counter() - self.timing.get("wall_s", 0.0)
         while self.iteration < cfg.train.iters:
             t_step = time.perf_counter()
-            g = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + self.iteration) * 64 + self.rank)
-            loss_sum += self._step(next(batches), g)
+            loss_sum += self._step(next(batches))
             n_loss += 1
             self.iteration += 1
             if self.device.type == "cuda" and (self.iteration % cfg.train.log_every == 0):
                 torch.cuda.synchronize()
             self.timing["sparse_s" if self.phase == "ticket" else "dense_s"] += time.perf_counter() - t_step
             bar.update(1)
+            for cb in self.callbacks:
+                cb(self)
             if self.iteration % cfg.train.log_every == 0 or self.iteration == cfg.train.iters:
                 loss = float(self.acc.reduce(loss_sum, "mean")) / max(n_loss, 1)
                 dt = time.perf_counter() - t_log
@@ -442,5 +446,5 @@ class Trainer:
             "ticket": size,
             "ticket_info": self.eb_ticket,
             "time_s": {**t, "train_total": t["dense_s"] + t["sparse_s"] + t["check_s"] + t["extract_s"]},
-            "device": str(self.device), "processes": self.world,
+            "device": str(self.device), "processes": self.world, "fast_path": self.fast.to_dict(),
         }
