@@ -96,7 +96,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model, meta = load_model(ckpt, ema=not args.no_ema, device=device)
     dcfg = DiffusionConfig(**meta.get("diffusion", {}))
     scfg = SampleConfig(**meta.get("sample", {}))
-    for k in ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size"):
+    for k in ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size", "clip_x0"):
         v = getattr(args, k)
         if v is not None:
             setattr(scfg, k, v)
@@ -111,7 +111,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                               model.config.sample_size))
     t0 = time.perf_counter()
     x = generate(eps_fn(model), scfg.n, shape, schedule, sampler=scfg.sampler, steps=scfg.steps,
-                 spacing=scfg.spacing, eta=scfg.eta, variance=scfg.variance, batch_size=scfg.batch_size,
+                 spacing=scfg.spacing, eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0,
+                 batch_size=scfg.batch_size,
                  seed=scfg.seed, device=device, progress=True)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -166,6 +167,48 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from .bench import default_modes, format_table, run_bench
+    from .trainer import _resolve_device
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ratios must be comma-separated numbers; got {args.ratios!r}") from None
+    if any(not 0 <= r < 1 for r in ratios):
+        raise ConfigError("--ratios must lie in [0, 1) (0 = dense)")
+    if 0.0 not in ratios:
+        ratios = [0.0] + ratios
+    for k in ("batch", "steps"):
+        if getattr(args, k) <= 0:
+            raise ConfigError(f"--{k} must be positive")
+    device = torch.device(_resolve_device(args.device))
+    modes = default_modes(device, args.compile)
+    if args.modes:
+        unknown = set(args.modes.split(",")) - set(modes)
+        if unknown:
+            raise ConfigError(f"--modes: unknown {', '.join(sorted(unknown))} (available: {', '.join(modes)})")
+        modes = {k: v for k, v in modes.items() if k in args.modes.split(",")}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"ebdiff bench: {args.preset}, batch {args.batch}, {args.steps} timed steps after {args.warmup} "
+          f"warm-up, on {name} (torch {torch.__version__})")
+    rows = run_bench(args.preset, ratios, modes, args.batch, args.steps, args.warmup, device)
+    table = format_table(rows)
+    print(table)
+    if args.json:
+        from .checkpoint import atomic_write_json
+
+        atomic_write_json(Path(args.json), {"device": name, "torch": torch.__version__, "rows": rows,
+                                            "command": " ".join(sys.argv)})
+        print(f"JSON: {args.json}")
+    return 0
+
+
 # ---------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     """EB-Diff-Train on Fashion-MNIST at demo scale: search, extract, train the ticket, sample."""
@@ -177,7 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     targs = argparse.Namespace(config=str(cfg), overrides=args.overrides, out=out,
                                resume=out if resume else None)
     cmd_train(targs)
-    sargs = argparse.Namespace(run=out, n=64, steps=None, sampler=None, spacing=None, eta=None, seed=None,
+    sargs = argparse.Namespace(run=out, n=64, steps=None, sampler=None, spacing=None, eta=None, seed=None, clip_x0=None,
                                batch_size=None, out=None, device="auto", no_ema=False)
     cmd_sample(sargs)
     print(f"\nDemo outputs in {out}/: samples_*.png (grid), hamming.png (mask distances), ticket.json, "
@@ -204,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spacing", choices=["quad", "uniform", "trailing"])
     s.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     s.add_argument("--seed", type=int)
+    s.add_argument("--clip-x0", dest="clip_x0", action=argparse.BooleanOptionalAction, default=None,
+                   help="DDIM: clip predicted x0 to [-1, 1] (default: the run's sample.clip_x0)")
     s.add_argument("--batch-size", type=int, dest="batch_size")
     s.add_argument("--device", default="auto")
     s.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
@@ -215,6 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ratio", type=float, action="append", help="pruning ratio to size (repeatable)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
+
+    b = sub.add_parser("bench", help="training-step throughput: dense vs tickets, reference mode vs fast path")
+    b.add_argument("--preset", default="cifar10")
+    b.add_argument("--ratios", default="0,0.3,0.5", help="comma-separated pruning ratios; 0 = dense")
+    b.add_argument("--batch", type=int, default=128)
+    b.add_argument("--steps", type=int, default=50, help="timed steps per row")
+    b.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--compile", default=None, help="compile mode of the fast path (GPU default reduce-overhead; "
+                   "on CPU adds a compiled row)")
+    b.add_argument("--modes", help="subset of modes to run, e.g. eager,fast")
+    b.add_argument("--json", help="write the rows as JSON here")
+    b.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("demo", help="EB-Diff-Train on Fashion-MNIST at demo scale (minutes on a CPU)")
     d.add_argument("--out", help="run folder (default runs/demo; resumed if it exists)")

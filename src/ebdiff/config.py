@@ -81,6 +81,7 @@ class SampleConfig:
     spacing: str = "quad"  # quad (reference) | uniform | trailing
     eta: float = 0.0
     variance: str = "fixedlarge"  # DDPM: fixedlarge (reference) | fixedsmall
+    clip_x0: bool = False  # DDIM: clip the predicted x0 to [-1, 1] (diffusers' clip_sample; the reference: off)
     n: int = 64
     batch_size: int = 256
     use_ema: bool = True

@@ -41,7 +41,7 @@ def _abar_at(abar: torch.Tensor, t: int) -> float:
 
 @torch.no_grad()
 def ddim_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, timesteps: list[int],
-                eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                eta: float = 0.0, generator: torch.Generator | None = None, clip_x0: bool = False) -> torch.Tensor:
     """DDIM (Song et al.) from x_T = x over the given ascending timesteps; eta=0 is deterministic."""
     abar = schedule.alphas_cumprod
     prev = [-1] + timesteps[:-1]
@@ -50,6 +50,9 @@ def ddim_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, timesteps:
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = model(x, tt).float()
         x0 = (x - eps * (1 - at) ** 0.5) / at ** 0.5
+        if clip_x0:  # then eps is re-derived from the clipped x0 (as diffusers' clip_sample)
+            x0 = x0.clamp(-1, 1)
+            eps = (x - at ** 0.5 * x0) / (1 - at) ** 0.5
         c1 = eta * ((1 - at / an) * (1 - an) / (1 - at)) ** 0.5
         c2 = max(1 - an - c1 ** 2, 0.0) ** 0.5
         x = an ** 0.5 * x0 + c2 * eps
@@ -85,7 +88,7 @@ def ddpm_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, variance: 
 
 def generate(model: EpsModel, n: int, shape: tuple[int, int, int], schedule: Schedule, *,
              sampler: str = "ddim", steps: int = 100, spacing: str = "quad", eta: float = 0.0,
-             variance: str = "fixedlarge", batch_size: int = 256, seed: int = 0,
+             variance: str = "fixedlarge", clip_x0: bool = False, batch_size: int = 256, seed: int = 0,
              device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
     """n images in [-1, 1] as a float tensor on the CPU. Batch b uses seed (seed, b): reproducible."""
     from tqdm.auto import tqdm
@@ -98,7 +101,7 @@ def generate(model: EpsModel, n: int, shape: tuple[int, int, int], schedule: Sch
         g = torch.Generator(device=device).manual_seed(seed * 100_003 + b)
         x = torch.randn((m, *shape), generator=g, device=device)
         if sampler == "ddim":
-            x = ddim_sample(model, x, schedule, timesteps, eta=eta, generator=g)
+            x = ddim_sample(model, x, schedule, timesteps, eta=eta, generator=g, clip_x0=clip_x0)
         else:
             x = ddpm_sample(model, x, schedule, variance=variance, generator=g)
         out.append(x.clamp(-1, 1).cpu())

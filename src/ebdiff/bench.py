@@ -1,0 +1,134 @@
+"""Training-step throughput: dense vs pruned tickets, reference mode vs the fast path.
+
+Each row builds the model (a dense preset, or its ticket at a ratio: magnitude plan on the initial
+weights), its optimizer and EMA, and runs the trainer's own `TrainStep` on random data resident on
+the device. Warm-up (and compilation) is timed apart from the measured steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import replace
+
+import torch
+
+from .diffusion import Schedule, TimestepSampler
+from .models import build_model, count_macs_params
+from .step import EAGER_FP32, FastPath, TrainStep, make_optimizer, prepare_model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_ticket(preset: str, ratio: float, device: torch.device) -> torch.nn.Module:
+    from .pruning import PruningEngine, extract
+
+    torch.manual_seed(0)
+    dense = build_model(preset)
+    if ratio <= 0:
+        return dense.to(device)
+    eng = PruningEngine(dense)
+    return extract(dense, eng.plan(eng.mask("magnitude", ratio))).to(device)
+
+
+def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int, warmup: int,
+              device: torch.device, tcfg=None) -> dict:
+    from .config import TrainConfig
+    from .trainer import EMA
+
+    tcfg = tcfg or TrainConfig()
+    model = make_ticket(preset, ratio, device).train()
+    macs, params = count_macs_params(model)
+    prepare_model(model, fast)
+    opt = make_optimizer(model.parameters(), tcfg, fast)
+    ema = EMA(model, tcfg.ema_decay)
+    sched = Schedule.linear()
+    abar = sched.alphas_cumprod
+    step = TrainStep(model, model, opt, ema, abar.sqrt().float().to(device), (1 - abar).sqrt().float().to(device),
+                     "mean", tcfg.grad_clip, fast)
+    c, s = model.config.in_channels, model.config.sample_size
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.rand(batch, c, s, s, device=device, generator=g) * 2 - 1
+    noise = torch.randn(batch, c, s, s, device=device, generator=g)
+    ts = TimestepSampler(0, sched.T - 1)
+    t = ts(batch, torch.Generator().manual_seed(0)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loss = step(x0, t, noise)
+    _sync(device)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step(x0, t, noise)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    row = {"preset": preset, "ratio": ratio, "mode": fast.describe(), "fast_path": fast.to_dict(),
+           "batch": batch, "params": params, "macs": macs, "it_s": steps / dt, "images_s": steps * batch / dt,
+           "ms_step": dt / steps * 1e3, "warmup_s": warm_s, "warmup_steps": warmup, "steps": steps,
+           "peak_mem_bytes": peak, "final_loss": float(loss), "device": str(device)}
+    del step, opt, ema, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def run_bench(preset: str, ratios: list[float], modes: dict[str, FastPath], batch: int, steps: int, warmup: int,
+              device: torch.device, progress: bool = True) -> list[dict]:
+    rows = []
+    for name, fast in modes.items():
+        dense_its = None
+        for r in ratios:
+            row = bench_one(preset, r, fast, batch, steps, warmup, device)
+            row["mode_name"] = name
+            if r == 0:
+                dense_its, dense_macs = row["it_s"], row["macs"]
+            if dense_its is not None:
+                row["speedup_vs_dense"] = row["it_s"] / dense_its
+                row["macs_ratio"] = dense_macs / row["macs"]
+            rows.append(row)
+            if progress:
+                print(f"  {name:<10} ratio {r:.2f}: {row['it_s']:.1f} it/s ({row['ms_step']:.2f} ms/step, "
+                      f"warm-up {row['warmup_s']:.1f} s)", flush=True)
+    ref = {r["ratio"]: r["it_s"] for r in rows if r["mode_name"] == "eager"}
+    for r in rows:
+        if r["ratio"] in ref:
+            r["speedup_vs_eager_same_ratio"] = r["it_s"] / ref[r["ratio"]]
+        if 0.0 in ref:
+            r["speedup_vs_eager_dense"] = r["it_s"] / ref[0.0]
+    return rows
+
+
+def default_modes(device: torch.device, compile_mode: str | None = None) -> dict[str, FastPath]:
+    if device.type == "cuda":
+        fast = FastPath(bf16=True, channels_last=True, compile=compile_mode or "reduce-overhead",
+                        fused_optimizer=True)
+        return {"eager": EAGER_FP32, "fast": fast}
+    modes = {"eager": EAGER_FP32, "cl": replace(EAGER_FP32, channels_last=True)}
+    if compile_mode and compile_mode != "none":
+        modes["compiled"] = replace(EAGER_FP32, compile=compile_mode)
+    return modes
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| mode | ratio | params | MACs | it/s | images/s | ms/step | peak mem | MACs ratio | speed-up vs dense (same mode) | vs eager dense | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x, nd=2):
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    for r in rows:
+        mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**30:.2f} GiB"
+        lines.append(f"| {r['mode']} | {r['ratio']:.2f} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.2f}G | "
+                     f"{f(r['it_s'], 1)} | {f(r['images_s'], 0)} | {f(r['ms_step'])} | {mem} | "
+                     f"{f(r.get('macs_ratio'))}x | {f(r.get('speedup_vs_dense'))}x | "
+                     f"{f(r.get('speedup_vs_eager_dense'))}x | {f(r['warmup_s'], 1)} |")
+    return "\n".join(lines)
