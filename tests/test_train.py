@@ -147,3 +147,24 @@ def test_ddpm_sampler_cli(tmp_path, has_fmnist):
     assert main(["train", *tiny_args(run, "train.iters=2", "diffusion.timesteps=20")]) == 0
     assert main(["sample", str(run), "--sampler", "ddpm", "--n", "2", "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").is_file()
+
+
+def test_eval_on_fixture_run(tmp_path, has_fmnist, capsys, monkeypatch):
+    monkeypatch.setenv("EBDIFF_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "e"
+    assert main(["train", *tiny_args(run, "train.iters=4", "early_bird.ratio=0.5", "early_bird.check_every=1",
+                                     "early_bird.queue=2", "early_bird.eta=0.9")]) == 0
+    assert main(["eval", str(run), "--n", "48", "--steps", "3", "--classifier-epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "FD-FASHION" not in out and "FD-FMNIST" in out and "floor" in out
+    r = json.loads((run / "eval.json").read_text())
+    m = r["metrics"]["fd"]
+    for k in ("value", "kid", "floor_train_vs_test", "classifier_test_accuracy", "note"):
+        assert k in m
+    assert m["value"] >= 0 and r["phase"] == "ticket" and r["params"] < 280_177
+    assert r["sampling"]["images_per_s"] > 0 and "training_time_s" in r
+    assert "not Inception FID" in m["note"]
+    # Inception FID offline: one clear line, exit 2
+    assert main(["eval", str(run), "--n", "8", "--metric", "fid", "--inception-weights",
+                 str(tmp_path / "none.pth")]) == 2
+    assert "no such file" in capsys.readouterr().err

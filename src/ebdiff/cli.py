@@ -81,57 +81,46 @@ def _print_train_summary(s: dict) -> None:
 # ---------------------------------------------------------------------- sample
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
-    from .checkpoint import load_model, resolve_checkpoint
-    from .diffusion import Schedule
-    from .models import eps_fn
+    from .checkpoint import atomic_save, resolve_checkpoint
+    from .evaluate import sample_checkpoint
     from .report import save_grid
-    from .sampling import generate, to_uint8
-    from .config import DiffusionConfig, SampleConfig
+    from .sampling import to_uint8
     from .trainer import _resolve_device
 
     ckpt = resolve_checkpoint(Path(args.run))
     device = _resolve_device(args.device)
-    model, meta = load_model(ckpt, ema=not args.no_ema, device=device)
-    dcfg = DiffusionConfig(**meta.get("diffusion", {}))
-    scfg = SampleConfig(**meta.get("sample", {}))
-    for k in ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size", "clip_x0"):
-        v = getattr(args, k)
-        if v is not None:
-            setattr(scfg, k, v)
-    if scfg.sampler == "ddpm":
-        scfg.steps = dcfg.timesteps
-    if not 0 < scfg.steps <= dcfg.timesteps:
-        raise ConfigError(f"--steps must be in 1..{dcfg.timesteps}; got {scfg.steps}")
-    if scfg.n <= 0:
-        raise ConfigError(f"--n must be positive; got {scfg.n}")
-    schedule = Schedule.from_config(dcfg)
-    shape = tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
-                                              model.config.sample_size))
-    t0 = time.perf_counter()
-    x = generate(eps_fn(model), scfg.n, shape, schedule, sampler=scfg.sampler, steps=scfg.steps,
-                 spacing=scfg.spacing, eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0,
-                 batch_size=scfg.batch_size,
-                 seed=scfg.seed, device=device, progress=True)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    x, info = sample_checkpoint(ckpt, device, ema=not args.no_ema, **{
+        k: getattr(args, k) for k in ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size", "clip_x0")})
+    s = info["sampler"]
     imgs = to_uint8(x)
-    out = Path(args.out) if args.out else Path(args.run) / f"samples_{scfg.sampler}{scfg.steps}.png"
+    out = Path(args.out) if args.out else Path(args.run) / f"samples_{s['sampler']}{s['steps']}.png"
     save_grid(imgs, out)
-    npz = out.with_suffix(".npz")
-    from .checkpoint import atomic_save
 
     def _w(p):
         with open(p, "wb") as f:
             np.savez_compressed(f, images=imgs)
 
-    atomic_save(npz, _w)
-    print(f"{scfg.n} samples ({scfg.sampler}, {scfg.steps} steps, {scfg.spacing if scfg.sampler == 'ddim' else 'all'} "
-          f"spacing, {'EMA' if not args.no_ema else 'online'} weights of {ckpt.name}) in {dt:.1f} s "
-          f"= {scfg.n / dt:.1f} images/s on {device}")
-    print(f"grid   {out}\nimages {npz}")
+    atomic_save(out.with_suffix(".npz"), _w)
+    print(f"{s['n']} samples ({s['sampler']}, {s['steps']} steps, "
+          f"{s['spacing'] if s['sampler'] == 'ddim' else 'all'} spacing, {info['weights']} weights of "
+          f"{ckpt.name}) in {info['seconds']:.1f} s = {info['images_per_s']:.1f} images/s on {device}")
+    print(f"grid   {out}\nimages {out.with_suffix('.npz')}")
+    return 0
+
+
+# ---------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run, one_line
+    from .trainer import _resolve_device
+
+    if args.n <= 1:
+        raise ConfigError("--n must be at least 2")
+    r = evaluate_run(Path(args.run), n=args.n, metric=args.metric, steps=args.steps, batch_size=args.batch_size,
+                     device=_resolve_device(args.device), inception_weights=args.inception_weights,
+                     data_root=args.data_root, classifier_epochs=args.classifier_epochs, seed=args.seed)
+    print(one_line(r))
+    print(f"eval.json: {Path(args.run) / 'eval.json'}")
     return 0
 
 
@@ -254,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
     s.add_argument("--out", help="PNG path (default RUN/samples_<sampler><steps>.png)")
     s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="sample a run and measure FD-<dataset>/FID, KID, params, MACs -> eval.json")
+    e.add_argument("run")
+    e.add_argument("--n", type=int, default=10_000, help="samples (the paper: 50000 with --metric fid)")
+    e.add_argument("--metric", choices=["fd", "fid", "both"], default="fd",
+                   help="fd: FD on ebdiff's own dataset-classifier features (offline); fid: Inception (pytorch-fid)")
+    e.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    e.add_argument("--batch-size", type=int, dest="batch_size")
+    e.add_argument("--seed", type=int)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--inception-weights", help=f"local {'pt_inception-2015-12-05-6726825d.pth'}")
+    e.add_argument("--data-root", help="dataset root (default: the run's data.root)")
+    e.add_argument("--classifier-epochs", type=int, default=3, help="epochs of the feature classifier (trained once, cached)")
+    e.set_defaults(fn=cmd_eval)
 
     i = sub.add_parser("info", help="parameters and MACs of presets (and of pruned tickets with --ratio)")
     i.add_argument("--preset", help="one preset (default: all)")

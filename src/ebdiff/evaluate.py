@@ -1,0 +1,130 @@
+"""`ebdiff eval`: sample a run, measure quality (FD-<dataset> / FID, KID), size and speed -> eval.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_json, load_model, resolve_checkpoint
+from .config import Config, DiffusionConfig, SampleConfig, load_config
+from .diffusion import Schedule
+from .errors import ConfigError
+from .models import count_macs_params, eps_fn, preset_shape
+from .sampling import generate
+
+LABELLED = ("fashion-mnist", "cifar10")
+
+
+def run_sample_config(meta: dict, **overrides) -> tuple[DiffusionConfig, SampleConfig]:
+    dcfg = DiffusionConfig(**meta.get("diffusion", {}))
+    scfg = SampleConfig(**meta.get("sample", {}))
+    scfg = replace(scfg, **{k: v for k, v in overrides.items() if v is not None})
+    if scfg.sampler == "ddpm":
+        scfg = replace(scfg, steps=dcfg.timesteps)
+    if not 0 < scfg.steps <= dcfg.timesteps:
+        raise ConfigError(f"--steps must be in 1..{dcfg.timesteps}; got {scfg.steps}")
+    if scfg.n <= 0:
+        raise ConfigError(f"--n must be positive; got {scfg.n}")
+    return dcfg, scfg
+
+
+def sample_checkpoint(ckpt: Path, device: str, ema: bool = True, progress: bool = True,
+                      **overrides) -> tuple[torch.Tensor, dict]:
+    """Images in [-1, 1] from a checkpoint with its own sampler settings (overridable), and timing info."""
+    model, meta = load_model(ckpt, ema=ema, device=device)
+    dcfg, scfg = run_sample_config(meta, **overrides)
+    shape = tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
+                                              model.config.sample_size))
+    t0 = time.perf_counter()
+    x = generate(eps_fn(model), scfg.n, shape, Schedule.from_config(dcfg), sampler=scfg.sampler, steps=scfg.steps,
+                 spacing=scfg.spacing, eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0,
+                 batch_size=scfg.batch_size, seed=scfg.seed, device=device, progress=progress)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    info = {"sampler": asdict(scfg), "seconds": dt,
+            "images_per_s": scfg.n / dt, "checkpoint": ckpt.name, "weights": "ema" if ema else "online",
+            "model": model, "meta": meta}
+    return x, info
+
+
+def _run_config(run: Path) -> Config:
+    p = run / "config.yaml"
+    if not p.is_file():
+        raise ConfigError(f"{run} is not an ebdiff run folder (no config.yaml)")
+    return load_config(p)
+
+
+def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int | None = None,
+                 batch_size: int | None = None, device: str = "cpu", inception_weights: str | None = None,
+                 data_root: str | None = None, classifier_epochs: int = 3, seed: int | None = None,
+                 progress: bool = True) -> dict:
+    from .data import load_dataset
+    from .metrics import ClassifierFeatures, InceptionFeatures, fd_from_features, kid, reference_stats
+
+    run = Path(run)
+    cfg = _run_config(run)
+    if data_root:
+        cfg.data.root = data_root
+    if metric in ("fd", "both") and cfg.data.name not in LABELLED:
+        raise ConfigError(f"--metric fd needs a labelled dataset ({', '.join(LABELLED)}); "
+                          f"{cfg.data.name} has none: use --metric fid")
+    ckpt = resolve_checkpoint(run)
+    extractors = []
+    test = None
+    size = cfg.data.image_size or preset_shape(cfg.model.preset)[1]
+    # the reference is the data the run trained on (its data.limit too), the floor its test split
+    train = load_dataset(replace(cfg.data, split="train"), size, progress=progress)
+    if metric in ("fd", "both"):
+        test = load_dataset(replace(cfg.data, split="test"), size, progress=progress)
+        clf = ClassifierFeatures.load_or_train(cfg.data.name, (train.images, train.labels),
+                                               (test.images, test.labels), device=device,
+                                               epochs=classifier_epochs, progress=progress)
+        extractors.append(("fd", clf))
+    if metric in ("fid", "both"):
+        extractors.append(("fid", InceptionFeatures(inception_weights, device=device)))
+    x, info = sample_checkpoint(ckpt, device, progress=progress, n=n, steps=steps, batch_size=batch_size, seed=seed)
+    model, meta = info.pop("model"), info.pop("meta")
+    macs, params = count_macs_params(model)
+    ref_images = train.images if train.images is not None else None
+    if ref_images is None:
+        raise ConfigError("eval needs an in-memory reference dataset (fashion-mnist, cifar10)")
+    result = {"run": str(run), "checkpoint": ckpt.name, "iteration": meta["iteration"], "phase": meta.get("phase"),
+              "params": params, "macs": macs, "n_samples": n, "sampling": info, "metrics": {}}
+    for kind, ext in extractors:
+        _, _, ref_feats = reference_stats(ext, ext.name, ref_images, f"{cfg.data.name}-train", progress=progress)
+        feats = ext(x, progress=progress)
+        m = {"name": ext.metric, "extractor": ext.name, "value": fd_from_features(feats, ref_feats),
+             "reference": f"{cfg.data.name} train ({len(ref_images)} images)"}
+        k_mean, k_std = kid(feats, ref_feats, subsets=50, subset_size=min(1000, n))
+        m["kid"], m["kid_std"] = k_mean, k_std
+        if kind == "fd":
+            m["classifier_test_accuracy"] = ext.info["test_accuracy"]
+            _, _, test_feats = reference_stats(ext, ext.name, test.images, f"{cfg.data.name}-test", progress=progress)
+            m["floor_train_vs_test"] = fd_from_features(test_feats, ref_feats)
+            m["floor_kid"] = kid(test_feats, ref_feats, subsets=50, subset_size=min(1000, len(test_feats)))[0]
+            m["note"] = f"{ext.metric} uses ebdiff's own {cfg.data.name} classifier features; it is not Inception FID"
+        result["metrics"][kind] = m
+    summ = run / "summary.json"
+    if summ.is_file():
+        s = json.loads(summ.read_text())
+        result["training_time_s"] = s.get("time_s")
+        result["iterations"] = {"dense": s.get("dense_iterations"), "ticket": s.get("ticket_iterations")}
+    atomic_write_json(run / "eval.json", result)
+    return result
+
+
+def one_line(r: dict) -> str:
+    parts = [f"{Path(r['run']).name}: {r['params'] / 1e6:.2f}M params, {r['macs'] / 1e9:.3f}G MACs"]
+    for m in r["metrics"].values():
+        s = f"{m['name']} {m['value']:.3f} (KID {m['kid']:.4f})"
+        if "floor_train_vs_test" in m:
+            s += f", floor {m['floor_train_vs_test']:.3f}"
+        parts.append(s)
+    parts.append(f"{r['n_samples']} samples at {r['sampling']['images_per_s']:.1f} img/s")
+    return "; ".join(parts)

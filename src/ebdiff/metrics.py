@@ -1,0 +1,267 @@
+"""Quality metrics: Frechet distance and KID over feature sets, and the feature extractors.
+
+Two extractors:
+- `InceptionFeatures`: pytorch-fid's Inception-v3 (pool3, 2048-d), the convention of the paper's FID
+  numbers. Weights come from a local file (`--inception-weights PATH`), torch hub's cache, or a
+  download when online; offline without them it stops with one line naming the file.
+- `ClassifierFeatures`: a small CNN that ebdiff trains once on the dataset's own training split and
+  caches with its test accuracy and a hash. Its penultimate features give "FD-<dataset>" (e.g.
+  FD-FMNIST) and KID: an offline quality number for any labelled dataset. It is *not* Inception FID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import EbdiffError
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+
+
+# ---------------------------------------------------------------------- distances (pure numpy)
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), with pytorch-fid's safeguards."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    s1, s2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError("feature statistics of different dimensions")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(s1.dot(s2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the matrix square root")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def fd_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (unbiased MMD^2, cubic polynomial kernel), mean and std over subsets."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = a.shape[1]
+    m = min(subset_size, len(a), len(b))
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+        vals.append(mmd)
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+# ---------------------------------------------------------------------- extractors
+def _batches(images: torch.Tensor, batch: int, progress: bool, desc: str) -> Iterable[torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
+        yield images[i: i + batch]
+
+
+class FeatureClassifier(nn.Module):
+    """A small CNN for 32x32 images (width 24: ~6M MACs per image, a few minutes of CPU training for
+    Fashion-MNIST); `features()` is its 256-d penultimate layer."""
+
+    def __init__(self, channels: int, classes: int = 10, width: int = 24, feature_dim: int = 256):
+        super().__init__()
+        w = width
+
+        def block(i, o, stride=1, pool=True):
+            layers = [nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+            return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+        self.body = nn.Sequential(block(channels, w, stride=2, pool=False), block(w, 2 * w), block(2 * w, 4 * w),
+                                  nn.Flatten(), nn.Linear(4 * w * 16, feature_dim), nn.ReLU(inplace=True))
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _to_input(x: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW or float in [-1, 1] -> float in [-1, 1]."""
+    if x.dtype == torch.uint8:
+        return x.float().div(127.5).sub(1)
+    return x.float()
+
+
+def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                     epochs: int = 3, batch: int = 128, lr: float = 3e-3, seed: int = 0,
+                     device: str = "cpu", progress: bool = True) -> tuple[FeatureClassifier, float]:
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    model = FeatureClassifier(train_x.shape[1], int(train_y.max()) + 1).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    steps = epochs * (len(train_x) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=steps, desc="training feature classifier", disable=not progress)
+    for _ in range(epochs):
+        perm = torch.randperm(len(train_x), generator=g)
+        model.train()
+        for i in range(len(train_x) // batch):
+            idx = perm[i * batch: (i + 1) * batch]
+            x = _to_input(train_x[idx]).to(device)
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+            loss = F.cross_entropy(model(x), train_y[idx].to(device), label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+    bar.close()
+    return model.eval(), classifier_accuracy(model, test_x, test_y, device)
+
+
+@torch.no_grad()
+def classifier_accuracy(model: FeatureClassifier, x: torch.Tensor, y: torch.Tensor, device: str = "cpu") -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), 512):
+        correct += int((model(_to_input(x[i: i + 512]).to(device)).argmax(1).cpu() == y[i: i + 512]).sum())
+    return correct / len(x)
+
+
+def _data_hash(x: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    h.update(str(tuple(x.shape)).encode())
+    h.update(x[:: max(1, len(x) // 256)].contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EBDIFF_CACHE", "~/.cache/ebdiff")).expanduser()
+
+
+class ClassifierFeatures:
+    """Penultimate features of the dataset's own classifier (trained once, cached)."""
+
+    def __init__(self, model: FeatureClassifier, info: dict, device: str = "cpu"):
+        self.model, self.info, self.device = model.to(device).eval(), info, device
+        self.name = f"classifier-{info['dataset']}-{info['hash']}"
+        self.metric = f"FD-{info['dataset'].upper().replace('FASHION-MNIST', 'FMNIST')}"
+
+    @classmethod
+    def load_or_train(cls, dataset: str, train: tuple, test: tuple, device: str = "cpu", epochs: int = 3,
+                      progress: bool = True, root: Path | None = None) -> "ClassifierFeatures":
+        from safetensors.torch import load_file, save_file
+
+        from .checkpoint import atomic_save, atomic_write_json
+
+        h = _data_hash(train[0])
+        root = (root or cache_dir()) / "classifiers"
+        stem = root / f"{dataset}-{h}"
+        meta_path = stem.with_suffix(".json")
+        model = FeatureClassifier(train[0].shape[1], int(train[1].max()) + 1)
+        if meta_path.is_file() and stem.with_suffix(".safetensors").is_file():
+            info = json.loads(meta_path.read_text())
+            model.load_state_dict(load_file(str(stem.with_suffix(".safetensors"))))
+            return cls(model, info, device)
+        model, acc = train_classifier(*train, *test, epochs=epochs, device=device, progress=progress)
+        info = {"dataset": dataset, "hash": h, "test_accuracy": acc, "epochs": epochs,
+                "train_images": len(train[0]), "test_images": len(test[0]), "feature_dim": 256}
+        atomic_save(stem.with_suffix(".safetensors"),
+                    lambda p: save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, p))
+        atomic_write_json(meta_path, info)
+        return cls(model, info, device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch: int = 500, progress: bool = False) -> np.ndarray:
+        out = [self.model.features(_to_input(b).to(self.device)).float().cpu()
+               for b in _batches(images, batch, progress, "features")]
+        return torch.cat(out).numpy()
+
+
+class InceptionFeatures:
+    """pytorch-fid's Inception-v3 pool3 features (2048-d): paper-comparable FID."""
+
+    metric = "FID"
+    name = "inception-pool3"
+
+    def __init__(self, weights: str | None = None, device: str = "cpu"):
+        try:
+            from pytorch_fid import inception as pfi
+        except ImportError:
+            raise EbdiffError("Inception FID needs the pytorch-fid package: pip install pytorch-fid") from None
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+        path = Path(weights).expanduser() if weights else hub
+        if weights and not path.is_file():
+            raise EbdiffError(f"--inception-weights {path}: no such file (need {INCEPTION_FILE})")
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            orig = pfi.load_state_dict_from_url
+            pfi.load_state_dict_from_url = lambda *a, **k: state  # the package would download it
+            try:
+                self.model = pfi.InceptionV3([3]).to(device).eval()
+            finally:
+                pfi.load_state_dict_from_url = orig
+        else:
+            try:
+                self.model = pfi.InceptionV3([3]).to(device).eval()
+            except Exception:
+                raise EbdiffError(
+                    f"Inception FID weights not found and not downloadable: put {INCEPTION_FILE} "
+                    f"({pfi.FID_WEIGHTS_URL}) at {hub} or pass --inception-weights PATH"
+                ) from None
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch: int = 200, progress: bool = False) -> np.ndarray:
+        out = []
+        for b in _batches(images, batch, progress, "inception"):
+            x = (_to_input(b) + 1) / 2  # pytorch-fid takes [0, 1]
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            out.append(self.model(x.to(self.device))[0].squeeze(-1).squeeze(-1).float().cpu())
+        return torch.cat(out).numpy()
+
+
+def reference_stats(extractor: Callable, name: str, images: torch.Tensor, key: str,
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mu, sigma, features) of a reference set, cached as .npz per dataset split and extractor."""
+    from .checkpoint import atomic_save
+
+    path = cache_dir() / "stats" / f"{key}-{name}-{_data_hash(images)}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return z["mu"], z["sigma"], z["features"]
+    feats = extractor(images, progress=progress)
+    mu, sigma = feature_stats(feats)
+
+    def _w(p):
+        with open(p, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, features=feats.astype(np.float32))
+
+    atomic_save(path, _w)
+    return mu, sigma, feats
