@@ -104,6 +104,9 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = Trainer(cfg, out / "dense", callbacks=[callback]).run()
     wall = time.perf_counter() - t0
+    np.savez_compressed(out / "masks_all.npz", iterations=np.array(iters),
+                        **{"-".join(map(str, k)): torch.stack([m.bits for m in v]).numpy() for k, v in seqs.items()},
+                        **{"init-" + "-".join(map(str, k)): m.bits.numpy() for k, m in state["init"].items()})
     rows = []
     for (src, crit, r), masks in sorted(seqs.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         det = EarlyBirdDetector(eta=a.eta, queue=a.queue)

@@ -169,3 +169,18 @@ def test_reload_round_trip(tmp_path):
     assert meta["iteration"] == 7
     import json
     assert "plan" in json.loads((ck / "meta.json").read_text())
+
+
+def test_engine_on_frozen_copy_finds_the_same_groups():
+    """The EMA copy has requires_grad=False; tracing must still find every group (mask_source=ema)."""
+    import copy
+
+    torch.manual_seed(0)
+    m = build_model("tiny")
+    a = PruningEngine(m)
+    frozen = copy.deepcopy(m).eval().requires_grad_(False)
+    b = PruningEngine(frozen)
+    assert a.sizes == b.sizes and [i.name for i in a.info] == [i.name for i in b.info]
+    assert torch.equal(a.mask("magnitude", 0.5).bits, b.mask("magnitude", 0.5).bits)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert [i.name for i in a.info] == sorted(i.name for i in a.info)

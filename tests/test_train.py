@@ -78,7 +78,11 @@ def test_other_criteria_and_ema_source(tmp_path, has_fmnist, crit):
           "early_bird.eta=0.5", "early_bird.queue=2", "early_bird.mask_source=ema",
           "early_bird.taylor_timesteps=4", "early_bird.taylor_batch=2"]
     assert main(["train", *tiny_args(run, "train.iters=8", *eb)]) == 0
-    assert json.loads((run / "ticket.json").read_text())["criterion"] == crit
+    t = json.loads((run / "ticket.json").read_text())
+    assert t["criterion"] == crit and t["mask_source"] == "ema"
+    with np.load(run / "masks.npz") as z:
+        assert z["sizes"].sum() > 100 and 0.15 < z["masks"][-1].mean() < 0.35  # real masks of the EMA model
+    assert t["ticket"]["params"] < t["dense"]["params"]
 
 
 def test_miss_then_continue_dense_or_extract_anyway(tmp_path, has_fmnist, capsys):
@@ -168,3 +172,18 @@ def test_eval_on_fixture_run(tmp_path, has_fmnist, capsys, monkeypatch):
     assert main(["eval", str(run), "--n", "8", "--metric", "fid", "--inception-weights",
                  str(tmp_path / "none.pth")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_report(tmp_path, has_fmnist, capsys):
+    a, b = tmp_path / "dense", tmp_path / "eb"
+    assert main(["train", *tiny_args(a, "train.iters=4")]) == 0
+    assert main(["train", *tiny_args(b, "train.iters=4", "early_bird.ratio=0.5", "early_bird.check_every=1",
+                                     "early_bird.queue=2", "early_bird.eta=0.9")]) == 0
+    assert main(["sample", str(b), "--n", "4", "--steps", "2"]) == 0
+    out = tmp_path / "rep"
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| dense | dense |" in md and "EB magnitude 50%" in md and "speed-up" in md
+    for png in ("loss_curves.png", "heatmaps.png", "samples.png"):
+        assert (out / png).stat().st_size > 1000
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(out)]) == 2

@@ -82,15 +82,14 @@ def _print_train_summary(s: dict) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .checkpoint import atomic_save, resolve_checkpoint
+    from .checkpoint import atomic_save
     from .evaluate import sample_checkpoint
     from .report import save_grid
     from .sampling import to_uint8
     from .trainer import _resolve_device
 
-    ckpt = resolve_checkpoint(Path(args.run))
     device = _resolve_device(args.device)
-    x, info = sample_checkpoint(ckpt, device, ema=not args.no_ema, **{
+    x, info = sample_checkpoint(Path(args.run), device, ema=not args.no_ema, route=args.route, **{
         k: getattr(args, k) for k in ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size", "clip_x0")})
     s = info["sampler"]
     imgs = to_uint8(x)
@@ -104,8 +103,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     atomic_save(out.with_suffix(".npz"), _w)
     print(f"{s['n']} samples ({s['sampler']}, {s['steps']} steps, "
           f"{s['spacing'] if s['sampler'] == 'ddim' else 'all'} spacing, {info['weights']} weights of "
-          f"{ckpt.name}) in {info['seconds']:.1f} s = {info['images_per_s']:.1f} images/s on {device}")
+          f"{info['checkpoint']}) in {info['seconds']:.1f} s = {info['images_per_s']:.1f} images/s on {device}")
     print(f"grid   {out}\nimages {out.with_suffix('.npz')}")
+    return 0
+
+
+# ---------------------------------------------------------------------- ta-eb
+def cmd_taeb(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .taeb import finalize, format_accounting, launch, region_set
+
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {run} is not an ebdiff TA-EB run folder (no config.yaml)")
+        cfg = load_config(run / "config.yaml", args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run = Path(args.out or f"runs/taeb-{time.strftime('%Y%m%d-%H%M%S')}")
+        if (run / "regions.json").is_file() and not args.branches_only and os.environ.get("WORLD_SIZE", "1") == "1":
+            raise ConfigError(f"{run} already holds a TA-EB run: pass --resume {run} to continue it")
+    region_set(cfg)  # a bad region set stops here, before anything is written
+    launch(cfg, run)
+    if args.branches_only or os.environ.get("RANK", "0") != "0":
+        return 0
+    a = finalize(run)
+    print("\n== ebdiff ta-eb summary ==")
+    print(format_accounting(a))
+    print(f"run folder {run}: regions.json, region-*/, taeb.json, hamming_regions.png; "
+          f"sample with: ebdiff sample {run}")
     return 0
 
 
@@ -121,6 +147,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      data_root=args.data_root, classifier_epochs=args.classifier_epochs, seed=args.seed)
     print(one_line(r))
     print(f"eval.json: {Path(args.run) / 'eval.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    runs = [Path(r) for r in args.runs]
+    for r in runs:
+        if not ((r / "summary.json").is_file() or (r / "taeb.json").is_file()):
+            raise ConfigError(f"{r} has no summary.json or taeb.json: not a finished ebdiff run")
+    md = write_report(runs, Path(args.out), Path(args.reference) if args.reference else None)
+    print(md.read_text().split("\n\n")[2] if md.read_text().count("\n\n") > 2 else md.read_text())
+    print(f"report: {md}")
     return 0
 
 
@@ -242,7 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
     s.add_argument("--out", help="PNG path (default RUN/samples_<sampler><steps>.png)")
+    s.add_argument("--route", choices=["higher-noise", "midpoint"], help="TA-EB runs: overlap routing rule")
     s.set_defaults(fn=cmd_sample)
+
+    ta = sub.add_parser("ta-eb", help="EB-Diff-Train (TA-EB): one ticket per timestep region, branches in parallel")
+    ta.add_argument("--config", help="YAML with a 'regions' list (configs/*_taeb.yaml)")
+    ta.add_argument("--out", help="run folder (default runs/taeb-<timestamp>)")
+    ta.add_argument("--resume", metavar="RUN_DIR", help="continue every unfinished branch")
+    ta.add_argument("--branches-only", action="store_true", help=argparse.SUPPRESS)
+    ta.add_argument("overrides", nargs="*")
+    ta.set_defaults(fn=cmd_taeb)
 
     e = sub.add_parser("eval", help="sample a run and measure FD-<dataset>/FID, KID, params, MACs -> eval.json")
     e.add_argument("run")
@@ -257,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", help="dataset root (default: the run's data.root)")
     e.add_argument("--classifier-epochs", type=int, default=3, help="epochs of the feature classifier (trained once, cached)")
     e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("report", help="Markdown report with the paper-style table and figures")
+    r.add_argument("runs", nargs="+", help="run folders (eval them first for the quality column)")
+    r.add_argument("--out", default="report", help="output folder (report.md + PNGs)")
+    r.add_argument("--reference", help="dense run whose training time defines speed-up 1.0x (default: the first dense run)")
+    r.set_defaults(fn=cmd_report)
 
     i = sub.add_parser("info", help="parameters and MACs of presets (and of pruned tickets with --ratio)")
     i.add_argument("--preset", help="one preset (default: all)")

@@ -49,6 +49,8 @@ class DiffusionConfig:
     prediction: str = "epsilon"
     loss_reduction: str = "mean"  # mean (diffusers) | sum (reference code: sum over C,H,W)
     timestep_sampler: str = "antithetic"  # antithetic | uniform
+    t_min: int = 0  # train only on timesteps t_min..t_max (a TA-EB region)
+    t_max: int | None = None  # None = T-1
 
 
 @dataclass
@@ -105,6 +107,13 @@ class EarlyBirdConfig:
 
 
 @dataclass
+class TAEBConfig:
+    route: str = "higher-noise"  # overlap routing at sampling time: higher-noise (reference) | midpoint
+    procs_per_region: int = 1  # data-parallel processes per region branch
+    launch: str = "auto"  # auto (one process per branch via torch.distributed) | sequential
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,6 +121,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     early_bird: EarlyBirdConfig = field(default_factory=EarlyBirdConfig)
+    taeb: TAEBConfig = field(default_factory=TAEBConfig)
+    regions: list[dict] | None = None  # TA-EB: [{t: [lo, hi], ratio: r, iters?: n, eta?: e}, ...]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +144,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "early_bird.criterion": ("magnitude", "taylor", "diff-pruning", "random"),
     "early_bird.mask_source": ("online", "ema"),
     "early_bird.on_miss": ("continue-dense", "extract-anyway"),
+    "taeb.route": ("higher-noise", "midpoint"),
+    "taeb.launch": ("auto", "sequential"),
 }
 
 
@@ -200,6 +213,11 @@ def apply_dict(cfg: Config, data: dict[str, Any], where: str = "config") -> Conf
     for section, values in data.items():
         if section not in sections:
             raise ConfigError(f"unknown config section '{section}' (known: {', '.join(sections)})")
+        if section == "regions":
+            if values is not None and not (isinstance(values, list) and all(isinstance(v, dict) for v in values)):
+                raise ConfigError("config key 'regions' must be a list of {t: [lo, hi], ratio: r} mappings")
+            cfg.regions = values
+            continue
         if values is None:
             continue
         if not isinstance(values, dict):
@@ -215,6 +233,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override '{text}' is not of the form section.key=value")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
+    if parts == ["regions"]:  # the one top-level list: regions=[{t: [0, 260], ratio: 0.3}, ...]
+        try:
+            return "regions", "", yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{text}': value is not valid YAML") from None
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override key '{dotted}' must be section.key (e.g. train.iters=200)")
     try:
@@ -227,13 +250,14 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     for text in overrides:
         section, key, value = parse_override(text)
-        apply_dict(cfg, {section: {key: value}}, where=f"override '{text}'")
+        apply_dict(cfg, {section: value} if section == "regions" else {section: {key: value}},
+                   where=f"override '{text}'")
     return cfg
 
 
 def validate(cfg: Config) -> Config:
     flat = cfg.to_dict()
-    for dotted, choices in CHOICES.items():
+    for dotted, choices in CHOICES.items():  # noqa: B007
         section, key = dotted.split(".")
         value = flat[section][key]
         if value not in choices:
@@ -263,6 +287,17 @@ def validate(cfg: Config) -> Config:
         )
     if not 0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1:
         raise ConfigError("config keys 'diffusion.beta_start' < 'diffusion.beta_end' must lie in (0, 1)")
+    d = cfg.diffusion
+    t_max = d.timesteps - 1 if d.t_max is None else d.t_max
+    if not 0 <= d.t_min <= t_max <= d.timesteps - 1:
+        raise ConfigError(f"config keys 'diffusion.t_min'/'t_max' must satisfy 0 <= t_min <= t_max <= T-1; "
+                          f"got {d.t_min}, {d.t_max}")
+    if cfg.taeb.procs_per_region < 1:
+        raise ConfigError("config key 'taeb.procs_per_region' must be >= 1")
+    if cfg.regions is not None:
+        from .regions import RegionSet
+
+        RegionSet.from_config(cfg.regions, cfg.diffusion.timesteps)
     eb = cfg.early_bird
     if eb.ratio is not None and not 0.0 < eb.ratio < 1.0:
         raise ConfigError(f"config key 'early_bird.ratio' must be in (0, 1); got {eb.ratio}")

@@ -87,6 +87,7 @@ class TimestepSampler:
         return t.to(device)
 
 
-def make_timestep_sampler(dcfg, lo: int = 0, hi: int | None = None) -> TimestepSampler:
-    hi = dcfg.timesteps - 1 if hi is None else hi
-    return TimestepSampler(lo, hi, antithetic=dcfg.timestep_sampler == "antithetic")
+def make_timestep_sampler(dcfg) -> TimestepSampler:
+    """Antithetic or uniform draws inside diffusion.t_min..t_max (the whole range unless a region)."""
+    hi = dcfg.timesteps - 1 if dcfg.t_max is None else dcfg.t_max
+    return TimestepSampler(dcfg.t_min, hi, antithetic=dcfg.timestep_sampler == "antithetic")

@@ -33,23 +33,48 @@ def run_sample_config(meta: dict, **overrides) -> tuple[DiffusionConfig, SampleC
     return dcfg, scfg
 
 
-def sample_checkpoint(ckpt: Path, device: str, ema: bool = True, progress: bool = True,
-                      **overrides) -> tuple[torch.Tensor, dict]:
-    """Images in [-1, 1] from a checkpoint with its own sampler settings (overridable), and timing info."""
+def load_for_sampling(path: Path, device: str, ema: bool = True, route: str | None = None):
+    """(eps-model callable, meta, size_fn) for a run, a checkpoint or a TA-EB run (a RegionRouter).
+    size_fn(scfg) -> {params, macs}: weighted over the visited timesteps for TA-EB."""
+    from .taeb import is_taeb_run, load_router, visited_timesteps
+
+    path = Path(path)
+    if is_taeb_run(path):
+        router, models, metas = load_router(path, device, ema, route)
+        sizes = [count_macs_params(m) for m in models]
+
+        def size_fn(scfg, dcfg):
+            ts = visited_timesteps(scfg, dcfg.timesteps)
+            return {"params": router.regions.weighted([p for _, p in sizes], ts, router.rule),
+                    "macs": router.regions.weighted([m for m, _ in sizes], ts, router.rule),
+                    "per_region": [{"params": p, "macs": m} for m, p in sizes], "route": router.rule}
+
+        meta = dict(metas[0], phase="ta-eb", checkpoint=[m["iteration"] for m in metas])
+        return router, meta, size_fn, models[0]
+    ckpt = resolve_checkpoint(path)
     model, meta = load_model(ckpt, ema=ema, device=device)
+    macs, params = count_macs_params(model)
+    meta = dict(meta, checkpoint=ckpt.name)
+    return eps_fn(model), meta, (lambda scfg, dcfg: {"params": params, "macs": macs}), model
+
+
+def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool = True, route: str | None = None,
+                      **overrides) -> tuple[torch.Tensor, dict]:
+    """Images in [-1, 1] from a run/checkpoint/TA-EB run with its own sampler settings (overridable)."""
+    fn, meta, size_fn, model = load_for_sampling(path, device, ema, route)
     dcfg, scfg = run_sample_config(meta, **overrides)
     shape = tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
                                               model.config.sample_size))
     t0 = time.perf_counter()
-    x = generate(eps_fn(model), scfg.n, shape, Schedule.from_config(dcfg), sampler=scfg.sampler, steps=scfg.steps,
+    x = generate(fn, scfg.n, shape, Schedule.from_config(dcfg), sampler=scfg.sampler, steps=scfg.steps,
                  spacing=scfg.spacing, eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0,
                  batch_size=scfg.batch_size, seed=scfg.seed, device=device, progress=progress)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    info = {"sampler": asdict(scfg), "seconds": dt,
-            "images_per_s": scfg.n / dt, "checkpoint": ckpt.name, "weights": "ema" if ema else "online",
-            "model": model, "meta": meta}
+    info = {"sampler": asdict(scfg), "seconds": dt, "images_per_s": scfg.n / dt,
+            "checkpoint": meta["checkpoint"], "weights": "ema" if ema else "online",
+            "size": size_fn(scfg, dcfg), "meta": meta}
     return x, info
 
 
@@ -74,7 +99,6 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
     if metric in ("fd", "both") and cfg.data.name not in LABELLED:
         raise ConfigError(f"--metric fd needs a labelled dataset ({', '.join(LABELLED)}); "
                           f"{cfg.data.name} has none: use --metric fid")
-    ckpt = resolve_checkpoint(run)
     extractors = []
     test = None
     size = cfg.data.image_size or preset_shape(cfg.model.preset)[1]
@@ -88,14 +112,13 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
         extractors.append(("fd", clf))
     if metric in ("fid", "both"):
         extractors.append(("fid", InceptionFeatures(inception_weights, device=device)))
-    x, info = sample_checkpoint(ckpt, device, progress=progress, n=n, steps=steps, batch_size=batch_size, seed=seed)
-    model, meta = info.pop("model"), info.pop("meta")
-    macs, params = count_macs_params(model)
+    x, info = sample_checkpoint(run, device, progress=progress, n=n, steps=steps, batch_size=batch_size, seed=seed)
+    meta, size = info.pop("meta"), info["size"]
     ref_images = train.images if train.images is not None else None
     if ref_images is None:
         raise ConfigError("eval needs an in-memory reference dataset (fashion-mnist, cifar10)")
-    result = {"run": str(run), "checkpoint": ckpt.name, "iteration": meta["iteration"], "phase": meta.get("phase"),
-              "params": params, "macs": macs, "n_samples": n, "sampling": info, "metrics": {}}
+    result = {"run": str(run), "checkpoint": meta["checkpoint"], "iteration": meta["iteration"],
+              "phase": meta.get("phase"), "params": size["params"], "macs": size["macs"], "n_samples": n, "sampling": info, "metrics": {}}
     for kind, ext in extractors:
         _, _, ref_feats = reference_stats(ext, ext.name, ref_images, f"{cfg.data.name}-train", progress=progress)
         feats = ext(x, progress=progress)
@@ -111,7 +134,11 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
             m["note"] = f"{ext.metric} uses ebdiff's own {cfg.data.name} classifier features; it is not Inception FID"
         result["metrics"][kind] = m
     summ = run / "summary.json"
-    if summ.is_file():
+    if (run / "taeb.json").is_file():
+        a = json.loads((run / "taeb.json").read_text())
+        result["training_time_s"] = {"train_total": a["taeb_train_s"], "branches": [b["train_s"] for b in a["branches"]]}
+        result["size_per_region"] = size.get("per_region")
+    elif summ.is_file():
         s = json.loads(summ.read_text())
         result["training_time_s"] = s.get("time_s")
         result["iterations"] = {"dense": s.get("dense_iterations"), "ticket": s.get("ticket_iterations")}

@@ -42,16 +42,21 @@ def _example(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build_graph(model: nn.Module):
-    """Trace the model (in eval mode: dropout must not draw from the global RNG)."""
+    """Trace the model in eval mode (dropout must not draw from the global RNG) with gradients on:
+    torch-pruning traces autograd, and finds no group at all in a frozen copy such as the EMA."""
     tp = _tp()
     was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
     model.eval()
+    model.requires_grad_(True)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
             return tp.DependencyGraph().build_dependency(model, example_inputs=_example(model), verbose=False)
     finally:
         model.train(was_training)
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
 
 
 def _ignored(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
@@ -74,8 +79,11 @@ class PruningEngine:
         self.model = model
         self.graph = build_graph(model)
         names = {m: n for n, m in model.named_modules()}
-        self.groups = list(self.graph.get_all_groups(ignored_layers=_ignored(model, ignored),
-                                                     root_module_types=[nn.Conv2d, nn.Linear]))
+        groups = self.graph.get_all_groups(ignored_layers=_ignored(model, ignored), root_module_types=[nn.Conv2d, nn.Linear])
+        # canonical order (by root module name): masks of two engines over the same preset compare
+        self.groups = sorted(groups, key=lambda g: names[g[0].dep.target.module])
+        if not self.groups:
+            raise RuntimeError("torch-pruning found no prunable group in the model")
         info = []
         for g in self.groups:
             root = g[0].dep.target.module
@@ -116,7 +124,8 @@ class PruningEngine:
 
 # ---------------------------------------------------------------------- Taylor gradients
 def accumulate_taylor_grads(model: nn.Module, schedule: Schedule, x0: torch.Tensor, n_timesteps: int,
-                            diff_threshold: float | None = None, seed: int = 0) -> dict:
+                            diff_threshold: float | None = None, seed: int = 0,
+                            t_range: tuple[int, int] | None = None) -> dict:
     """Accumulate dL_t/dw into `.grad` over evenly spaced t (one batch, fixed noise, same t per batch).
 
     With `diff_threshold` (Diff-Pruning) the accumulation stops at the first t, in ascending order,
@@ -128,8 +137,8 @@ def accumulate_taylor_grads(model: nn.Module, schedule: Schedule, x0: torch.Tens
     model.zero_grad(set_to_none=True)
     g = torch.Generator(device=x0.device).manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g, device=x0.device)
-    T = schedule.T
-    ts = torch.linspace(0, T - 1, min(n_timesteps, T)).round().long().tolist()
+    lo, hi = t_range or (0, schedule.T - 1)
+    ts = sorted(set(torch.linspace(lo, hi, min(n_timesteps, hi - lo + 1)).round().long().tolist()))
     used, lmax = 0, 0.0
     for t in ts:
         tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)

@@ -52,3 +52,137 @@ def save_grid(images_u8: np.ndarray, path: Path, nrow: int | None = None) -> Non
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+# ---------------------------------------------------------------------- run reports
+def _load_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _loss_curve(run: Path) -> tuple[list[int], list[float]]:
+    import json
+
+    its, losses = [], []
+    p = run / "metrics.jsonl"
+    if p.is_file():
+        for line in p.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                its.append(rec["iter"])
+                losses.append(rec["loss"])
+    return its, losses
+
+
+def describe_run(run: Path) -> dict:
+    """The numbers a report row needs, from a run folder's summary.json / eval.json / ticket.json."""
+    run = Path(run)
+    e = _load_json(run / "eval.json") or {}
+    a = _load_json(run / "taeb.json")
+    if a is not None:  # a TA-EB run: weighted size, longest branch
+        metric = next(iter(e.get("metrics", {}).values()), None)
+        b = a["branches"]
+        ratios = "/".join(str(int(round(x["region"]["ratio"] * 100))) for x in b)
+        return {"run": str(run), "name": run.name, "method": f"TA-EB {ratios}%",
+                "params": a["weighted_params"], "macs": a["weighted_macs"],
+                "metric_name": metric["name"] if metric else None, "metric": metric["value"] if metric else None,
+                "kid": metric.get("kid") if metric else None,
+                "iterations": max(x["dense_iterations"] + x["ticket_iterations"] for x in b),
+                "dense_iterations": "/".join(str(x["dense_iterations"]) for x in b),
+                "ticket_iterations": "/".join(str(x["ticket_iterations"]) for x in b),
+                "train_s": a["taeb_train_s"], "ticket_iter": None,
+                "ticket_iters": [x["ticket_iteration"] for x in b], "taeb": True}
+    s = _load_json(run / "summary.json") or {}
+    t = _load_json(run / "ticket.json")
+    size = s.get("ticket") or s.get("dense") or {}
+    metric = next(iter(e.get("metrics", {}).values()), None)
+    method = "dense" if not t else (f"EB {t['criterion']} {int(round(t['ratio'] * 100))}%"
+                                    if t.get("found", True) else f"EB {int(round(t['ratio'] * 100))}% (no ticket)")
+    return {"run": str(run), "name": run.name, "method": method,
+            "params": e.get("params", size.get("params")), "macs": e.get("macs", size.get("macs")),
+            "metric_name": metric["name"] if metric else None, "metric": metric["value"] if metric else None,
+            "kid": metric.get("kid") if metric else None,
+            "iterations": s.get("iterations"), "dense_iterations": s.get("dense_iterations"),
+            "ticket_iterations": s.get("ticket_iterations"),
+            "train_s": (s.get("time_s") or {}).get("train_total"),
+            "ticket_iter": t.get("iteration") if t else None}
+
+
+def write_report(runs: list[Path], out: Path, reference: Path | None = None) -> Path:
+    """Markdown report + PNG figures: table, metric vs relative time, heatmaps, loss curves, grids."""
+    plt = _plt()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [describe_run(r) for r in runs]
+    ref = describe_run(reference) if reference else next((r for r in rows if r["method"] == "dense"), None)
+    for r in rows:
+        r["speedup"] = (ref["train_s"] / r["train_s"]) if ref and ref["train_s"] and r["train_s"] else None
+    f = lambda x, nd=2: "-" if x is None else f"{x:.{nd}f}"  # noqa: E731
+    mname = next((r["metric_name"] for r in rows if r["metric_name"]), "quality")
+    lines = ["# ebdiff report", "",
+             f"Reference for speed-up: `{ref['name'] if ref else 'none'}` (training wall-clock time, same machine).", "",
+             f"| run | method | params | MACs | {mname} | KID | iterations (dense + ticket) | ticket at | train time s | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
+        m = "-" if r["macs"] is None else f"{r['macs'] / 1e9:.3f}G"
+        its = f"{r['dense_iterations']} + {r['ticket_iterations']}" if r["iterations"] is not None else "-"
+        at = r["ticket_iter"] if r["ticket_iter"] is not None else "/".join(map(str, r.get("ticket_iters") or [])) or "-"
+        lines.append(f"| {r['name']} | {r['method']} | {p} | {m} | {f(r['metric'], 3)} | {f(r['kid'], 4)} | {its} | "
+                     f"{at} | {f(r['train_s'], 1)} | "
+                     f"{f(r['speedup'])}x |")
+    lines.append("")
+    # metric vs relative training time (the paper's Figure 1)
+    pts = [r for r in rows if r["metric"] is not None and r["speedup"]]
+    if pts:
+        fig, ax = plt.subplots(figsize=(4.6, 3.6))
+        for r in pts:
+            ax.scatter(1 / r["speedup"], r["metric"])
+            ax.annotate(r["name"], (1 / r["speedup"], r["metric"]), fontsize=7)
+        ax.set_xlabel("relative training time (reference = 1)")
+        ax.set_ylabel(mname)
+        fig.tight_layout()
+        fig.savefig(out / "quality_vs_time.png", dpi=120)
+        plt.close(fig)
+        lines += ["![quality vs time](quality_vs_time.png)", ""]
+    # loss curves
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for r in rows:
+        curves = ([(r["name"], Path(r["run"]))] if not r.get("taeb") else
+                  [(f"{r['name']}/{d.name}", d) for d in sorted(Path(r["run"]).glob("region-*"))])
+        for label, d in curves:
+            its, losses = _loss_curve(d)
+            if its:
+                ax.plot(its, losses, label=label, lw=1)
+                if r["ticket_iter"]:
+                    ax.axvline(r["ticket_iter"], ls=":", lw=0.8, color=ax.lines[-1].get_color())
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+    lines += ["![loss curves](loss_curves.png)", ""]
+    # heatmaps and sample grids side by side
+    for kind, pattern in (("heatmaps", "hamming*.png"), ("samples", "samples_*.png")):
+        imgs = [(r["name"], sorted(Path(r["run"]).glob(pattern))) for r in rows]
+        imgs = [(n, p[-1]) for n, p in imgs if p]
+        if not imgs:
+            continue
+        fig, axes = plt.subplots(1, len(imgs), figsize=(3.2 * len(imgs), 3.4), squeeze=False)
+        for ax, (n, p) in zip(axes[0], imgs):
+            ax.imshow(plt.imread(p), cmap="gray")
+            ax.set_title(n, fontsize=8)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / f"{kind}.png", dpi=120)
+        plt.close(fig)
+        lines += [f"![{kind}]({kind}.png)", ""]
+    md = out / "report.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md

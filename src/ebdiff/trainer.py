@@ -88,20 +88,77 @@ def _fmt_num(x: float) -> str:
     return f"{x:.0f}"
 
 
-class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, callbacks: list | None = None):
-        """callbacks: functions f(trainer) called after every iteration (studies, custom logging)."""
+class AccelerateDist:
+    """accelerate places the process (CPU, one GPU, or a rank under accelerate launch / torchrun) and
+    wraps DDP over the whole world. Precision and compilation are the TrainStep's, not accelerate's."""
+
+    def __init__(self, device: str):
         from accelerate import Accelerator
 
+        self.acc = Accelerator(cpu=device == "cpu", mixed_precision="no")
+        self.device = self.acc.device
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return self.acc.prepare_model(model)
+
+    def barrier(self) -> None:
+        self.acc.wait_for_everyone()
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(x, "mean")
+
+
+class GroupDist:
+    """Data parallelism inside one torch.distributed process group (a TA-EB region branch)."""
+
+    def __init__(self, group, device: str):
+        import os
+
+        import torch.distributed as dist
+
+        self.group, self._dist = group, dist
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        if device.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            self.device = torch.device("cuda", local % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, process_group=self.group)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self._dist.barrier(group=self.group)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        y = x.clone()
+        self._dist.all_reduce(y, group=self.group)
+        return y / self.world
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, callbacks: list | None = None,
+                 group=None):
+        """callbacks: functions f(trainer) called after every iteration (studies, custom logging).
+        group: a torch.distributed process group to train in (TA-EB: one group per region branch);
+        by default accelerate decides (one process, or the whole world under accelerate/torchrun)."""
         self.callbacks = list(callbacks or [])
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         device = _resolve_device(cfg.train.device)
-        # accelerate places the process and wraps DDP; precision and compilation are the TrainStep's
-        self.acc = Accelerator(cpu=device == "cpu", mixed_precision="no")
-        self.device = self.acc.device
-        self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        self.main = self.acc.is_main_process
+        self.dist = GroupDist(group, device) if group is not None else AccelerateDist(device)
+        self.device = self.dist.device
+        self.rank, self.world, self.main = self.dist.rank, self.dist.world, self.dist.rank == 0
         if cfg.train.batch_size % self.world:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by {self.world} processes")
         self.local_batch = cfg.train.batch_size // self.world
@@ -173,7 +230,7 @@ class Trainer:
         self.fast = resolve_fast_path(self.cfg.train, self.device, self.world)
         prepare_model(self.model, self.fast)
         self.opt = make_optimizer(self.model.parameters(), self.cfg.train, self.fast)
-        self.model_p = self.acc.prepare_model(self.model)  # DDP under accelerate launch / torchrun
+        self.model_p = self.dist.prepare_model(self.model)  # DDP when several processes
 
     def _build_step(self) -> None:
         """A compiled step per model shape: the ticket gets its own after extraction."""
@@ -233,7 +290,7 @@ class Trainer:
             src = self.engine.model
             accumulate_taylor_grads(src, self.schedule, self.taylor_x0, eb.taylor_timesteps,
                                     eb.diff_threshold if eb.criterion == "diff-pruning" else None,
-                                    seed=self.cfg.train.seed)
+                                    seed=self.cfg.train.seed, t_range=(self.tsampler.lo, self.tsampler.hi))
             mask = self.engine.mask(eb.criterion, eb.ratio)
             src.zero_grad(set_to_none=True)
             if src is not self.model:
@@ -351,7 +408,7 @@ class Trainer:
                 "sample": self.cfg.to_dict()["sample"]}
 
     def save(self) -> None:
-        self.acc.wait_for_everyone()
+        self.dist.barrier()
         if not self.main:
             return
         self.timing["wall_s"] = time.perf_counter() - self._wall0
@@ -360,7 +417,7 @@ class Trainer:
         extra = {}
         if self.eb_masks and self.phase == "dense":
             extra["earlybird.npz"] = self._save_eb
-        ck.save_checkpoint(self.run_dir, self.iteration, self.acc.unwrap_model(self.model_p), self.ema.module,
+        ck.save_checkpoint(self.run_dir, self.iteration, self.model, self.ema.module,
                            self._meta(), state, self.cfg.train.keep_last, extra)
 
     # ------------------------------------------------------------------ loop
@@ -405,7 +462,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb(self)
             if self.iteration % cfg.train.log_every == 0 or self.iteration == cfg.train.iters:
-                loss = float(self.acc.reduce(loss_sum, "mean")) / max(n_loss, 1)
+                loss = float(self.dist.mean(loss_sum)) / max(n_loss, 1)
                 dt = time.perf_counter() - t_log
                 ips = (self.iteration - it_log) * cfg.train.batch_size / max(dt, 1e-9)
                 self._log({"iter": self.iteration, "loss": loss, "images_per_s": ips,

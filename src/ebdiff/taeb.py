@@ -1,0 +1,237 @@
+"""EB-Diff-Train (TA-EB): one Early-Bird ticket per timestep region, branches trained in parallel.
+
+Each region branch is an ordinary ebdiff run (dense search on the region's timesteps, ticket at the
+region's ratio, ticket training on the region's timesteps) in `RUN/region-k/`. Branches run at the
+same time as separate processes under torch.distributed: the world is split into one process group
+per region (data parallel inside a group). Launched without torchrun, `ebdiff ta-eb` starts itself
+under `torch.distributed.run` (one process per branch, or `taeb.procs_per_region`). The combined
+artifact is `RUN/regions.json` + each branch's checkpoints; `RUN/taeb.json` holds the accounting.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ck
+from .config import Config, dump_yaml, load_config
+from .errors import CheckpointError, ConfigError
+from .regions import Region, RegionRouter, RegionSet
+from .sampling import ddim_timesteps
+
+REGIONS_FILE = "regions.json"
+
+
+def region_set(cfg: Config) -> RegionSet:
+    if not cfg.regions:
+        raise ConfigError("ta-eb needs a 'regions' list in the config, e.g. regions: "
+                          "[{t: [0, 260], ratio: 0.3}, {t: [240, 460], ratio: 0.6}, {t: [440, 999], ratio: 0.8}]")
+    return RegionSet.from_config(cfg.regions, cfg.diffusion.timesteps)
+
+
+def branch_config(cfg: Config, region: Region) -> Config:
+    """The config of one region branch: its timesteps, ratio, eta and iteration budget."""
+    c = copy.deepcopy(cfg)
+    c.regions = None
+    c.diffusion.t_min, c.diffusion.t_max = region.lo, region.hi
+    c.early_bird.ratio = region.ratio
+    if region.eta is not None:
+        c.early_bird.eta = region.eta
+    if region.iters is not None:
+        c.train.iters = region.iters
+    return c
+
+
+def branch_dir(run: Path, k: int) -> Path:
+    return Path(run) / f"region-{k}"
+
+
+def _train_branch(cfg: Config, run: Path, k: int, group=None) -> dict:
+    from .trainer import Trainer
+
+    regions = region_set(cfg)
+    d = branch_dir(run, k)
+    resume = ck.latest_checkpoint(d) is not None
+    return Trainer(branch_config(cfg, regions[k]), d, resume=resume, group=group).run()
+
+
+def _write_layout(cfg: Config, run: Path) -> None:
+    regions = region_set(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    ck.atomic_write_text(run / "config.yaml", dump_yaml(cfg))
+    ck.atomic_write_json(run / REGIONS_FILE, {
+        "format": 1, "T": regions.T, "route": cfg.taeb.route, "regions": regions.to_config(),
+        "members": [branch_dir(Path("."), k).name for k in range(len(regions))]})
+
+
+def run_distributed_rank(cfg: Config, run: Path) -> None:
+    """Body of one torchrun process: join the region group of this rank and train that branch."""
+    import torch.distributed as dist
+
+    regions = region_set(cfg)
+    per = cfg.taeb.procs_per_region
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != len(regions) * per:
+        raise ConfigError(f"ta-eb: {world} processes but {len(regions)} regions x taeb.procs_per_region={per} "
+                          f"= {len(regions) * per} are needed")
+    groups = [dist.new_group(list(range(k * per, (k + 1) * per))) for k in range(len(regions))]
+    k = rank // per
+    _train_branch(cfg, run, k, group=groups[k])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def launch(cfg: Config, run: Path) -> None:
+    """Train all branches: under torchrun as one group per region; else start torch.distributed.run."""
+    _write_layout(cfg, run)
+    regions = region_set(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        run_distributed_rank(cfg, run)
+        return
+    if cfg.taeb.launch == "sequential" or len(regions) * cfg.taeb.procs_per_region == 1:
+        for k in range(len(regions)):
+            _train_branch(cfg, run, k)
+        return
+    nproc = len(regions) * cfg.taeb.procs_per_region
+    env = dict(os.environ)
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ebdiff.cli", "ta-eb", "--config", str(run / "config.yaml"), "--out", str(run), "--branches-only"]
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        raise ConfigError(f"ta-eb: a region branch failed (exit {rc}); fix the cause and rerun the same "
+                          f"command with --resume {run}: finished branches are kept")
+
+
+# ---------------------------------------------------------------------- artifact and accounting
+def is_taeb_run(path: Path) -> bool:
+    return (Path(path) / REGIONS_FILE).is_file()
+
+
+def read_regions(run: Path) -> tuple[RegionSet, dict]:
+    try:
+        spec = json.loads((Path(run) / REGIONS_FILE).read_text())
+        return RegionSet.from_config(spec["regions"], spec["T"]), spec
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{run}/{REGIONS_FILE} is unreadable ({type(exc).__name__})") from None
+
+
+def load_router(run: Path, device: str = "cpu", ema: bool = True, route: str | None = None):
+    """The combined TA-EB model: a RegionRouter over each branch's newest checkpoint (no pickle)."""
+    from .models import eps_fn
+
+    regions, spec = read_regions(run)
+    models, metas = [], []
+    for k, name in enumerate(spec["members"]):
+        ckpt = ck.resolve_checkpoint(Path(run) / name)
+        m, meta = ck.load_model(ckpt, ema=ema, device=device)
+        models.append(m)
+        metas.append(meta)
+    router = RegionRouter([eps_fn(m) for m in models], regions, route or spec["route"])
+    return router, models, metas
+
+
+def visited_timesteps(scfg, T: int) -> list[int]:
+    return ddim_timesteps(T, scfg.steps, scfg.spacing) if scfg.sampler == "ddim" else list(range(T))
+
+
+def accounting(run: Path, cfg: Config) -> dict:
+    """Weighted params/MACs over the timesteps the sampler visits, per-branch times, TA-EB time."""
+    from .models import count_macs_params
+
+    regions, spec = read_regions(run)
+    visited = visited_timesteps(cfg.sample, regions.T)
+    branches = []
+    for k, name in enumerate(spec["members"]):
+        d = Path(run) / name
+        s = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else None
+        t = json.loads((d / "ticket.json").read_text()) if (d / "ticket.json").is_file() else None
+        if s is None:
+            raise CheckpointError(f"{d} has not finished (no summary.json): rerun with --resume {run}")
+        size = s.get("ticket") or s.get("dense")
+        if size is None:
+            m, _ = ck.load_model(ck.resolve_checkpoint(d))
+            macs, params = count_macs_params(m)
+            size = {"params": params, "macs": macs}
+        times = s["time_s"]
+        branches.append({
+            "region": regions[k].to_dict(), "dir": name, "phase": s["phase"],
+            "params": size["params"], "macs": size["macs"],
+            "ticket_iteration": t["iteration"] if t else None, "ticket_found": bool(t and t.get("found", True)),
+            "dense_iterations": s["dense_iterations"], "ticket_iterations": s["ticket_iterations"],
+            "search_s": (t or {}).get("search_seconds", times["dense_s"] + times["check_s"]),
+            "train_s": times["train_total"], "wall_s": times.get("wall_s"),
+        })
+    rule = spec["route"]
+    steps = regions.steps_per_region(visited, rule)
+    res = {
+        "route": rule, "sampler": {"sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
+                                   "spacing": cfg.sample.spacing},
+        "steps_per_region": steps,
+        "weighted_params": regions.weighted([b["params"] for b in branches], visited, rule),
+        "weighted_macs": regions.weighted([b["macs"] for b in branches], visited, rule),
+        "branches": branches,
+        "taeb_train_s": max(b["train_s"] for b in branches),
+        "sum_train_s": sum(b["train_s"] for b in branches),
+    }
+    ck.atomic_write_json(Path(run) / "taeb.json", res)
+    return res
+
+
+def plot_region_heatmaps(run: Path, path: Path) -> None:
+    """The paper's Figure 4: each region's Hamming-distance matrix, side by side."""
+    from .report import _plt
+
+    plt = _plt()
+    regions, spec = read_regions(run)
+    fig, axes = plt.subplots(1, len(regions), figsize=(3.6 * len(regions), 3.4), squeeze=False)
+    for ax, (k, name) in zip(axes[0], enumerate(spec["members"])):
+        p = Path(run) / name / "hamming.npy"
+        r = regions[k]
+        if p.is_file():
+            dm = np.load(p)
+            im = ax.imshow(dm, cmap="viridis_r", vmin=0, interpolation="nearest")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            t = Path(run) / name / "ticket.json"
+            if t.is_file():
+                c = json.loads(t.read_text()).get("check")
+                if c is not None and json.loads(t.read_text()).get("found", True):
+                    ax.add_patch(plt.Rectangle((c - 0.5, c - 0.5), 1, 1, fill=False, ec="red", lw=2))
+        ax.set_title(f"t in [{r.lo}, {r.hi}], p={r.ratio}", fontsize=9)
+        ax.set_xlabel("check")
+    axes[0][0].set_ylabel("check")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_accounting(a: dict) -> str:
+    lines = ["region          ratio  ticket at   params      MACs   steps  search s  train s",
+             "--------------  -----  ---------  --------  --------  -----  --------  -------"]
+    for b, n in zip(a["branches"], a["steps_per_region"]):
+        r = b["region"]
+        tk = str(b["ticket_iteration"]) if b["ticket_found"] else "none"
+        lines.append(f"[{r['t'][0]:>3}, {r['t'][1]:>3}]      {r['ratio']:5.2f}  {tk:>9}  {b['params'] / 1e6:7.2f}M "
+                     f"{b['macs'] / 1e9:8.3f}G  {n:5d}  {b['search_s']:8.1f}  {b['train_s']:7.1f}")
+    lines.append(f"weighted over the {sum(a['steps_per_region'])} sampling steps ({a['route']} routing): "
+                 f"{a['weighted_params'] / 1e6:.2f}M params, {a['weighted_macs'] / 1e9:.3f}G MACs")
+    lines.append(f"TA-EB training time (longest branch): {a['taeb_train_s']:.1f} s "
+                 f"(all branches together {a['sum_train_s']:.1f} s)")
+    return "\n".join(lines)
+
+
+def finalize(run: Path) -> dict:
+    cfg = load_config(Path(run) / "config.yaml")
+    a = accounting(run, cfg)
+    plot_region_heatmaps(run, Path(run) / "hamming_regions.png")
+    return a

@@ -1,0 +1,57 @@
+import json
+
+import numpy as np
+
+from conftest import tiny_args
+from ebdiff.cli import main
+
+
+def test_three_process_gloo_run_resume_and_ensemble_sampling(tmp_path, has_fmnist, capsys, monkeypatch):
+    """Three region branches trained at once as three processes (torch.distributed, gloo), then sampled."""
+    monkeypatch.setenv("EBDIFF_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "ta"
+    args = tiny_args(run, "train.iters=8", "early_bird.check_every=2", "early_bird.queue=2",
+                     "early_bird.eta=0.9", "train.ckpt_every=4")
+    assert main(["ta-eb", "--config", "configs/demo_taeb.yaml", *args]) == 0
+    out = capsys.readouterr().out
+    assert "weighted over the 5 sampling steps" in out and "longest branch" in out
+    a = json.loads((run / "taeb.json").read_text())
+    assert len(a["branches"]) == 3 and sum(a["steps_per_region"]) == 5
+    assert all(b["ticket_found"] and b["dense_iterations"] + b["ticket_iterations"] == 8 for b in a["branches"])
+    params = [b["params"] for b in a["branches"]]
+    assert params[0] > params[1] > params[2]  # 30% < 60% < 80% pruning
+    assert min(params) < a["weighted_params"] < max(params)
+    assert a["taeb_train_s"] == max(b["train_s"] for b in a["branches"])
+    assert (run / "hamming_regions.png").stat().st_size > 1000
+    for k, (lo, hi) in enumerate([(0, 260), (240, 460), (440, 999)]):
+        cfg = (run / f"region-{k}" / "config.yaml").read_text()
+        assert f"t_min: {lo}" in cfg and f"t_max: {hi}" in cfg
+    # a finished run resumes to a longer budget branch by branch
+    assert main(["ta-eb", "--resume", str(run), "train.iters=10"]) == 0
+    a2 = json.loads((run / "taeb.json").read_text())
+    assert all(b["dense_iterations"] + b["ticket_iterations"] == 10 for b in a2["branches"])
+    # the ensemble samples with DDIM and DDPM like a single model
+    assert main(["sample", str(run), "--n", "4", "--steps", "5", "--out", str(tmp_path / "d.png")]) == 0
+    imgs = np.load(tmp_path / "d.npz")["images"]
+    assert imgs.shape == (4, 32, 32, 1)
+    assert main(["sample", str(run), "--n", "2", "--sampler", "ddpm", "--route", "midpoint",
+                 "--out", str(tmp_path / "p.png")]) == 0
+    # eval (weighted size) and report treat the ensemble as one method
+    assert main(["eval", str(run), "--n", "16", "--steps", "5", "--classifier-epochs", "1"]) == 0
+    e = json.loads((run / "eval.json").read_text())
+    assert e["phase"] == "ta-eb" and abs(e["params"] - a2["weighted_params"]) < 1e-6 * e["params"]
+    assert len(e["size_per_region"]) == 3 and e["training_time_s"]["train_total"] == a2["taeb_train_s"]
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    assert "TA-EB 30/60/80%" in (tmp_path / "rep" / "report.md").read_text()
+    # a second ta-eb into the same folder is refused
+    assert main(["ta-eb", "--config", "configs/demo_taeb.yaml", *args]) == 2
+
+
+def test_bad_regions_stop_before_anything_is_written(tmp_path, capsys):
+    run = tmp_path / "bad"
+    assert main(["ta-eb", "--config", "configs/demo_taeb.yaml", "--out", str(run),
+                 "regions=[{t: [0, 100], ratio: 0.3}, {t: [200, 999], ratio: 0.5}]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "gap" in err and "\n" not in err and not run.exists()
+    assert main(["ta-eb", "--out", str(run)]) == 2
+    assert "regions" in capsys.readouterr().err
