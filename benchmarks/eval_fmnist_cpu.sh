@@ -9,8 +9,8 @@ R=${RUNS:-runs/bench}
 N=${N:-1000}
 OUTD=benchmarks/results/eval_fmnist_cpu
 mkdir -p "$R" "$OUTD"
-[ -f "$R/demo-eb/summary.json" ] || $E train --config configs/demo.yaml --out "$R/demo-eb" train.progress=false
-[ -f "$R/demo-dense/summary.json" ] || $E train --config configs/demo.yaml early_bird.ratio=null --out "$R/demo-dense" train.progress=false
+[ -f "$R/demo-eb/summary.json" ] || $E train --config configs/demo.yaml --out "$R/demo-eb" train.iters=1500 train.progress=false
+[ -f "$R/demo-dense/summary.json" ] || $E train --config configs/demo.yaml early_bird.ratio=null --out "$R/demo-dense" train.iters=1500 train.progress=false
 [ -f "$R/demo-taeb/taeb.json" ] || $E ta-eb --config configs/demo_taeb.yaml --out "$R/demo-taeb" train.iters=1500
 .venv/bin/python benchmarks/classifier_floor.py --dataset fashion-mnist --out "$OUTD/fmnist_classifier.json"
 for run in demo-dense demo-eb demo-taeb; do

@@ -187,3 +187,28 @@ def test_report(tmp_path, has_fmnist, capsys):
     for png in ("loss_curves.png", "heatmaps.png", "samples.png"):
         assert (out / png).stat().st_size > 1000
     assert main(["report", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("extra", [["diffusion.timestep_sampler=speed", "diffusion.loss_weighting=min-snr"],
+                                   ["diffusion.loss_weighting=speed", "diffusion.t_min=240",
+                                    "diffusion.t_max=460", "early_bird.ratio=0.5", "early_bird.check_every=2"]])
+def test_speed_and_min_snr_train(tmp_path, has_fmnist, extra):
+    run = tmp_path / "s"
+    assert main(["train", *tiny_args(run, "train.iters=4", *extra)]) == 0
+    logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert logs and all(np.isfinite(x["loss"]) for x in logs)
+
+
+def test_reinit_ticket_is_freshly_initialised(tmp_path, has_fmnist):
+    from ebdiff.checkpoint import load_model, resolve_checkpoint
+
+    eb = ["early_bird.ratio=0.5", "early_bird.check_every=2", "early_bird.queue=2", "early_bird.eta=0.9"]
+    a, b = tmp_path / "keep", tmp_path / "reinit"
+    assert main(["train", *tiny_args(a, "train.iters=4", "train.lr=0.01", *eb)]) == 0
+    assert main(["train", *tiny_args(b, "train.iters=4", "train.lr=0.01", "early_bird.reinit=true", *eb)]) == 0
+    ma, _ = load_model(resolve_checkpoint(a), ema=False)
+    mb, _ = load_model(resolve_checkpoint(b), ema=False)
+    assert json.loads((b / "ticket.json").read_text())["reinit"] is True
+    sa, sb = ma.state_dict(), mb.state_dict()
+    assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)

@@ -48,7 +48,12 @@ class DiffusionConfig:
     beta_end: float = 0.02
     prediction: str = "epsilon"
     loss_reduction: str = "mean"  # mean (diffusers) | sum (reference code: sum over C,H,W)
-    timestep_sampler: str = "antithetic"  # antithetic | uniform
+    timestep_sampler: str = "antithetic"  # antithetic | uniform | speed (SpeeD: tau, k)
+    loss_weighting: str = "none"  # none | min-snr (gamma) | speed (SpeeD change-aware: tau, lambda)
+    speed_tau: int = 700
+    speed_k: float = 5.0
+    speed_lambda: float = 0.6
+    min_snr_gamma: float = 5.0
     t_min: int = 0  # train only on timesteps t_min..t_max (a TA-EB region)
     t_max: int | None = None  # None = T-1
 
@@ -135,7 +140,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.beta_schedule": ("linear", "cosine"),
     "diffusion.prediction": ("epsilon",),
     "diffusion.loss_reduction": ("mean", "sum"),
-    "diffusion.timestep_sampler": ("antithetic", "uniform"),
+    "diffusion.timestep_sampler": ("antithetic", "uniform", "speed"),
+    "diffusion.loss_weighting": ("none", "min-snr", "speed"),
     "train.mixed_precision": ("auto", "no", "bf16"),
     "train.compile": ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.sampler": ("ddim", "ddpm"),
@@ -292,6 +298,8 @@ def validate(cfg: Config) -> Config:
     if not 0 <= d.t_min <= t_max <= d.timesteps - 1:
         raise ConfigError(f"config keys 'diffusion.t_min'/'t_max' must satisfy 0 <= t_min <= t_max <= T-1; "
                           f"got {d.t_min}, {d.t_max}")
+    if not 0 < d.speed_tau < d.timesteps or d.speed_k <= 0 or d.min_snr_gamma <= 0:
+        raise ConfigError("config keys 'diffusion.speed_tau' (in 1..T-1), 'speed_k' and 'min_snr_gamma' (> 0) are out of range")
     if cfg.taeb.procs_per_region < 1:
         raise ConfigError("config key 'taeb.procs_per_region' must be >= 1")
     if cfg.regions is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -69,16 +70,23 @@ def eps_loss(pred: torch.Tensor, noise: torch.Tensor, reduction: str = "mean",
 
 
 class TimestepSampler:
-    """Draws training timesteps in [lo, hi] (inclusive)."""
+    """Draws training timesteps in [lo, hi] (inclusive): uniform, antithetic pairs (t, lo+hi-t), or
+    from given per-timestep probabilities (SpeeD), renormalised inside the range."""
 
-    def __init__(self, lo: int, hi: int, antithetic: bool = True):
+    def __init__(self, lo: int, hi: int, antithetic: bool = True, probs: torch.Tensor | None = None):
         if not 0 <= lo <= hi:
             raise ValueError(f"bad timestep range [{lo}, {hi}]")
-        self.lo, self.hi, self.antithetic = lo, hi, antithetic
+        self.lo, self.hi, self.antithetic = lo, hi, antithetic and probs is None
+        self.probs = None
+        if probs is not None:
+            p = probs[lo: hi + 1].double()
+            self.probs = p / p.sum()
 
     def __call__(self, n: int, generator: torch.Generator | None = None,
                  device: torch.device | str = "cpu") -> torch.Tensor:
-        if self.antithetic:
+        if self.probs is not None:
+            t = torch.multinomial(self.probs, n, replacement=True, generator=generator) + self.lo
+        elif self.antithetic:
             half = (n + 1) // 2
             t = torch.randint(self.lo, self.hi + 1, (half,), generator=generator)
             t = torch.cat([t, self.lo + self.hi - t])[:n]
@@ -87,7 +95,42 @@ class TimestepSampler:
         return t.to(device)
 
 
+def speed_probabilities(T: int, tau: int = 700, k: float = 5.0) -> torch.Tensor:
+    """SpeeD sampling: P(t) = k / (tau k + T - tau) for t < tau, 1 / (tau k + T - tau) for t >= tau."""
+    z = tau * k + T - tau
+    p = torch.full((T,), 1.0 / z, dtype=torch.float64)
+    p[:tau] = k / z
+    return p
+
+
+def speed_weights(schedule: Schedule, tau: int = 700, lam: float = 0.6) -> torch.Tensor:
+    """SpeeD change-aware weights: for t < tau, (1 - lam) + (2 lam - 1) (g_t - min g) / (max g - min g)
+    with g_t = d/dt (1 - abar_t) (np.gradient); 1 for t >= tau."""
+    g = torch.from_numpy(np.gradient((1 - schedule.alphas_cumprod).numpy()))
+    w = torch.ones(schedule.T, dtype=torch.float64)
+    gt = g[:tau]
+    w[:tau] = (1 - lam) + (2 * lam - 1) * (gt - gt.min()) / (gt.max() - gt.min())
+    return w
+
+
+def min_snr_weights(schedule: Schedule, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma for epsilon prediction: min(SNR_t, gamma) / SNR_t, SNR_t = abar / (1 - abar)."""
+    ab = schedule.alphas_cumprod
+    snr = ab / (1 - ab)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def loss_weights(dcfg, schedule: Schedule) -> torch.Tensor | None:
+    if dcfg.loss_weighting == "min-snr":
+        return min_snr_weights(schedule, dcfg.min_snr_gamma)
+    if dcfg.loss_weighting == "speed":
+        return speed_weights(schedule, dcfg.speed_tau, dcfg.speed_lambda)
+    return None
+
+
 def make_timestep_sampler(dcfg) -> TimestepSampler:
-    """Antithetic or uniform draws inside diffusion.t_min..t_max (the whole range unless a region)."""
+    """Draws inside diffusion.t_min..t_max (the whole range unless a TA-EB region): antithetic,
+    uniform, or SpeeD (renormalised inside the range)."""
     hi = dcfg.timesteps - 1 if dcfg.t_max is None else dcfg.t_max
-    return TimestepSampler(dcfg.t_min, hi, antithetic=dcfg.timestep_sampler == "antithetic")
+    probs = speed_probabilities(dcfg.timesteps, dcfg.speed_tau, dcfg.speed_k) if dcfg.timestep_sampler == "speed" else None
+    return TimestepSampler(dcfg.t_min, hi, antithetic=dcfg.timestep_sampler == "antithetic", probs=probs)

@@ -83,8 +83,11 @@ class TrainStep:
     """step(x0, t, noise) -> detached loss. `model` may be DDP-wrapped; `raw` is the module itself."""
 
     def __init__(self, model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, ema, sqrt_ab: torch.Tensor,
-                 sqrt_1mab: torch.Tensor, loss_reduction: str, grad_clip: float, fast: FastPath):
+                 sqrt_1mab: torch.Tensor, loss_reduction: str, grad_clip: float, fast: FastPath,
+                 weights: torch.Tensor | None = None):
+        """weights: per-timestep loss weights on the device (Min-SNR, SpeeD), or None."""
         self.model, self.raw, self.opt, self.ema = model, raw, opt, ema
+        self.weights = weights
         self.sqrt_ab, self.sqrt_1mab = sqrt_ab, sqrt_1mab
         self.reduction, self.grad_clip, self.fast = loss_reduction, grad_clip, fast
         self.params = [p for p in raw.parameters() if p.requires_grad]
@@ -98,7 +101,7 @@ class TrainStep:
         xt = self.sqrt_ab[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1mab[t].view(-1, 1, 1, 1) * noise
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.fast.bf16):
             pred = self.model(xt, t).sample
-        return eps_loss(pred, noise, self.reduction)
+        return eps_loss(pred, noise, self.reduction, None if self.weights is None else self.weights[t])
 
     def __call__(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         if self.fast.channels_last:

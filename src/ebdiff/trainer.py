@@ -22,7 +22,7 @@ import torch.nn as nn
 from . import checkpoint as ck
 from .config import Config, dump_yaml
 from .data import BatchStream, iterations_per_epoch, load_dataset, to_model_range
-from .diffusion import Schedule, eps_loss, make_timestep_sampler
+from .diffusion import Schedule, loss_weights, make_timestep_sampler
 from .earlybird import EarlyBirdDetector
 from .errors import CheckpointError, ConfigError
 from .masks import ChannelMask, distance_matrix
@@ -166,6 +166,8 @@ class Trainer:
         abar = self.schedule.alphas_cumprod
         self._sqrt_ab = abar.sqrt().float().to(self.device)
         self._sqrt_1mab = (1 - abar).sqrt().float().to(self.device)
+        w = loss_weights(cfg.diffusion, self.schedule)
+        self._loss_w = None if w is None else w.float().to(self.device)
         self.tsampler = make_timestep_sampler(cfg.diffusion)
         self.resume = resume
 
@@ -235,7 +237,8 @@ class Trainer:
     def _build_step(self) -> None:
         """A compiled step per model shape: the ticket gets its own after extraction."""
         self.step = TrainStep(self.model_p, self.model, self.opt, self.ema, self._sqrt_ab, self._sqrt_1mab,
-                              self.cfg.diffusion.loss_reduction, self.cfg.train.grad_clip, self.fast)
+                              self.cfg.diffusion.loss_reduction, self.cfg.train.grad_clip, self.fast,
+                              self._loss_w)
         self.noise_gen = torch.Generator(device=self.device)
 
     # ------------------------------------------------------------------ early bird

@@ -1,0 +1,58 @@
+import torch
+
+from ebdiff.cli import main
+from ebdiff.config import TrainConfig
+from ebdiff.diffusion import Schedule
+from ebdiff.models import build_model
+from ebdiff.step import EAGER_FP32, FastPath, TrainStep, make_optimizer, prepare_model, resolve_fast_path
+
+
+def _losses(fast: FastPath, steps: int = 4) -> list[float]:
+    torch.manual_seed(0)
+    model = prepare_model(build_model("tiny", dropout=0.0), fast)
+    opt = make_optimizer(model.parameters(), TrainConfig(), fast)
+    s = Schedule.linear()
+    ab = s.alphas_cumprod
+    step = TrainStep(model, model, opt, None, ab.sqrt().float(), (1 - ab).sqrt().float(), "mean", 1.0, fast)
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        x0 = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
+        noise = torch.randn(4, 1, 32, 32, generator=g)
+        t = torch.randint(0, 1000, (4,), generator=g)
+        out.append(float(step(x0, t, noise)))
+    return out
+
+
+def test_channels_last_matches_plain_path():
+    a = _losses(EAGER_FP32)
+    b = _losses(FastPath(channels_last=True))
+    assert all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
+    assert a[0] > 0
+
+
+def test_bf16_autocast_on_cpu_stays_close():
+    a = _losses(EAGER_FP32, 2)
+    b = _losses(FastPath(bf16=True), 2)
+    assert abs(a[0] - b[0]) < 0.05 * a[0]
+
+
+def test_auto_switches():
+    cpu = resolve_fast_path(TrainConfig(), torch.device("cpu"))
+    assert cpu == EAGER_FP32  # the exact-resume path
+    t = TrainConfig(mixed_precision="bf16", channels_last=True, compile="none")
+    assert resolve_fast_path(t, torch.device("cpu")) == FastPath(bf16=True, channels_last=True)
+
+
+def test_bench_runs_on_cpu(tmp_path, capsys):
+    j = tmp_path / "b.json"
+    assert main(["bench", "--preset", "tiny", "--ratios", "0.5", "--batch", "4", "--steps", "2", "--warmup", "1",
+                 "--device", "cpu", "--json", str(j)]) == 0
+    out = capsys.readouterr().out
+    assert "| fp32 | 0.00 |" in out and "| fp32 | 0.50 |" in out and "channels_last" in out
+    import json
+    rows = json.loads(j.read_text())["rows"]
+    assert {r["ratio"] for r in rows} == {0.0, 0.5} and all(r["it_s"] > 0 for r in rows)
+    r50 = next(r for r in rows if r["ratio"] == 0.5 and r["mode_name"] == "eager")
+    assert 3.0 < r50["macs_ratio"] < 5.0
+    assert main(["bench", "--preset", "tiny", "--ratios", "1.5"]) == 2

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from ebdiff.diffusion import (Schedule, TimestepSampler, min_snr_weights, speed_probabilities, speed_weights)
+
+
+@pytest.mark.parametrize("k", [2.0, 5.0])
+def test_speed_sampling_probabilities_chi_square(k):
+    p = speed_probabilities(1000, 700, k)
+    assert abs(float(p.sum()) - 1) < 1e-12
+    assert float(p[0]) == pytest.approx(k / (700 * k + 300)) and float(p[999]) == pytest.approx(1 / (700 * k + 300))
+    s = TimestepSampler(0, 999, probs=p)
+    t = s(200_000, torch.Generator().manual_seed(0))
+    # chi-square over 10 bins of 100 timesteps
+    obs = np.bincount(t.numpy() // 100, minlength=10)
+    exp = np.array([float(p[i * 100:(i + 1) * 100].sum()) for i in range(10)]) * len(t)
+    assert stats.chisquare(obs, exp).pvalue > 1e-3
+    # a clearly wrong expectation is rejected
+    assert stats.chisquare(obs, np.full(10, len(t) / 10)).pvalue < 1e-6
+
+
+def test_speed_inside_a_region_is_renormalised():
+    p = speed_probabilities(1000, 700, 5.0)
+    s = TimestepSampler(600, 799, probs=p)
+    t = s(100_000, torch.Generator().manual_seed(1))
+    assert t.min() >= 600 and t.max() <= 799
+    below = float((t < 700).float().mean())
+    assert abs(below - 5 * 100 / (5 * 100 + 100)) < 0.01  # 100 steps at weight 5 vs 100 at weight 1
+
+
+def test_speed_weights_formula():
+    s = Schedule.linear()
+    w = speed_weights(s, 700, 0.6)
+    g = np.gradient((1 - s.alphas_cumprod).numpy())[:700]
+    expected = 0.4 + 0.2 * (g - g.min()) / (g.max() - g.min())
+    assert np.allclose(w[:700].numpy(), expected) and torch.all(w[700:] == 1)
+    assert w[:700].min() == pytest.approx(0.4) and w[:700].max() == pytest.approx(0.6)
+
+
+def test_min_snr_weights_formula():
+    s = Schedule.linear()
+    w = min_snr_weights(s, 5.0)
+    ab = s.alphas_cumprod
+    snr = ab / (1 - ab)
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr)
+    assert float(w[0]) < 0.01 and float(w[999]) == 1.0  # low noise down-weighted, high noise untouched
