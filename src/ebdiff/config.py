@@ -298,8 +298,11 @@ def validate(cfg: Config) -> Config:
     if not 0 <= d.t_min <= t_max <= d.timesteps - 1:
         raise ConfigError(f"config keys 'diffusion.t_min'/'t_max' must satisfy 0 <= t_min <= t_max <= T-1; "
                           f"got {d.t_min}, {d.t_max}")
-    if not 0 < d.speed_tau < d.timesteps or d.speed_k <= 0 or d.min_snr_gamma <= 0:
-        raise ConfigError("config keys 'diffusion.speed_tau' (in 1..T-1), 'speed_k' and 'min_snr_gamma' (> 0) are out of range")
+    uses_speed = "speed" in (d.timestep_sampler, d.loss_weighting)
+    if uses_speed and not 0 < d.speed_tau < d.timesteps:
+        raise ConfigError(f"config key 'diffusion.speed_tau' must be in 1..T-1 = {d.timesteps - 1}; got {d.speed_tau}")
+    if d.speed_k <= 0 or d.min_snr_gamma <= 0:
+        raise ConfigError("config keys 'diffusion.speed_k' and 'diffusion.min_snr_gamma' must be > 0")
     if cfg.taeb.procs_per_region < 1:
         raise ConfigError("config key 'taeb.procs_per_region' must be >= 1")
     if cfg.regions is not None:
