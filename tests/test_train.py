@@ -212,3 +212,12 @@ def test_reinit_ticket_is_freshly_initialised(tmp_path, has_fmnist):
     sa, sb = ma.state_dict(), mb.state_dict()
     assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
     assert any(not torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_demo_command_end_to_end(tmp_path, has_fmnist, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "data.limit=256", "train.iters=6", "train.batch_size=8",
+                 "early_bird.check_every=2", "early_bird.queue=2", "early_bird.eta=0.9", "sample.steps=3"]) == 0
+    text = capsys.readouterr().out
+    assert "ticket" in text and "Demo outputs in" in text
+    assert (out / "samples_ddim3.png").is_file() and (out / "hamming.png").is_file() and (out / "ticket.json").is_file()

@@ -249,6 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                resume=out if resume else None)
     cmd_train(targs)
     sargs = argparse.Namespace(run=out, n=64, steps=None, sampler=None, spacing=None, eta=None, seed=None, clip_x0=None,
+                               route=None,
                                batch_size=None, out=None, device="auto", no_ema=False)
     cmd_sample(sargs)
     print(f"\nDemo outputs in {out}/: samples_*.png (grid), hamming.png (mask distances), ticket.json, "
