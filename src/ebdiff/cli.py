@@ -23,12 +23,9 @@ def _configs_dir() -> Path:
 
 
 def _fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
+    from .models import format_count
+
+    return "-" if x is None else format_count(x)
 
 
 # ---------------------------------------------------------------------- train

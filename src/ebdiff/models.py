@@ -142,8 +142,12 @@ def example_inputs(model: torch.nn.Module, batch: int = 1, res: int | None = Non
     }
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def format_count(x: float) -> str:
+    """12345678 -> '12.35M' (params, MACs)."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
 
 
 def count_macs_params(model: torch.nn.Module, res: int | None = None) -> tuple[int, int]:

@@ -196,7 +196,6 @@ def extract(model: nn.Module, plan: Plan, reinit: bool = False,
 
 def channel_zero_mask_(model: nn.Module, engine: PruningEngine, mask: ChannelMask) -> None:
     """Zero every weight coupled to a pruned channel in `model` (the 'masked dense' model; tests)."""
-    tp = _tp()
     for grp, idx in zip(engine.groups, mask.indices()):
         if len(idx) == 0:
             continue
@@ -224,4 +223,3 @@ def channel_zero_mask_(model: nn.Module, engine: PruningEngine, mask: ChannelMas
                     w[ids] = 0
                     if mod.bias is not None:
                         mod.bias[ids] = 0
-    del tp

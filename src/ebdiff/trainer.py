@@ -26,7 +26,7 @@ from .diffusion import Schedule, loss_weights, make_timestep_sampler
 from .earlybird import EarlyBirdDetector
 from .errors import CheckpointError, ConfigError
 from .masks import ChannelMask, distance_matrix
-from .models import build_model, count_macs_params, preset_shape
+from .models import build_model, count_macs_params, format_count, preset_shape
 from .step import TrainStep, make_optimizer, prepare_model, resolve_fast_path
 
 
@@ -79,13 +79,6 @@ def _set_rng_state(st: dict[str, Any]) -> None:
         np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
-
-
-def _fmt_num(x: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
 
 
 class AccelerateDist:
@@ -364,13 +357,12 @@ class Trainer:
             "dense": self.dense_size, "ticket": {"params": params, "macs": macs},
             "pruned_channel_fraction": mask.pruned_fraction,
         }
-        self.ticket_size = {"params": params, "macs": macs}
         self._log({"event": "ticket", **self.eb_ticket})
         self._write_eb_artifacts(self.eb_ticket)
         what = "ticket drawn" if ticket is not None else "no ticket in the search budget; extracting anyway"
         self._print(f"Early-Bird: {what} at iteration {self.iteration} (check {self.eb_ticket['check']}): "
-                    f"{_fmt_num(self.dense_size['params'])} -> {_fmt_num(params)} params, "
-                    f"{_fmt_num(self.dense_size['macs'])} -> {_fmt_num(macs)} MACs")
+                    f"{format_count(self.dense_size['params'])} -> {format_count(params)} params, "
+                    f"{format_count(self.dense_size['macs'])} -> {format_count(macs)} MACs")
 
     def _write_eb_artifacts(self, ticket: dict | None) -> None:
         if not self.main:
