@@ -2,7 +2,7 @@
 (train split vs test split), and check the FD against pytorch-fid's implementation on the same features.
 
     python benchmarks/classifier_floor.py --dataset fashion-mnist --out floor.json
-    python benchmarks/classifier_floor.py --dataset cifar10 --root /tmp/cifar10 --epochs 6 --out c10.json
+    python benchmarks/classifier_floor.py --dataset cifar10 --root /tmp/cifar10 --out c10.json
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--root")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, help="default: the classifier recipe's")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     from pytorch_fid.fid_score import calculate_frechet_distance

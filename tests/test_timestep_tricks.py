@@ -3,7 +3,9 @@ import pytest
 import torch
 from scipy import stats
 
-from ebdiff.diffusion import (Schedule, TimestepSampler, min_snr_weights, speed_probabilities, speed_weights)
+from ebdiff.config import DiffusionConfig
+from ebdiff.diffusion import (Schedule, TimestepSampler, make_timestep_sampler, min_snr_weights, speed_meaningful_step,
+                              speed_probabilities, speed_weights)
 
 
 @pytest.mark.parametrize("k", [2.0, 5.0])
@@ -46,3 +48,31 @@ def test_min_snr_weights_formula():
     snr = ab / (1 - ab)
     assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr)
     assert float(w[0]) < 0.01 and float(w[999]) == 1.0  # low noise down-weighted, high noise untouched
+
+
+def test_speed_dual_meaningful_step_and_reflection_chi_square():
+    s = Schedule.linear()
+    m = speed_meaningful_step(s)
+    assert m == 642  # REFERENCE.md section 5
+    smp = make_timestep_sampler(DiffusionConfig(timestep_sampler="speed-dual"))
+    assert smp.dual == 642
+    t = smp(200_001, torch.Generator().manual_seed(2))
+    half = (len(t) + 1) // 2
+    first, second = t[:half], t[half:]
+    assert torch.equal(second, torch.where(first[: len(second)] < m, m - first[: len(second)], first[: len(second)] - m))
+    # the exact pmf of the whole batch: half from p, half from p pushed through the reflection
+    p = speed_probabilities(1000, 700, 5.0).numpy()
+    refl = np.zeros(1000)
+    for u in range(1000):
+        refl[m - u if u < m else u - m] += p[u]
+    pmf = (p * half + refl * (len(t) - half)) / len(t)
+    obs = np.bincount(t.numpy() // 50, minlength=20)
+    exp = pmf.reshape(20, 50).sum(1) * len(t)
+    assert stats.chisquare(obs, exp).pvalue > 1e-3
+    assert stats.chisquare(obs, p.reshape(20, 50).sum(1) * len(t)).pvalue < 1e-6  # not plain SpeeD
+
+
+def test_speed_dual_stays_inside_a_region():
+    smp = make_timestep_sampler(DiffusionConfig(timestep_sampler="speed-dual", t_min=240, t_max=460))
+    t = smp(50_000, torch.Generator().manual_seed(3))
+    assert t.min() >= 240 and t.max() <= 460

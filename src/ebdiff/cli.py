@@ -61,7 +61,7 @@ def _print_train_summary(s: dict) -> None:
     d = s.get("dense") or {}
     print(f"dense model        {_fmt(d.get('params'))} params, {_fmt(d.get('macs'))} MACs")
     info = s.get("ticket_info")
-    if s.get("ticket"):
+    if s.get("ticket") and info is not None and info.get("found", True):
         tk = s["ticket"]
         print(f"ticket             {_fmt(tk['params'])} params, {_fmt(tk['macs'])} MACs "
               f"(drawn at iteration {info['iteration']}, check {info['check']}, "
@@ -70,8 +70,17 @@ def _print_train_summary(s: dict) -> None:
               f"{info['check_seconds_mean'] * 1e3:.1f} ms per check (mean)")
     elif info is not None and not info.get("found", True):
         print(f"ticket             none drawn by iteration {info['iteration']}")
-    print(f"training time      {t['train_total']:.1f} s (dense {t['dense_s']:.1f}, checks {t['check_s']:.1f}, "
-          f"extract {t['extract_s']:.1f}, ticket {t['sparse_s']:.1f}); wall {t['wall_s']:.1f} s")
+    pf = s.get("pruned_from")
+    if pf:
+        tk = s["ticket"]
+        print(f"pruned model       {_fmt(tk['params'])} params, {_fmt(tk['macs'])} MACs ({pf['method']}, "
+              f"{pf['criterion']} p={pf['ratio']}, from {pf['run']} at iteration {pf['iteration']})")
+        print(f"training time      {t['train_total']:.1f} s = dense run {t['dependency_s']:.1f} + prune "
+              f"{t['extract_s']:.1f} + {'training' if pf['reinit'] else 'fine-tuning'} {t['sparse_s']:.1f}; "
+              f"wall {t['wall_s']:.1f} s")
+    else:
+        print(f"training time      {t['train_total']:.1f} s (dense {t['dense_s']:.1f}, checks {t['check_s']:.1f}, "
+              f"extract {t['extract_s']:.1f}, ticket {t['sparse_s']:.1f}); wall {t['wall_s']:.1f} s")
     print(f"device             {s['device']} x {s['processes']}")
 
 
@@ -157,6 +166,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     md = write_report(runs, Path(args.out), Path(args.reference) if args.reference else None)
     print(md.read_text().split("\n\n")[2] if md.read_text().count("\n\n") > 2 else md.read_text())
     print(f"report: {md}")
+    return 0
+
+
+# ---------------------------------------------------------------------- experiment
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import load_experiment, plan, run_experiment
+
+    exp = load_experiment(args.file, out=args.out, scale=args.scale)
+    only = [x for x in args.only.split(",") if x] if args.only else None
+    rows = plan(exp)
+    print(f"ebdiff experiment {exp.name}: {len(rows)} methods, scale {exp.scale}, out {exp.out}")
+    for r in rows:
+        print(f"  {r['name']:<28} {r['kind']:<15} iters {r['iters']!s:<18} {r['status']}")
+    if args.dry_run:
+        return 0
+    rec = run_experiment(exp, only=only, evaluate=not args.no_eval, device=args.device)
+    print(f"\n== ebdiff experiment summary ({rec['seconds']:.0f} s) ==")
+    if rec["report"]:
+        text = Path(rec["report"]).read_text().split("\n\n")
+        print(text[2] if len(text) > 2 else text[-1])
+        print(f"report: {rec['report']}")
+    print(f"record: {exp.out / 'experiment.json'}")
     return 0
 
 
@@ -301,8 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--inception-weights", help=f"local {'pt_inception-2015-12-05-6726825d.pth'}")
     e.add_argument("--data-root", help="dataset root (default: the run's data.root)")
-    e.add_argument("--classifier-epochs", type=int, default=3, help="epochs of the feature classifier (trained once, cached)")
+    e.add_argument("--classifier-epochs", type=int, default=None,
+                   help="epochs of the feature classifier (default: its recipe: 3 for the grey CNN, 16 for ResNet-9; trained once, cached)")
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("experiment", help="run a comparison table (configs/experiments/*.yaml): train, skip, "
+                                          "resume, evaluate, report")
+    x.add_argument("file", help="experiment YAML (configs/experiments/*.yaml)")
+    x.add_argument("--out", help="output folder (default: the file's 'out')")
+    x.add_argument("--scale", type=float, help="iteration scale factor (default: the file's 'scale')")
+    x.add_argument("--only", help="comma-separated method names to run (their dense sources must be finished)")
+    x.add_argument("--dry-run", action="store_true", help="print the plan and each method's status, train nothing")
+    x.add_argument("--no-eval", action="store_true", help="skip evaluation (the report has no quality column)")
+    x.add_argument("--device", default="auto", help="device for evaluation")
+    x.set_defaults(fn=cmd_experiment)
 
     r = sub.add_parser("report", help="Markdown report with the paper-style table and figures")
     r.add_argument("runs", nargs="+", help="run folders (eval them first for the quality column)")

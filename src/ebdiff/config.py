@@ -112,6 +112,19 @@ class EarlyBirdConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Dense-then-prune baselines: prune a finished dense run once, then train the pruned model.
+    reinit=false is train-prune-finetune; reinit=true is "Scratch" (the structure only). Gradient
+    criteria use early_bird.taylor_timesteps / taylor_batch / diff_threshold."""
+
+    from_run: str | None = None  # a finished dense run folder; None = no pruning baseline
+    ratio: float = 0.5
+    criterion: str = "magnitude"  # magnitude | taylor | diff-pruning | random
+    weights: str = "ema"  # which dense weights are scored and kept: ema (what it samples with) | online
+    reinit: bool = False
+
+
+@dataclass
 class TAEBConfig:
     route: str = "higher-noise"  # overlap routing at sampling time: higher-noise (reference) | midpoint
     procs_per_region: int = 1  # data-parallel processes per region branch
@@ -126,6 +139,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     early_bird: EarlyBirdConfig = field(default_factory=EarlyBirdConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     taeb: TAEBConfig = field(default_factory=TAEBConfig)
     regions: list[dict] | None = None  # TA-EB: [{t: [lo, hi], ratio: r, iters?: n, eta?: e}, ...]
 
@@ -140,7 +154,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.beta_schedule": ("linear", "cosine"),
     "diffusion.prediction": ("epsilon",),
     "diffusion.loss_reduction": ("mean", "sum"),
-    "diffusion.timestep_sampler": ("antithetic", "uniform", "speed"),
+    "diffusion.timestep_sampler": ("antithetic", "uniform", "speed", "speed-dual"),
     "diffusion.loss_weighting": ("none", "min-snr", "speed"),
     "train.mixed_precision": ("auto", "no", "bf16"),
     "train.compile": ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -150,6 +164,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "early_bird.criterion": ("magnitude", "taylor", "diff-pruning", "random"),
     "early_bird.mask_source": ("online", "ema"),
     "early_bird.on_miss": ("continue-dense", "extract-anyway"),
+    "prune.criterion": ("magnitude", "taylor", "diff-pruning", "random"),
+    "prune.weights": ("ema", "online"),
     "taeb.route": ("higher-noise", "midpoint"),
     "taeb.launch": ("auto", "sequential"),
 }
@@ -298,7 +314,7 @@ def validate(cfg: Config) -> Config:
     if not 0 <= d.t_min <= t_max <= d.timesteps - 1:
         raise ConfigError(f"config keys 'diffusion.t_min'/'t_max' must satisfy 0 <= t_min <= t_max <= T-1; "
                           f"got {d.t_min}, {d.t_max}")
-    uses_speed = "speed" in (d.timestep_sampler, d.loss_weighting)
+    uses_speed = d.timestep_sampler.startswith("speed") or d.loss_weighting == "speed"
     if uses_speed and not 0 < d.speed_tau < d.timesteps:
         raise ConfigError(f"config key 'diffusion.speed_tau' must be in 1..T-1 = {d.timesteps - 1}; got {d.speed_tau}")
     if d.speed_k <= 0 or d.min_snr_gamma <= 0:
@@ -324,6 +340,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'early_bird.max_search_iters' must be positive; got {eb.max_search_iters}")
     if eb.taylor_timesteps <= 0 or eb.taylor_batch <= 0:
         raise ConfigError("config keys 'early_bird.taylor_timesteps' and 'early_bird.taylor_batch' must be positive")
+    pr = cfg.prune
+    if pr.from_run is not None:
+        if not 0.0 < pr.ratio < 1.0:
+            raise ConfigError(f"config key 'prune.ratio' must be in (0, 1); got {pr.ratio}")
+        if eb.ratio is not None:
+            raise ConfigError("prune.from_run (a dense-then-prune baseline) and early_bird.ratio (Early-Bird "
+                              "search) exclude each other: set one")
     return cfg
 
 

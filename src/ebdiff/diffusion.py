@@ -71,12 +71,19 @@ def eps_loss(pred: torch.Tensor, noise: torch.Tensor, reduction: str = "mean",
 
 class TimestepSampler:
     """Draws training timesteps in [lo, hi] (inclusive): uniform, antithetic pairs (t, lo+hi-t), or
-    from given per-timestep probabilities (SpeeD), renormalised inside the range."""
+    from given per-timestep probabilities (SpeeD), renormalised inside the range.
 
-    def __init__(self, lo: int, hi: int, antithetic: bool = True, probs: torch.Tensor | None = None):
+    dual=m (SpeeD's "dual" sampling): half the batch is drawn from `probs`, the other half is its
+    reflection about m (m - t for t < m, t - m otherwise, as in the SpeeD code). Inside a region a
+    reflection that leaves [lo, hi] is replaced by the region's antithetic partner lo + hi - t."""
+
+    def __init__(self, lo: int, hi: int, antithetic: bool = True, probs: torch.Tensor | None = None,
+                 dual: int | None = None):
         if not 0 <= lo <= hi:
             raise ValueError(f"bad timestep range [{lo}, {hi}]")
-        self.lo, self.hi, self.antithetic = lo, hi, antithetic and probs is None
+        if dual is not None and probs is None:
+            raise ValueError("dual sampling needs probs")
+        self.lo, self.hi, self.antithetic, self.dual = lo, hi, antithetic and probs is None, dual
         self.probs = None
         if probs is not None:
             p = probs[lo: hi + 1].double()
@@ -84,7 +91,14 @@ class TimestepSampler:
 
     def __call__(self, n: int, generator: torch.Generator | None = None,
                  device: torch.device | str = "cpu") -> torch.Tensor:
-        if self.probs is not None:
+        if self.probs is not None and self.dual is not None:
+            half = (n + 1) // 2
+            t = torch.multinomial(self.probs, half, replacement=True, generator=generator) + self.lo
+            m = self.dual
+            r = torch.where(t < m, m - t, t - m)
+            r = torch.where((r < self.lo) | (r > self.hi), self.lo + self.hi - t, r)
+            t = torch.cat([t, r])[:n]
+        elif self.probs is not None:
             t = torch.multinomial(self.probs, n, replacement=True, generator=generator) + self.lo
         elif self.antithetic:
             half = (n + 1) // 2
@@ -101,6 +115,13 @@ def speed_probabilities(T: int, tau: int = 700, k: float = 5.0) -> torch.Tensor:
     p = torch.full((T,), 1.0 / z, dtype=torch.float64)
     p[:tau] = k / z
     return p
+
+
+def speed_meaningful_step(schedule: Schedule, threshold: float = 1e-4) -> int:
+    """SpeeD's m: the first t where d/dt sqrt(1 - abar_t) < threshold, plus 1 (642 for the linear
+    schedule with T = 1000). The "dual" sampler reflects about it."""
+    g = np.gradient((1 - schedule.alphas_cumprod).sqrt().numpy())
+    return int(np.argmax(g < threshold)) + 1
 
 
 def speed_weights(schedule: Schedule, tau: int = 700, lam: float = 0.6) -> torch.Tensor:
@@ -130,7 +151,9 @@ def loss_weights(dcfg, schedule: Schedule) -> torch.Tensor | None:
 
 def make_timestep_sampler(dcfg) -> TimestepSampler:
     """Draws inside diffusion.t_min..t_max (the whole range unless a TA-EB region): antithetic,
-    uniform, or SpeeD (renormalised inside the range)."""
+    uniform, SpeeD or SpeeD-dual (renormalised inside the range)."""
     hi = dcfg.timesteps - 1 if dcfg.t_max is None else dcfg.t_max
-    probs = speed_probabilities(dcfg.timesteps, dcfg.speed_tau, dcfg.speed_k) if dcfg.timestep_sampler == "speed" else None
-    return TimestepSampler(dcfg.t_min, hi, antithetic=dcfg.timestep_sampler == "antithetic", probs=probs)
+    speed = dcfg.timestep_sampler.startswith("speed")
+    probs = speed_probabilities(dcfg.timesteps, dcfg.speed_tau, dcfg.speed_k) if speed else None
+    dual = speed_meaningful_step(Schedule.from_config(dcfg)) if dcfg.timestep_sampler == "speed-dual" else None
+    return TimestepSampler(dcfg.t_min, hi, antithetic=dcfg.timestep_sampler == "antithetic", probs=probs, dual=dual)

@@ -87,7 +87,7 @@ def _run_config(run: Path) -> Config:
 
 def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int | None = None,
                  batch_size: int | None = None, device: str = "cpu", inception_weights: str | None = None,
-                 data_root: str | None = None, classifier_epochs: int = 3, seed: int | None = None,
+                 data_root: str | None = None, classifier_epochs: int | None = None, seed: int | None = None,
                  progress: bool = True) -> dict:
     from .data import load_dataset
     from .metrics import ClassifierFeatures, InceptionFeatures, fd_from_features, kid, reference_stats

@@ -78,6 +78,22 @@ def _loss_curve(run: Path) -> tuple[list[int], list[float]]:
     return its, losses
 
 
+def _timestep_tricks(run: Path) -> str:
+    """'SpeeD', 'SpeeD-dual', 'Min-SNR' (or a combination) from a run's config.yaml; '' for neither."""
+    import yaml
+
+    try:
+        d = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("diffusion", {})
+    except (OSError, yaml.YAMLError):
+        return ""
+    parts = []
+    if str(d.get("timestep_sampler", "")).startswith("speed") or d.get("loss_weighting") == "speed":
+        parts.append("SpeeD-dual" if d.get("timestep_sampler") == "speed-dual" else "SpeeD")
+    if d.get("loss_weighting") == "min-snr":
+        parts.append("Min-SNR")
+    return " + ".join(parts)
+
+
 def describe_run(run: Path) -> dict:
     """The numbers a report row needs, from a run folder's summary.json / eval.json / ticket.json."""
     run = Path(run)
@@ -87,7 +103,8 @@ def describe_run(run: Path) -> dict:
         metric = next(iter(e.get("metrics", {}).values()), None)
         b = a["branches"]
         ratios = "/".join(str(int(round(x["region"]["ratio"] * 100))) for x in b)
-        return {"run": str(run), "name": run.name, "method": f"TA-EB {ratios}%",
+        tricks = _timestep_tricks(run)
+        return {"run": str(run), "name": run.name, "method": f"TA-EB {ratios}%" + (f" + {tricks}" if tricks else ""),
                 "params": a["weighted_params"], "macs": a["weighted_macs"],
                 "metric_name": metric["name"] if metric else None, "metric": metric["value"] if metric else None,
                 "kid": metric.get("kid") if metric else None,
@@ -100,8 +117,18 @@ def describe_run(run: Path) -> dict:
     t = _load_json(run / "ticket.json")
     size = s.get("ticket") or s.get("dense") or {}
     metric = next(iter(e.get("metrics", {}).values()), None)
-    method = "dense" if not t else (f"EB {t['criterion']} {int(round(t['ratio'] * 100))}%"
-                                    if t.get("found", True) else f"EB {int(round(t['ratio'] * 100))}% (no ticket)")
+    pf = s.get("pruned_from")
+    if pf:
+        pct = int(round(pf["ratio"] * 100))
+        method = f"Scratch {pct}%" if pf["reinit"] else f"prune+finetune {pf['criterion']} {pct}%"
+    elif t:
+        method = (f"EB {t['criterion']} {int(round(t['ratio'] * 100))}%" if t.get("found", True)
+                  else f"EB {int(round(t['ratio'] * 100))}% (no ticket)")
+    else:
+        method = "dense"
+    speed = _timestep_tricks(run)
+    if speed:
+        method += f" + {speed}"
     return {"run": str(run), "name": run.name, "method": method,
             "params": e.get("params", size.get("params")), "macs": e.get("macs", size.get("macs")),
             "metric_name": metric["name"] if metric else None, "metric": metric["value"] if metric else None,

@@ -190,6 +190,7 @@ class Trainer:
         self.eb_ticket: dict | None = None
         self.detector = None
         self.dense_size = None
+        self.pruned_from: dict | None = None
         state = None
         if self.resume:
             ckpt = ck.latest_checkpoint(self.run_dir)
@@ -204,8 +205,11 @@ class Trainer:
             self.timing.update(state.get("timing", {}))
             self.eb_ticket = meta.get("ticket")
             self.dense_size = meta.get("dense_size")
+            self.pruned_from = meta.get("pruned_from")
             if (ckpt / "earlybird.npz").is_file():
                 self._load_eb(ckpt / "earlybird.npz")
+        elif cfg.prune.from_run is not None:
+            self._prune_from_run()
         self._make_optimizer()
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
         if state is not None:
@@ -245,13 +249,67 @@ class Trainer:
         if self.detector is None:
             self.detector = EarlyBirdDetector(eta=eb.eta, queue=eb.queue)
         if eb.criterion in ("taylor", "diff-pruning"):
-            # one fixed batch for gradient scores, so that masks differ only through the weights
-            n = min(eb.taylor_batch, len(self.data))
-            if self.data.images is not None:
-                x = self.data.images[:n]
-            else:
-                x = torch.stack([self.data.files_dataset[i] for i in range(n)])
-            self.taylor_x0 = to_model_range(x.to(self.device))
+            self.taylor_x0 = self._score_batch()
+
+    def _score_batch(self) -> torch.Tensor:
+        """One fixed batch for gradient scores, so that masks differ only through the weights."""
+        n = min(self.cfg.early_bird.taylor_batch, len(self.data))
+        if self.data.images is not None:
+            x = self.data.images[:n]
+        else:
+            x = torch.stack([self.data.files_dataset[i] for i in range(n)])
+        return to_model_range(x.to(self.device))
+
+    # ------------------------------------------------------------------ dense-then-prune baselines
+    def _prune_from_run(self) -> None:
+        """Train-prune-finetune / Scratch: prune a finished dense run once (its EMA or online weights)
+        and train the pruned model from here. Its accounting carries the dense run's training time."""
+        from .pruning import PruningEngine, accumulate_taylor_grads, extract
+
+        pc, eb = self.cfg.prune, self.cfg.early_bird
+        src = Path(pc.from_run)
+        ckpt = ck.latest_checkpoint(src)
+        if ckpt is None:
+            raise CheckpointError(f"prune.from_run={src}: no checkpoint there (train the dense model first)")
+        meta = ck.read_meta(ckpt)
+        if meta.get("plan"):
+            raise ConfigError(f"prune.from_run={src} holds a pruned model ({meta.get('phase')}); it must be a dense run")
+        if meta["preset"] != self.cfg.model.preset:
+            raise ConfigError(f"prune.from_run={src} is a model.preset={meta['preset']} run; this run has "
+                              f"model.preset={self.cfg.model.preset}")
+        summary = json.loads((src / "summary.json").read_text()) if (src / "summary.json").is_file() else None
+        if summary is None or summary.get("iterations") != meta["iteration"]:
+            self._print(f"warning: {src} has no finished summary for its latest checkpoint "
+                        f"(iteration {meta['iteration']}); its time is taken from the checkpoint")
+        src_time = (summary or {}).get("time_s", {}).get("train_total")
+        if src_time is None:
+            src_time = ck.load_state(ckpt).get("timing", {}).get("dense_s")
+        t0 = time.perf_counter()
+        dense = ck.build_from_meta(meta)
+        weights = "ema.safetensors" if pc.weights == "ema" else "model.safetensors"
+        ck.load_weights(dense, ckpt / weights)
+        dense = dense.to(self.device).train()
+        engine = PruningEngine(dense)
+        if pc.criterion in ("taylor", "diff-pruning"):
+            accumulate_taylor_grads(dense, self.schedule, self._score_batch(), eb.taylor_timesteps,
+                                    eb.diff_threshold if pc.criterion == "diff-pruning" else None,
+                                    seed=self.cfg.train.seed, t_range=(self.tsampler.lo, self.tsampler.hi))
+        mask = engine.mask(pc.criterion, pc.ratio, seed=self.cfg.train.seed)
+        plan = engine.plan(mask)
+        dense.zero_grad(set_to_none=True)
+        small = extract(dense, plan, reinit=pc.reinit,
+                        init_fn=lambda: build_model(self.cfg.model.preset, self.cfg.model.dropout))
+        self.model, self.plan, self.phase = small.to(self.device).train(), plan, "pruned"
+        self.timing["extract_s"] += time.perf_counter() - t0
+        self.pruned_from = {"run": str(src), "checkpoint": ckpt.name, "iteration": int(meta["iteration"]),
+                            "train_s": src_time, "criterion": pc.criterion, "ratio": pc.ratio,
+                            "weights": pc.weights, "reinit": pc.reinit,
+                            "method": "scratch" if pc.reinit else "prune-finetune",
+                            "pruned_channel_fraction": mask.pruned_fraction}
+        macs, params = count_macs_params(self.model)
+        what = "Scratch (structure only, re-initialised)" if pc.reinit else f"prune+finetune ({pc.criterion})"
+        self._print(f"{what}: pruned {src} at iteration {meta['iteration']} to {format_count(params)} params, "
+                    f"{format_count(macs)} MACs")
 
     def _load_eb(self, path: Path) -> None:
         eb = self.cfg.early_bird
@@ -399,6 +457,7 @@ class Trainer:
     def _meta(self) -> dict:
         return {"preset": self.cfg.model.preset, "dropout": self.cfg.model.dropout, "phase": self.phase,
                 "plan": self.plan, "ticket": self.eb_ticket, "dense_size": self.dense_size,
+                "pruned_from": self.pruned_from,
                 "image_shape": list(self.data.shape), "diffusion": self.cfg.to_dict()["diffusion"],
                 "sample": self.cfg.to_dict()["sample"]}
 
@@ -452,7 +511,7 @@ class Trainer:
             self.iteration += 1
             if self.device.type == "cuda" and (self.iteration % cfg.train.log_every == 0):
                 torch.cuda.synchronize()
-            self.timing["sparse_s" if self.phase == "ticket" else "dense_s"] += time.perf_counter() - t_step
+            self.timing["dense_s" if self.phase == "dense" else "sparse_s"] += time.perf_counter() - t_step
             bar.update(1)
             for cb in self.callbacks:
                 cb(self)
@@ -484,19 +543,27 @@ class Trainer:
     def summary(self) -> dict:
         t = self.timing
         size = None
-        if self.phase == "ticket":
+        if self.phase != "dense":
             m, p = count_macs_params(self.model)
             size = {"params": p, "macs": m}
         search_iters = self.eb_ticket["iteration"] if self.eb_ticket and self.phase == "ticket" else None
+        own = t["dense_s"] + t["sparse_s"] + t["check_s"] + t["extract_s"]
+        if self.pruned_from is not None:  # dense-then-prune: the dense run it started from is part of its cost
+            dense_its, sparse_its = self.pruned_from["iteration"], self.iteration
+            depends = self.pruned_from.get("train_s") or 0.0
+        else:
+            dense_its = search_iters if search_iters is not None else self.iteration
+            sparse_its, depends = self.iteration - dense_its, 0.0
         return {
             "run_dir": str(self.run_dir),
             "iterations": self.iteration,
             "phase": self.phase,
-            "dense_iterations": search_iters if search_iters is not None else self.iteration,
-            "ticket_iterations": self.iteration - search_iters if search_iters is not None else 0,
+            "dense_iterations": dense_its,
+            "ticket_iterations": sparse_its,
             "dense": self.dense_size,
             "ticket": size,
             "ticket_info": self.eb_ticket,
-            "time_s": {**t, "train_total": t["dense_s"] + t["sparse_s"] + t["check_s"] + t["extract_s"]},
+            "pruned_from": self.pruned_from,
+            "time_s": {**t, "own_total": own, "dependency_s": depends, "train_total": own + depends},
             "device": str(self.device), "processes": self.world, "fast_path": self.fast.to_dict(),
         }
