@@ -58,3 +58,16 @@ def test_generate_is_seeded_and_batched():
     c = generate(f, 10, (1, 4, 4), s, steps=5, batch_size=4, seed=4)
     assert a.shape == (10, 1, 4, 4) and torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= -1 and a.max() <= 1
+
+
+def test_bf16_sampling_path_is_close_to_fp32():
+    from ebdiff.models import autocast_eps, build_model, eps_fn
+
+    torch.manual_seed(0)
+    m = build_model("tiny").eval()
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 900])
+    with torch.no_grad():
+        ref = eps_fn(m)(x, t)
+        low = autocast_eps(eps_fn(m), "cpu")(x, t)
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max()

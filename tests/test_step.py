@@ -56,3 +56,18 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     r50 = next(r for r in rows if r["ratio"] == 0.5 and r["mode_name"] == "eager")
     assert 3.0 < r50["macs_ratio"] < 5.0
     assert main(["bench", "--preset", "tiny", "--ratios", "1.5"]) == 2
+
+
+def test_bench_taeb_rows_on_cpu(tmp_path, capsys):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("regions:\n  - {t: [0, 499], ratio: 0.3}\n  - {t: [480, 999], ratio: 0.6}\n")
+    j = tmp_path / "b.json"
+    assert main(["bench", "--preset", "tiny", "--ratios", "0", "--batch", "4", "--steps", "2", "--warmup", "1",
+                 "--device", "cpu", "--modes", "eager", "--taeb", str(cfg), "--json", str(j)]) == 0
+    out = capsys.readouterr().out
+    assert "TA-EB region tickets" in out and "(slowest)" in out
+    import json
+    taeb = json.loads(j.read_text())["taeb"]
+    assert [b["ratio"] for b in taeb[0]["branches"]] == [0.3, 0.6]
+    slow = min(taeb[0]["branches"], key=lambda b: b["it_s"])
+    assert taeb[0]["slowest_region"] == slow["region"]

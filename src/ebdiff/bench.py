@@ -132,3 +132,33 @@ def format_table(rows: list[dict]) -> str:
                      f"{f(r.get('macs_ratio'))}x | {f(r.get('speedup_vs_dense'))}x | "
                      f"{f(r.get('speedup_vs_eager_dense'))}x | {f(r['warmup_s'], 1)} |")
     return "\n".join(lines)
+
+
+def taeb_rows(rows: list[dict], regions) -> list[dict]:
+    """Per mode: each TA-EB region ticket's step speed-up over the dense model of that mode, and the
+    slowest branch (the one that sets TA-EB's wall-clock time when every branch has its own device)."""
+    out = []
+    for mode in dict.fromkeys(r["mode_name"] for r in rows):
+        by_ratio = {r["ratio"]: r for r in rows if r["mode_name"] == mode}
+        branches = []
+        for k, reg in enumerate(regions):
+            r = by_ratio.get(reg.ratio)
+            if r is None or r.get("speedup_vs_dense") is None:
+                continue
+            branches.append({"region": k, "t": [reg.lo, reg.hi], "ratio": reg.ratio, "it_s": r["it_s"],
+                             "speedup_vs_dense": r["speedup_vs_dense"], "macs_ratio": r["macs_ratio"]})
+        if branches:
+            slow = min(branches, key=lambda b: b["it_s"])
+            out.append({"mode_name": mode, "mode": by_ratio[regions[0].ratio]["mode"], "branches": branches,
+                        "slowest_region": slow["region"], "slowest_speedup_vs_dense": slow["speedup_vs_dense"]})
+    return out
+
+
+def format_taeb(taeb: list[dict]) -> str:
+    lines = ["| mode | region | t | ratio | it/s | MACs ratio | step speed-up vs dense |", "|---|---|---|---|---|---|---|"]
+    for m in taeb:
+        for b in m["branches"]:
+            mark = " (slowest)" if b["region"] == m["slowest_region"] else ""
+            lines.append(f"| {m['mode']} | {b['region']}{mark} | {b['t'][0]}-{b['t'][1]} | {b['ratio']:.2f} | "
+                         f"{b['it_s']:.1f} | {b['macs_ratio']:.2f}x | {b['speedup_vs_dense']:.2f}x |")
+    return "\n".join(lines)

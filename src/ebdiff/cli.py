@@ -96,7 +96,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     device = _resolve_device(args.device)
     x, info = sample_checkpoint(Path(args.run), device, ema=not args.no_ema, route=args.route, **{
-        k: getattr(args, k) for k in ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size", "clip_x0")})
+        k: getattr(args, k) for k in ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size", "clip_x0",
+                                      "mixed_precision")})
     s = info["sampler"]
     imgs = to_uint8(x)
     out = Path(args.out) if args.out else Path(args.run) / f"samples_{s['sampler']}{s['steps']}.png"
@@ -149,6 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.n <= 1:
         raise ConfigError("--n must be at least 2")
     r = evaluate_run(Path(args.run), n=args.n, metric=args.metric, steps=args.steps, batch_size=args.batch_size,
+                     mixed_precision=args.mixed_precision,
                      device=_resolve_device(args.device), inception_weights=args.inception_weights,
                      data_root=args.data_root, classifier_epochs=args.classifier_epochs, seed=args.seed)
     print(one_line(r))
@@ -238,6 +240,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--ratios must be comma-separated numbers; got {args.ratios!r}") from None
     if any(not 0 <= r < 1 for r in ratios):
         raise ConfigError("--ratios must lie in [0, 1) (0 = dense)")
+    regions = None
+    if args.taeb:
+        from .config import load_config
+        from .taeb import region_set
+
+        regions = region_set(load_config(args.taeb))
+        ratios += [r.ratio for r in regions if r.ratio not in ratios]
     if 0.0 not in ratios:
         ratios = [0.0] + ratios
     for k in ("batch", "steps"):
@@ -256,11 +265,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = run_bench(args.preset, ratios, modes, args.batch, args.steps, args.warmup, device)
     table = format_table(rows)
     print(table)
+    taeb = None
+    if regions is not None:
+        from .bench import format_taeb, taeb_rows
+
+        taeb = taeb_rows(rows, regions)
+        print("\nTA-EB region tickets (" + args.taeb + "):")
+        print(format_taeb(taeb))
     if args.json:
         from .checkpoint import atomic_write_json
 
         atomic_write_json(Path(args.json), {"device": name, "torch": torch.__version__, "rows": rows,
-                                            "command": " ".join(sys.argv)})
+                                            "taeb": taeb, "command": " ".join(sys.argv)})
         print(f"JSON: {args.json}")
     return 0
 
@@ -277,6 +293,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                resume=out if resume else None)
     cmd_train(targs)
     sargs = argparse.Namespace(run=out, n=64, steps=None, sampler=None, spacing=None, eta=None, seed=None, clip_x0=None,
+                               mixed_precision=None,
                                route=None,
                                batch_size=None, out=None, device="auto", no_ema=False)
     cmd_sample(sargs)
@@ -307,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-x0", dest="clip_x0", action=argparse.BooleanOptionalAction, default=None,
                    help="DDIM: clip predicted x0 to [-1, 1] (default: the run's sample.clip_x0)")
     s.add_argument("--batch-size", type=int, dest="batch_size")
+    s.add_argument("--precision", dest="mixed_precision", choices=["auto", "bf16", "no"],
+                   help="bf16 autocast for the eps model (default: the run's sample.mixed_precision: auto = bf16 on a GPU)")
     s.add_argument("--device", default="auto")
     s.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
     s.add_argument("--out", help="PNG path (default RUN/samples_<sampler><steps>.png)")
@@ -328,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fd: FD on ebdiff's own dataset-classifier features (offline); fid: Inception (pytorch-fid)")
     e.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     e.add_argument("--batch-size", type=int, dest="batch_size")
+    e.add_argument("--precision", dest="mixed_precision", choices=["auto", "bf16", "no"],
+                   help="sampling precision (default: the run's sample.mixed_precision: auto = bf16 on a GPU)")
     e.add_argument("--seed", type=int)
     e.add_argument("--device", default="auto")
     e.add_argument("--inception-weights", help=f"local {'pt_inception-2015-12-05-6726825d.pth'}")
@@ -369,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", default=None, help="compile mode of the fast path (GPU default reduce-overhead; "
                    "on CPU adds a compiled row)")
     b.add_argument("--modes", help="subset of modes to run, e.g. eager,fast")
+    b.add_argument("--taeb", metavar="CONFIG", help="also bench the region tickets of this TA-EB config "
+                   "(e.g. configs/cifar10_taeb.yaml) and name the slowest branch")
     b.add_argument("--json", help="write the rows as JSON here")
     b.set_defaults(fn=cmd_bench)
 

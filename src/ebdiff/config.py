@@ -89,6 +89,7 @@ class SampleConfig:
     eta: float = 0.0
     variance: str = "fixedlarge"  # DDPM: fixedlarge (reference) | fixedsmall
     clip_x0: bool = False  # DDIM: clip the predicted x0 to [-1, 1] (diffusers' clip_sample; the reference: off)
+    mixed_precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU) | bf16 | no
     n: int = 64
     batch_size: int = 256
     use_ema: bool = True
@@ -161,6 +162,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sample.sampler": ("ddim", "ddpm"),
     "sample.spacing": ("quad", "uniform", "trailing"),
     "sample.variance": ("fixedlarge", "fixedsmall"),
+    "sample.mixed_precision": ("auto", "bf16", "no"),
     "early_bird.criterion": ("magnitude", "taylor", "diff-pruning", "random"),
     "early_bird.mask_source": ("online", "ema"),
     "early_bird.on_miss": ("continue-dense", "extract-anyway"),

@@ -14,7 +14,7 @@ from .checkpoint import atomic_write_json, load_model, resolve_checkpoint
 from .config import Config, DiffusionConfig, SampleConfig, load_config
 from .diffusion import Schedule
 from .errors import ConfigError
-from .models import count_macs_params, eps_fn, preset_shape
+from .models import autocast_eps, count_macs_params, eps_fn, preset_shape
 from .sampling import generate
 
 LABELLED = ("fashion-mnist", "cifar10")
@@ -63,6 +63,10 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
     """Images in [-1, 1] from a run/checkpoint/TA-EB run with its own sampler settings (overridable)."""
     fn, meta, size_fn, model = load_for_sampling(path, device, ema, route)
     dcfg, scfg = run_sample_config(meta, **overrides)
+    dev_type = torch.device(device).type
+    bf16 = scfg.mixed_precision == "bf16" or (scfg.mixed_precision == "auto" and dev_type == "cuda")
+    if bf16:
+        fn = autocast_eps(fn, dev_type)
     shape = tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
                                               model.config.sample_size))
     t0 = time.perf_counter()
@@ -72,7 +76,7 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    info = {"sampler": asdict(scfg), "seconds": dt, "images_per_s": scfg.n / dt,
+    info = {"sampler": asdict(scfg), "precision": "bf16" if bf16 else "fp32", "seconds": dt, "images_per_s": scfg.n / dt,
             "checkpoint": meta["checkpoint"], "weights": "ema" if ema else "online",
             "size": size_fn(scfg, dcfg), "meta": meta}
     return x, info
@@ -88,7 +92,7 @@ def _run_config(run: Path) -> Config:
 def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int | None = None,
                  batch_size: int | None = None, device: str = "cpu", inception_weights: str | None = None,
                  data_root: str | None = None, classifier_epochs: int | None = None, seed: int | None = None,
-                 progress: bool = True) -> dict:
+                 mixed_precision: str | None = None, progress: bool = True) -> dict:
     from .data import load_dataset
     from .metrics import ClassifierFeatures, InceptionFeatures, fd_from_features, kid, reference_stats
 
@@ -112,7 +116,8 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
         extractors.append(("fd", clf))
     if metric in ("fid", "both"):
         extractors.append(("fid", InceptionFeatures(inception_weights, device=device)))
-    x, info = sample_checkpoint(run, device, progress=progress, n=n, steps=steps, batch_size=batch_size, seed=seed)
+    x, info = sample_checkpoint(run, device, progress=progress, n=n, steps=steps, batch_size=batch_size, seed=seed,
+                                mixed_precision=mixed_precision)
     meta, size = info.pop("meta"), info["size"]
     ref_images = train.images if train.images is not None else None
     if ref_images is None:

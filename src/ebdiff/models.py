@@ -166,6 +166,17 @@ def count_macs_params(model: torch.nn.Module, res: int | None = None) -> tuple[i
     return int(macs), int(params)
 
 
+def autocast_eps(fn, device_type: str):
+    """An eps callable evaluated under bf16 autocast, returning fp32 (the sampling fast path)."""
+
+    def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            out = fn(x, t)
+        return out.float()
+
+    return f
+
+
 def eps_fn(model: torch.nn.Module):
     """Wrap a UNet2DModel as the eps-model callable the samplers take: f(x, t) -> eps."""
 
