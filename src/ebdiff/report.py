@@ -94,20 +94,23 @@ def _timestep_tricks(run: Path) -> str:
     return " + ".join(parts)
 
 
+def _metric_fields(e: dict) -> dict:
+    """The first metric of an eval.json (FD-<dataset> or FID) and its KID."""
+    m = next(iter(e.get("metrics", {}).values()), None) or {}
+    return {"metric_name": m.get("name"), "metric": m.get("value"), "kid": m.get("kid")}
+
+
 def describe_run(run: Path) -> dict:
     """The numbers a report row needs, from a run folder's summary.json / eval.json / ticket.json."""
     run = Path(run)
     e = _load_json(run / "eval.json") or {}
     a = _load_json(run / "taeb.json")
     if a is not None:  # a TA-EB run: weighted size, longest branch
-        metric = next(iter(e.get("metrics", {}).values()), None)
         b = a["branches"]
         ratios = "/".join(str(int(round(x["region"]["ratio"] * 100))) for x in b)
         tricks = _timestep_tricks(run)
         return {"run": str(run), "name": run.name, "method": f"TA-EB {ratios}%" + (f" + {tricks}" if tricks else ""),
-                "params": a["weighted_params"], "macs": a["weighted_macs"],
-                "metric_name": metric["name"] if metric else None, "metric": metric["value"] if metric else None,
-                "kid": metric.get("kid") if metric else None,
+                "params": a["weighted_params"], "macs": a["weighted_macs"], **_metric_fields(e),
                 "iterations": max(x["dense_iterations"] + x["ticket_iterations"] for x in b),
                 "dense_iterations": "/".join(str(x["dense_iterations"]) for x in b),
                 "ticket_iterations": "/".join(str(x["ticket_iterations"]) for x in b),
@@ -116,7 +119,6 @@ def describe_run(run: Path) -> dict:
     s = _load_json(run / "summary.json") or {}
     t = _load_json(run / "ticket.json")
     size = s.get("ticket") or s.get("dense") or {}
-    metric = next(iter(e.get("metrics", {}).values()), None)
     pf = s.get("pruned_from")
     if pf:
         pct = int(round(pf["ratio"] * 100))
@@ -131,9 +133,7 @@ def describe_run(run: Path) -> dict:
         method += f" + {speed}"
     return {"run": str(run), "name": run.name, "method": method,
             "params": e.get("params", size.get("params")), "macs": e.get("macs", size.get("macs")),
-            "metric_name": metric["name"] if metric else None, "metric": metric["value"] if metric else None,
-            "kid": metric.get("kid") if metric else None,
-            "iterations": s.get("iterations"), "dense_iterations": s.get("dense_iterations"),
+            **_metric_fields(e), "iterations": s.get("iterations"), "dense_iterations": s.get("dense_iterations"),
             "ticket_iterations": s.get("ticket_iterations"),
             "train_s": (s.get("time_s") or {}).get("train_total"),
             "ticket_iter": t.get("iteration") if t else None}
