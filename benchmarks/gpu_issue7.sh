@@ -6,19 +6,8 @@
 #   3. sampling images/s, fp32 vs bf16, on the fast-path run.
 # Expects .whl/ (diffusers, torch-pruning wheels) and .devdata/fmnist/ carried (see benchmarks/README.md).
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
-else
-  export PYTHONPATH=$PWD/src
-fi
-E="python3 -m ebdiff.cli"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-stage() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s) ==="; local t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?; tail -n 30 "$OUT/$name.log"
-  echo "=== $name rc=$rc $(( $(date +%s) - t0 )) s ==="; }
+TQDM_MININTERVAL=30
+. benchmarks/gpu_common.sh
 stage bench ${BENCH_LIMIT:-420} $E bench --preset cifar10 --ratios 0,0.3,0.5,0.8 --taeb configs/cifar10_taeb.yaml \
   --batch 128 --steps 50 --warmup 15 --json "$OUT/bench_cifar10.json"
 FM="data.root=.devdata/fmnist train.progress=false train.iters=2000 train.log_every=50 train.ckpt_every=2000"

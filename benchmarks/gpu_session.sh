@@ -3,21 +3,9 @@
 # Expects: .whl/ (diffusers, torch-pruning wheels) and .devdata/fmnist/ (the four IDX files) carried.
 # Every stage has its own time limit so that a slow or failing stage cannot eat the others.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
-else
-  export PYTHONPATH=$PWD/src
-fi
-E="python3 -m ebdiff.cli"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, diffusers, torch_pruning; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'tp', torch_pruning.__version__)" | tee -a "$OUT/gpu.txt"
+TQDM_MININTERVAL=30
+. benchmarks/gpu_common.sh
 FM="data.root=.devdata/fmnist train.progress=false"
-stage() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s) ==="; local t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?; tail -n 25 "$OUT/$name.log"
-  echo "=== $name rc=$rc $(( $(date +%s) - t0 )) s ==="; }
 # 1. dense fmnist preset on Fashion-MNIST (issue 2): samples + it/s
 stage dense ${DENSE_LIMIT:-170} $E train --config configs/fmnist.yaml $FM train.iters=${DENSE_ITERS:-5000} \
   train.ckpt_every=1000 train.log_every=500 --out /tmp/runs/fm-dense

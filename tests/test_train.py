@@ -166,7 +166,7 @@ def test_eval_on_fixture_run(tmp_path, has_fmnist, capsys, monkeypatch):
     for k in ("value", "kid", "floor_train_vs_test", "classifier_test_accuracy", "note"):
         assert k in m
     assert m["value"] >= 0 and r["phase"] == "ticket" and r["params"] < 280_177
-    assert r["sampling"]["images_per_s"] > 0 and "training_time_s" in r
+    assert r["sampling"]["images_per_s"] > 0 and "training_time_s" in r and (run / "samples_eval.png").is_file()
     assert "not Inception FID" in m["note"]
     # Inception FID offline: one clear line, exit 2
     assert main(["eval", str(run), "--n", "8", "--metric", "fid", "--inception-weights",

@@ -138,6 +138,10 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
             m["floor_kid"] = kid(test_feats, ref_feats, subsets=50, subset_size=min(1000, len(test_feats)))[0]
             m["note"] = f"{ext.metric} uses ebdiff's own {cfg.data.name} classifier features; it is not Inception FID"
         result["metrics"][kind] = m
+    from .report import save_grid
+    from .sampling import to_uint8
+
+    save_grid(to_uint8(x[:64]), run / "samples_eval.png")  # the report's side-by-side grids (Figure 5)
     summ = run / "summary.json"
     if (run / "taeb.json").is_file():
         a = json.loads((run / "taeb.json").read_text())

@@ -201,11 +201,14 @@ def write_report(runs: list[Path], out: Path, reference: Path | None = None) -> 
         imgs = [(n, p[-1]) for n, p in imgs if p]
         if not imgs:
             continue
-        fig, axes = plt.subplots(1, len(imgs), figsize=(3.2 * len(imgs), 3.4), squeeze=False)
-        for ax, (n, p) in zip(axes[0], imgs):
+        cols = min(4, len(imgs))
+        rows_ = -(-len(imgs) // cols)
+        fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols, 3.4 * rows_), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (n, p) in zip(axes.flat, imgs):
             ax.imshow(plt.imread(p), cmap="gray")
             ax.set_title(n, fontsize=8)
-            ax.axis("off")
         fig.tight_layout()
         fig.savefig(out / f"{kind}.png", dpi=120)
         plt.close(fig)
