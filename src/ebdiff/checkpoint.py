@@ -111,6 +111,14 @@ def save_checkpoint(run_dir: Path, iteration: int, model: nn.Module, ema: nn.Mod
     return final
 
 
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or unreadable (summary/ticket/eval files)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def read_meta(ckpt: Path) -> dict[str, Any]:
     try:
         meta = json.loads((Path(ckpt) / "meta.json").read_text())

@@ -24,7 +24,6 @@ against the reference method. Everything it did is recorded in `OUT/experiment.j
 from __future__ import annotations
 
 import copy
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -175,7 +174,7 @@ def run_status(run: Path, cfg: Config) -> str:
         states = []
         for k in range(len(regions)):
             d = branch_dir(run, k)
-            s = _read_json(d / "summary.json")
+            s = ck.read_json(d / "summary.json")
             if s and s.get("iterations", 0) >= branch_config(cfg, regions[k]).train.iters:
                 states.append("done")
             else:
@@ -183,17 +182,10 @@ def run_status(run: Path, cfg: Config) -> str:
         if all(x == "done" for x in states):
             return "done" if (run / "taeb.json").is_file() else "resume"
         return "new" if all(x == "new" for x in states) else "resume"
-    s = _read_json(run / "summary.json")
+    s = ck.read_json(run / "summary.json")
     if s and s.get("iterations", 0) >= cfg.train.iters:
         return "done"
     return "resume" if ck.latest_checkpoint(run) is not None else "new"
-
-
-def _read_json(p: Path) -> dict | None:
-    try:
-        return json.loads(Path(p).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _latest_name(run: Path, cfg: Config) -> Any:
@@ -206,7 +198,7 @@ def _latest_name(run: Path, cfg: Config) -> Any:
 
 
 def eval_is_current(run: Path, cfg: Config, ev: dict) -> bool:
-    e = _read_json(run / "eval.json")
+    e = ck.read_json(run / "eval.json")
     if not e or e.get("n_samples") != ev.get("n", 1000):
         return False
     want = _latest_name(run, cfg)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import read_json
+
 
 def _plt():
     import matplotlib
@@ -55,15 +57,6 @@ def save_grid(images_u8: np.ndarray, path: Path, nrow: int | None = None) -> Non
 
 
 # ---------------------------------------------------------------------- run reports
-def _load_json(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _loss_curve(run: Path) -> tuple[list[int], list[float]]:
     import json
 
@@ -103,8 +96,8 @@ def _metric_fields(e: dict) -> dict:
 def describe_run(run: Path) -> dict:
     """The numbers a report row needs, from a run folder's summary.json / eval.json / ticket.json."""
     run = Path(run)
-    e = _load_json(run / "eval.json") or {}
-    a = _load_json(run / "taeb.json")
+    e = read_json(run / "eval.json") or {}
+    a = read_json(run / "taeb.json")
     if a is not None:  # a TA-EB run: weighted size, longest branch
         b = a["branches"]
         ratios = "/".join(str(int(round(x["region"]["ratio"] * 100))) for x in b)
@@ -116,8 +109,8 @@ def describe_run(run: Path) -> dict:
                 "ticket_iterations": "/".join(str(x["ticket_iterations"]) for x in b),
                 "train_s": a["taeb_train_s"], "ticket_iter": None,
                 "ticket_iters": [x["ticket_iteration"] for x in b], "taeb": True}
-    s = _load_json(run / "summary.json") or {}
-    t = _load_json(run / "ticket.json")
+    s = read_json(run / "summary.json") or {}
+    t = read_json(run / "ticket.json")
     size = s.get("ticket") or s.get("dense") or {}
     pf = s.get("pruned_from")
     if pf:

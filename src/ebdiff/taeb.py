@@ -154,8 +154,7 @@ def accounting(run: Path, cfg: Config) -> dict:
     branches = []
     for k, name in enumerate(spec["members"]):
         d = Path(run) / name
-        s = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else None
-        t = json.loads((d / "ticket.json").read_text()) if (d / "ticket.json").is_file() else None
+        s, t = ck.read_json(d / "summary.json"), ck.read_json(d / "ticket.json")
         if s is None:
             raise CheckpointError(f"{d} has not finished (no summary.json): rerun with --resume {run}")
         size = s.get("ticket") or s.get("dense")
@@ -202,11 +201,10 @@ def plot_region_heatmaps(run: Path, path: Path) -> None:
             dm = np.load(p)
             im = ax.imshow(dm, cmap="viridis_r", vmin=0, interpolation="nearest")
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-            t = Path(run) / name / "ticket.json"
-            if t.is_file():
-                c = json.loads(t.read_text()).get("check")
-                if c is not None and json.loads(t.read_text()).get("found", True):
-                    ax.add_patch(plt.Rectangle((c - 0.5, c - 0.5), 1, 1, fill=False, ec="red", lw=2))
+            t = ck.read_json(Path(run) / name / "ticket.json") or {}
+            c = t.get("check")
+            if c is not None and t.get("found", True):
+                ax.add_patch(plt.Rectangle((c - 0.5, c - 0.5), 1, 1, fill=False, ec="red", lw=2))
         ax.set_title(f"t in [{r.lo}, {r.hi}], p={r.ratio}", fontsize=9)
         ax.set_xlabel("check")
     axes[0][0].set_ylabel("check")
