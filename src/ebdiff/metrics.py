@@ -253,6 +253,7 @@ class ClassifierFeatures:
         arch = arch or default_classifier(train[0].shape[1])
         if arch not in CLASSIFIERS:
             raise EbdiffError(f"unknown classifier {arch!r} (choose from {', '.join(CLASSIFIERS)})")
+        epochs = epochs or CLASSIFIERS[arch]["epochs"]
         h = _data_hash(train[0])
         root = (root or cache_dir()) / "classifiers"
         stem = root / f"{dataset}-{arch}-{h}"
@@ -266,7 +267,7 @@ class ClassifierFeatures:
         with torch.no_grad():
             feature_dim = model.features(_to_input(test[0][:2]).to(device)).shape[1]
         info = {"dataset": dataset, "arch": arch, "hash": h, "test_accuracy": acc,
-                "epochs": epochs or CLASSIFIERS[arch]["epochs"], "train_images": len(train[0]),
+                "epochs": epochs, "train_images": len(train[0]),
                 "test_images": len(test[0]), "feature_dim": feature_dim}
         atomic_save(stem.with_suffix(".safetensors"),
                     lambda p: save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, p))

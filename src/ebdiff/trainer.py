@@ -248,8 +248,7 @@ class Trainer:
         self.engine = PruningEngine(source)
         if self.detector is None:
             self.detector = EarlyBirdDetector(eta=eb.eta, queue=eb.queue)
-        if eb.criterion in ("taylor", "diff-pruning"):
-            self.taylor_x0 = self._score_batch()
+        self.taylor_x0 = self._score_batch() if eb.criterion in ("taylor", "diff-pruning") else None
 
     def _score_batch(self) -> torch.Tensor:
         """One fixed batch for gradient scores, so that masks differ only through the weights."""
@@ -264,9 +263,9 @@ class Trainer:
     def _prune_from_run(self) -> None:
         """Train-prune-finetune / Scratch: prune a finished dense run once (its EMA or online weights)
         and train the pruned model from here. Its accounting carries the dense run's training time."""
-        from .pruning import PruningEngine, accumulate_taylor_grads, extract
+        from .pruning import PruningEngine, extract
 
-        pc, eb = self.cfg.prune, self.cfg.early_bird
+        pc = self.cfg.prune
         src = Path(pc.from_run)
         ckpt = ck.latest_checkpoint(src)
         if ckpt is None:
@@ -277,7 +276,7 @@ class Trainer:
         if meta["preset"] != self.cfg.model.preset:
             raise ConfigError(f"prune.from_run={src} is a model.preset={meta['preset']} run; this run has "
                               f"model.preset={self.cfg.model.preset}")
-        summary = json.loads((src / "summary.json").read_text()) if (src / "summary.json").is_file() else None
+        summary = ck.read_json(src / "summary.json")
         if summary is None or summary.get("iterations") != meta["iteration"]:
             self._print(f"warning: {src} has no finished summary for its latest checkpoint "
                         f"(iteration {meta['iteration']}); its time is taken from the checkpoint")
@@ -290,13 +289,9 @@ class Trainer:
         ck.load_weights(dense, ckpt / weights)
         dense = dense.to(self.device).train()
         engine = PruningEngine(dense)
-        if pc.criterion in ("taylor", "diff-pruning"):
-            accumulate_taylor_grads(dense, self.schedule, self._score_batch(), eb.taylor_timesteps,
-                                    eb.diff_threshold if pc.criterion == "diff-pruning" else None,
-                                    seed=self.cfg.train.seed, t_range=(self.tsampler.lo, self.tsampler.hi))
-        mask = engine.mask(pc.criterion, pc.ratio, seed=self.cfg.train.seed)
+        x0 = self._score_batch() if pc.criterion in ("taylor", "diff-pruning") else None
+        mask = self._criterion_mask(engine, pc.criterion, pc.ratio, x0)
         plan = engine.plan(mask)
-        dense.zero_grad(set_to_none=True)
         small = extract(dense, plan, reinit=pc.reinit,
                         init_fn=lambda: build_model(self.cfg.model.preset, self.cfg.model.dropout))
         self.model, self.plan, self.phase = small.to(self.device).train(), plan, "pruned"
@@ -336,21 +331,27 @@ class Trainer:
                  sizes=np.array(self.eb_masks[0].sizes, np.int64), iterations=np.array(self.eb_iters, np.int64),
                  check_seconds=np.array(self.eb_check_costs))
 
-    def _compute_mask(self) -> ChannelMask:
+    def _criterion_mask(self, engine, criterion: str, ratio: float, x0: torch.Tensor | None = None) -> ChannelMask:
+        """The mask `criterion` gives at `ratio` on engine.model's current weights. Gradient criteria
+        score the fixed batch x0 on this run's timesteps and leave no gradients behind."""
         from .pruning import accumulate_taylor_grads
 
         eb = self.cfg.early_bird
-        if eb.criterion in ("taylor", "diff-pruning"):
-            src = self.engine.model
-            accumulate_taylor_grads(src, self.schedule, self.taylor_x0, eb.taylor_timesteps,
-                                    eb.diff_threshold if eb.criterion == "diff-pruning" else None,
+        if criterion in ("taylor", "diff-pruning"):
+            accumulate_taylor_grads(engine.model, self.schedule, x0, eb.taylor_timesteps,
+                                    eb.diff_threshold if criterion == "diff-pruning" else None,
                                     seed=self.cfg.train.seed, t_range=(self.tsampler.lo, self.tsampler.hi))
-            mask = self.engine.mask(eb.criterion, eb.ratio)
-            src.zero_grad(set_to_none=True)
-            if src is not self.model:
-                src.requires_grad_(False)
+            mask = engine.mask(criterion, ratio)
+            engine.model.zero_grad(set_to_none=True)
             return mask
-        return self.engine.mask(eb.criterion, eb.ratio, seed=self.cfg.train.seed)
+        return engine.mask(criterion, ratio, seed=self.cfg.train.seed)
+
+    def _compute_mask(self) -> ChannelMask:
+        eb = self.cfg.early_bird
+        mask = self._criterion_mask(self.engine, eb.criterion, eb.ratio, self.taylor_x0)
+        if eb.criterion in ("taylor", "diff-pruning") and self.engine.model is not self.model:
+            self.engine.model.requires_grad_(False)  # the EMA copy stays frozen between checks
+        return mask
 
     def _check(self) -> bool:
         """One Early-Bird check; returns True when the ticket was extracted."""
