@@ -352,17 +352,21 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def read_yaml(path: Path, kind: str = "config") -> Any:
+    """A YAML file's content ({} when empty); a missing or malformed file stops with one line."""
+    if not path.is_file():
+        raise ConfigError(f"{kind} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{kind} file {path} is not valid YAML: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     cfg = Config()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        apply_dict(cfg, data, where=str(path))
+        apply_dict(cfg, read_yaml(path), where=str(path))
     apply_overrides(cfg, overrides or [])
     return validate(cfg)
 

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from . import checkpoint as ck
-from .config import Config, apply_overrides, load_config, validate
+from .config import Config, apply_overrides, load_config, read_yaml, validate
 from .errors import ConfigError
 
 TOP_KEYS = {"name", "base", "scale", "out", "overrides", "reference", "eval", "methods", "description"}
@@ -74,12 +74,7 @@ def _str_list(value: Any, where: str) -> list[str]:
 
 def load_experiment(path: str | Path, out: str | Path | None = None, scale: float | None = None) -> Experiment:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"experiment file {path} is not valid YAML: {exc}") from None
+    data = read_yaml(path, "experiment")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with 'base' and 'methods'")
     unknown = set(data) - TOP_KEYS
