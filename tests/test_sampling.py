@@ -71,3 +71,36 @@ def test_bf16_sampling_path_is_close_to_fp32():
         low = autocast_eps(eps_fn(m), "cpu")(x, t)
     assert low.dtype == torch.float32 and not torch.equal(low, ref)
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_fixed_batch_eps_pads_without_changing_rows():
+    from ebdiff.models import build_model, eps_fn, fixed_batch_eps
+
+    torch.manual_seed(0)
+    f = eps_fn(build_model("tiny").eval())
+    seen = []
+
+    def spy(x, t):
+        seen.append(x.shape[0])
+        return f(x, t)
+
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([5, 500, 999])
+    with torch.no_grad():
+        ref = f(x, t)
+        out = fixed_batch_eps(spy, 4)(x, t)
+        full = fixed_batch_eps(spy, 4)(torch.randn(4, 1, 32, 32), torch.tensor([1, 2, 3, 4]))
+    assert seen == [4, 4] and out.shape == ref.shape and full.shape[0] == 4
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_sample_compile_auto_policy():
+    from ebdiff.config import SampleConfig
+    from ebdiff.evaluate import COMPILE_MIN_CALLS, sample_compile_mode
+
+    long_job = SampleConfig(n=10_000, batch_size=256, steps=100)  # 40 batches x 100 steps
+    assert sample_compile_mode(long_job, "cuda") == "reduce-overhead"
+    assert sample_compile_mode(long_job, "cpu") == "none"
+    assert sample_compile_mode(SampleConfig(n=64, steps=100), "cuda") == "none"  # 100 calls: not worth a compile
+    assert sample_compile_mode(SampleConfig(n=256 * 20, batch_size=256, steps=100), "cuda") == "reduce-overhead"
+    assert 20 * 100 >= COMPILE_MIN_CALLS
+    assert sample_compile_mode(SampleConfig(compile="default"), "cpu") == "default"

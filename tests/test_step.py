@@ -1,5 +1,6 @@
 import torch
 
+from conftest import needs_cxx
 from ebdiff.cli import main
 from ebdiff.config import TrainConfig
 from ebdiff.diffusion import Schedule
@@ -37,9 +38,20 @@ def test_bf16_autocast_on_cpu_stays_close():
     assert abs(a[0] - b[0]) < 0.05 * a[0]
 
 
+@needs_cxx
+def test_compiled_step_matches_plain_path():
+    """The compiled step (inductor, the GPU fast path's compiler; on the CPU without CUDA graphs)
+    trains like the eager one: same losses within fp32 reassociation noise."""
+    a = _losses(EAGER_FP32, 3)
+    b = _losses(FastPath(compile="default"), 3)
+    assert all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
+
+
 def test_auto_switches():
     cpu = resolve_fast_path(TrainConfig(), torch.device("cpu"))
     assert cpu == EAGER_FP32  # the exact-resume path
+    assert not cpu.cudnn_benchmark
+    assert resolve_fast_path(TrainConfig(cudnn_benchmark=True), torch.device("cpu")).cudnn_benchmark
     t = TrainConfig(mixed_precision="bf16", channels_last=True, compile="none")
     assert resolve_fast_path(t, torch.device("cpu")) == FastPath(bf16=True, channels_last=True)
 
@@ -56,6 +68,21 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     r50 = next(r for r in rows if r["ratio"] == 0.5 and r["mode_name"] == "eager")
     assert 3.0 < r50["macs_ratio"] < 5.0
     assert main(["bench", "--preset", "tiny", "--ratios", "1.5"]) == 2
+    assert main(["bench", "--preset", "tiny", "--modes", "fast", "--device", "cpu"]) == 2  # a GPU-only mode
+
+
+def test_bench_profile_on_cpu(tmp_path, capsys):
+    j = tmp_path / "b.json"
+    assert main(["bench", "--preset", "tiny", "--ratios", "0", "--batch", "2", "--steps", "1", "--warmup", "1",
+                 "--device", "cpu", "--modes", "eager", "--profile", "2", "--json", str(j)]) == 0
+    out = capsys.readouterr().out
+    assert "Where the step time goes" in out and "aten::convolution_backward" in out
+    import json
+    prof = json.loads(j.read_text())["rows"][0]["profile"]
+    assert prof["steps"] == 2 and prof["ms_per_step"] > 0 and len(prof["top"]) > 5
+    assert abs(sum(e["share"] for e in prof["top"]) - 1) < 0.5  # the top operators hold most of the time
+    names = [e["name"] for e in prof["top"]]
+    assert "aten::convolution_backward" in names
 
 
 def test_bench_taeb_rows_on_cpu(tmp_path, capsys):
@@ -71,3 +98,17 @@ def test_bench_taeb_rows_on_cpu(tmp_path, capsys):
     assert [b["ratio"] for b in taeb[0]["branches"]] == [0.3, 0.6]
     slow = min(taeb[0]["branches"], key=lambda b: b["it_s"])
     assert taeb[0]["slowest_region"] == slow["region"]
+
+
+def test_kernel_kinds():
+    from ebdiff.bench import kernel_kind
+
+    assert kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv (cuDNN)"
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert kernel_kind("triton_poi_fused_convolution_silu_3") == "triton (fused by inductor)"
+    assert kernel_kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") \
+        == "optimizer / EMA"
+    assert kernel_kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>") \
+        == "attention"
+    assert kernel_kind("Memcpy DtoD (Device -> Device)") == "copy / layout"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, silu>") == "other"

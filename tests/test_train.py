@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from ebdiff.cli import main
-from conftest import tiny_args
+from conftest import needs_cxx, tiny_args
 
 
 def weights(run, it, name="model.safetensors"):
@@ -69,6 +69,21 @@ def test_early_bird_run_and_artifacts(tmp_path, has_fmnist, capsys):
     assert main(["sample", str(run), "--n", "4", "--steps", "3", "--out", str(grid)]) == 0
     imgs = np.load(grid.with_suffix(".npz"))["images"]
     assert imgs.shape == (4, 32, 32, 1) and imgs.dtype == np.uint8
+
+
+@needs_cxx
+def test_compiled_sampling_matches_eager(tmp_path, has_fmnist, capsys):
+    """sample --compile (inductor; the GPU default adds CUDA graphs) gives the eager images; the last,
+    smaller batch is padded to the compiled batch shape."""
+    run = tmp_path / "r"
+    assert main(["train", *tiny_args(run, "train.iters=4")]) == 0
+    args = ["sample", str(run), "--n", "5", "--batch-size", "4", "--steps", "3"]
+    assert main([*args, "--compile", "none", "--out", str(tmp_path / "e.png")]) == 0
+    assert main([*args, "--compile", "default", "--out", str(tmp_path / "c.png")]) == 0
+    assert "compile=default" in capsys.readouterr().out
+    e, c = (np.load(tmp_path / f"{k}.npz")["images"].astype(int) for k in "ec")
+    assert e.shape == c.shape == (5, 32, 32, 1)
+    assert np.abs(e - c).max() <= 1  # uint8 rounding of fp32 reassociation noise
 
 
 @pytest.mark.parametrize("crit", ["taylor", "diff-pruning", "random"])

@@ -34,8 +34,75 @@ def make_ticket(preset: str, ratio: float, device: torch.device) -> torch.nn.Mod
     return extract(dense, eng.plan(eng.mask("magnitude", ratio))).to(device)
 
 
+KERNEL_KINDS = (  # (kind, substrings of a GPU kernel's lower-cased name), first match wins
+    ("triton (fused by inductor)", ("triton_",)),
+    ("attention", ("flash", "fmha", "attention")),
+    ("optimizer / EMA", ("adam", "multi_tensor", "foreach", "lerp")),
+    ("conv (cuDNN)", ("fprop", "dgrad", "wgrad", "conv", "implicit", "winograd", "cudnn")),
+    ("gemm", ("gemm", "cutlass", "cublas", "xmma")),
+    ("copy / layout", ("copy", "memcpy", "memset", "transpose", "nchw", "nhwc")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def profile_steps(run_step, steps: int, device: torch.device, ms_step: float, top: int = 12) -> dict:
+    """Where a step's time goes (torch.profiler over `steps` steps, after warm-up).
+
+    GPU: kernel time per step and its share of the measured step time (`busy`; well under 100% means
+    the GPU waits for the host: launch-bound), kernels launched per step, time by kernel kind, and the
+    top kernels. CPU: the top operators by self time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            run_step()
+        _sync(device)
+    events = [e for e in prof.key_averages()
+              if (e.device_type == DeviceType.CUDA) == cuda and e.device_type in (DeviceType.CUDA, DeviceType.CPU)]
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total_us = sum(getattr(e, attr) for e in events)
+    ranked = sorted(events, key=lambda e: -getattr(e, attr))
+    out = {"steps": steps, "timer": "gpu kernels" if cuda else "cpu operators (self time)",
+           "ms_per_step": total_us / 1e3 / steps,
+           "top": [{"name": e.key[:120], "calls_per_step": e.count / steps,
+                    "ms_per_step": getattr(e, attr) / 1e3 / steps,
+                    "share": getattr(e, attr) / total_us if total_us else 0.0} for e in ranked[:top]]}
+    if cuda:
+        kinds: dict[str, float] = {}
+        for e in events:
+            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total
+        out["kernels_per_step"] = sum(e.count for e in events) / steps
+        out["busy"] = out["ms_per_step"] / ms_step if ms_step else None
+        out["by_kind"] = {k: {"ms_per_step": v / 1e3 / steps, "share": v / total_us if total_us else 0.0}
+                          for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+    return out
+
+
+def format_profile(row: dict) -> str:
+    p = row["profile"]
+    head = f"{row['mode']}, ratio {row['ratio']:.2f}: {row['ms_step']:.2f} ms/step measured; {p['timer']} " \
+           f"{p['ms_per_step']:.2f} ms/step"
+    if p.get("busy") is not None:
+        head += f" (GPU busy {100 * p['busy']:.0f}%, {p['kernels_per_step']:.0f} kernels/step)"
+        head += "\n  by kind: " + ", ".join(f"{k} {100 * v['share']:.0f}%" for k, v in p["by_kind"].items())
+    lines = [head] + [f"  {100 * e['share']:5.1f}%  {e['ms_per_step']:7.3f} ms  x{e['calls_per_step']:<5.0f} {e['name'][:90]}"
+                      for e in p["top"]]
+    return "\n".join(lines)
+
+
 def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int, warmup: int,
-              device: torch.device, tcfg=None) -> dict:
+              device: torch.device, tcfg=None, profile: int = 0) -> dict:
+    """profile: also profile this many steps after the timed ones (`profile_steps`)."""
     from .config import TrainConfig
     from .trainer import EMA
 
@@ -73,6 +140,8 @@ def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int,
            "batch": batch, "params": params, "macs": macs, "it_s": steps / dt, "images_s": steps * batch / dt,
            "ms_step": dt / steps * 1e3, "warmup_s": warm_s, "warmup_steps": warmup, "steps": steps,
            "peak_mem_bytes": peak, "final_loss": float(loss), "device": str(device)}
+    if profile > 0:
+        row["profile"] = profile_steps(lambda: step(x0, t, noise), profile, device, row["ms_step"])
     del step, opt, ema, model
     gc.collect()
     if device.type == "cuda":
@@ -82,12 +151,12 @@ def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int,
 
 
 def run_bench(preset: str, ratios: list[float], modes: dict[str, FastPath], batch: int, steps: int, warmup: int,
-              device: torch.device, progress: bool = True) -> list[dict]:
+              device: torch.device, progress: bool = True, profile: int = 0) -> list[dict]:
     rows = []
     for name, fast in modes.items():
         dense_its = None
         for r in ratios:
-            row = bench_one(preset, r, fast, batch, steps, warmup, device)
+            row = bench_one(preset, r, fast, batch, steps, warmup, device, profile=profile)
             row["mode_name"] = name
             if r == 0:
                 dense_its, dense_macs = row["it_s"], row["macs"]
@@ -107,15 +176,28 @@ def run_bench(preset: str, ratios: list[float], modes: dict[str, FastPath], batc
     return rows
 
 
-def default_modes(device: torch.device, compile_mode: str | None = None) -> dict[str, FastPath]:
+def available_modes(device: torch.device, compile_mode: str | None = None) -> dict[str, FastPath]:
+    """Every mode `bench` can run on this device; `default_mode_names` picks the ones run unasked.
+
+    GPU: `eager` (fp32, the reference stack), `fast` (the trainer's GPU default), and for finding
+    where the time goes `bf16` (the fast path without compilation: no compile time, eager kernels),
+    `fast-nograph` (compiled without CUDA graphs: the graphs' share) and `fast-nobench` (without
+    cuDNN autotuning). CPU: `eager`, `cl` (channels_last) and `compiled` (torch.compile,
+    `--compile default` unless given)."""
     if device.type == "cuda":
         fast = FastPath(bf16=True, channels_last=True, compile=compile_mode or "reduce-overhead",
-                        fused_optimizer=True)
-        return {"eager": EAGER_FP32, "fast": fast}
-    modes = {"eager": EAGER_FP32, "cl": replace(EAGER_FP32, channels_last=True)}
-    if compile_mode and compile_mode != "none":
-        modes["compiled"] = replace(EAGER_FP32, compile=compile_mode)
-    return modes
+                        fused_optimizer=True, cudnn_benchmark=True)
+        return {"eager": EAGER_FP32, "fast": fast, "bf16": replace(fast, compile="none"),
+                "fast-nograph": replace(fast, compile="default"),
+                "fast-nobench": replace(fast, cudnn_benchmark=False)}
+    return {"eager": EAGER_FP32, "cl": replace(EAGER_FP32, channels_last=True),
+            "compiled": replace(EAGER_FP32, compile=compile_mode or "default")}
+
+
+def default_mode_names(device: torch.device, compile_mode: str | None = None) -> list[str]:
+    if device.type == "cuda":
+        return ["eager", "fast"]
+    return ["eager", "cl"] + (["compiled"] if compile_mode and compile_mode != "none" else [])
 
 
 def format_table(rows: list[dict]) -> str:

@@ -97,7 +97,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     x, info = sample_checkpoint(Path(args.run), device, ema=not args.no_ema, route=args.route, **{
         k: getattr(args, k) for k in ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size", "clip_x0",
-                                      "mixed_precision")})
+                                      "mixed_precision", "compile")})
     s = info["sampler"]
     imgs = to_uint8(x)
     out = Path(args.out) if args.out else Path(args.run) / f"samples_{s['sampler']}{s['steps']}.png"
@@ -108,9 +108,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
             np.savez_compressed(f, images=imgs)
 
     atomic_save(out.with_suffix(".npz"), _w)
+    comp = "" if info["compile"] == "none" else f", compile={info['compile']} (included)"
     print(f"{s['n']} samples ({s['sampler']}, {s['steps']} steps, "
           f"{s['spacing'] if s['sampler'] == 'ddim' else 'all'} spacing, {info['weights']} weights of "
-          f"{info['checkpoint']}) in {info['seconds']:.1f} s = {info['images_per_s']:.1f} images/s on {device}")
+          f"{info['checkpoint']}, {info['precision']}{comp}) in {info['seconds']:.1f} s = "
+          f"{info['images_per_s']:.1f} images/s on {device}")
     print(f"grid   {out}\nimages {out.with_suffix('.npz')}")
     return 0
 
@@ -150,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.n <= 1:
         raise ConfigError("--n must be at least 2")
     r = evaluate_run(Path(args.run), n=args.n, metric=args.metric, steps=args.steps, batch_size=args.batch_size,
-                     mixed_precision=args.mixed_precision,
+                     mixed_precision=args.mixed_precision, compile=args.compile,
                      device=_resolve_device(args.device), inception_weights=args.inception_weights,
                      data_root=args.data_root, classifier_epochs=args.classifier_epochs, seed=args.seed)
     print(one_line(r))
@@ -231,7 +233,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .bench import default_modes, format_table, run_bench
+    from .bench import available_modes, default_mode_names, format_profile, format_table, run_bench
     from .trainer import _resolve_device
 
     try:
@@ -253,18 +255,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, k) <= 0:
             raise ConfigError(f"--{k} must be positive")
     device = torch.device(_resolve_device(args.device))
-    modes = default_modes(device, args.compile)
-    if args.modes:
-        unknown = set(args.modes.split(",")) - set(modes)
-        if unknown:
-            raise ConfigError(f"--modes: unknown {', '.join(sorted(unknown))} (available: {', '.join(modes)})")
-        modes = {k: v for k, v in modes.items() if k in args.modes.split(",")}
+    available = available_modes(device, args.compile)
+    names = args.modes.split(",") if args.modes else default_mode_names(device, args.compile)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ConfigError(f"--modes: unknown {', '.join(unknown)} (available on {device.type}: "
+                          f"{', '.join(available)})")
+    modes = {n: available[n] for n in names}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"ebdiff bench: {args.preset}, batch {args.batch}, {args.steps} timed steps after {args.warmup} "
           f"warm-up, on {name} (torch {torch.__version__})")
-    rows = run_bench(args.preset, ratios, modes, args.batch, args.steps, args.warmup, device)
+    if args.profile < 0:
+        raise ConfigError("--profile must be 0 (off) or a number of steps")
+    rows = run_bench(args.preset, ratios, modes, args.batch, args.steps, args.warmup, device, profile=args.profile)
     table = format_table(rows)
     print(table)
+    if args.profile:
+        print("\nWhere the step time goes (torch.profiler, " + str(args.profile) + " steps per row):")
+        for r in rows:
+            print(format_profile(r))
     taeb = None
     if regions is not None:
         from .bench import format_taeb, taeb_rows
@@ -293,13 +302,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                resume=out if resume else None)
     cmd_train(targs)
     sargs = argparse.Namespace(run=out, n=64, steps=None, sampler=None, spacing=None, eta=None, seed=None, clip_x0=None,
-                               mixed_precision=None,
+                               mixed_precision=None, compile=None,
                                route=None,
                                batch_size=None, out=None, device="auto", no_ema=False)
     cmd_sample(sargs)
     print(f"\nDemo outputs in {out}/: samples_*.png (grid), hamming.png (mask distances), ticket.json, "
           "metrics.jsonl, checkpoints/")
     return 0
+
+
+def _sampling_speed_args(p: argparse.ArgumentParser) -> None:
+    """--precision and --compile of `sample` and `eval` (default: the run's sample.* settings)."""
+    from .config import CHOICES
+
+    p.add_argument("--precision", dest="mixed_precision", choices=CHOICES["sample.mixed_precision"],
+                   help="bf16 autocast for the eps model (default: the run's sample.mixed_precision: auto = bf16 "
+                   "on a GPU)")
+    p.add_argument("--compile", choices=CHOICES["sample.compile"],
+                   help="torch.compile the eps model (default: the run's sample.compile: auto = reduce-overhead "
+                   "with CUDA graphs on a GPU for jobs of 2000+ model calls); compile time counts in images/s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,8 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-x0", dest="clip_x0", action=argparse.BooleanOptionalAction, default=None,
                    help="DDIM: clip predicted x0 to [-1, 1] (default: the run's sample.clip_x0)")
     s.add_argument("--batch-size", type=int, dest="batch_size")
-    s.add_argument("--precision", dest="mixed_precision", choices=["auto", "bf16", "no"],
-                   help="bf16 autocast for the eps model (default: the run's sample.mixed_precision: auto = bf16 on a GPU)")
+    _sampling_speed_args(s)
     s.add_argument("--device", default="auto")
     s.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
     s.add_argument("--out", help="PNG path (default RUN/samples_<sampler><steps>.png)")
@@ -347,8 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fd: FD on ebdiff's own dataset-classifier features (offline); fid: Inception (pytorch-fid)")
     e.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     e.add_argument("--batch-size", type=int, dest="batch_size")
-    e.add_argument("--precision", dest="mixed_precision", choices=["auto", "bf16", "no"],
-                   help="sampling precision (default: the run's sample.mixed_precision: auto = bf16 on a GPU)")
+    _sampling_speed_args(e)
     e.add_argument("--seed", type=int)
     e.add_argument("--device", default="auto")
     e.add_argument("--inception-weights", help=f"local {'pt_inception-2015-12-05-6726825d.pth'}")
@@ -389,9 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto")
     b.add_argument("--compile", default=None, help="compile mode of the fast path (GPU default reduce-overhead; "
                    "on CPU adds a compiled row)")
-    b.add_argument("--modes", help="subset of modes to run, e.g. eager,fast")
+    b.add_argument("--modes", help="modes to run, in order: GPU eager,fast (default),bf16,fast-nograph,"
+                   "fast-nobench; CPU eager,cl (default),compiled")
     b.add_argument("--taeb", metavar="CONFIG", help="also bench the region tickets of this TA-EB config "
                    "(e.g. configs/cifar10_taeb.yaml) and name the slowest branch")
+    b.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N steps per row: GPU kernel time, busy share, kernels/step, time by kernel "
+                   "kind and the top kernels (CPU: top operators)")
     b.add_argument("--json", help="write the rows as JSON here")
     b.set_defaults(fn=cmd_bench)
 

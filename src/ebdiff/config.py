@@ -78,6 +78,7 @@ class TrainConfig:
     channels_last: Union[bool, str] = "auto"  # auto = on a GPU
     compile: str = "auto"  # auto (reduce-overhead on one GPU, default on several, none on CPU) | none | default | ...
     fused_optimizer: Union[bool, str] = "auto"  # auto = fused Adam on a GPU
+    cudnn_benchmark: Union[bool, str] = "auto"  # auto = on a GPU: cuDNN times its conv algorithms once per shape
     progress: bool = True
 
 
@@ -90,6 +91,9 @@ class SampleConfig:
     variance: str = "fixedlarge"  # DDPM: fixedlarge (reference) | fixedsmall
     clip_x0: bool = False  # DDIM: clip the predicted x0 to [-1, 1] (diffusers' clip_sample; the reference: off)
     mixed_precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU) | bf16 | no
+    # torch.compile of the eps model(s): auto = reduce-overhead (CUDA graphs) on a GPU when the job makes
+    # at least COMPILE_MIN_CALLS model calls (compilation costs about a minute), else none
+    compile: str = "auto"
     n: int = 64
     batch_size: int = 256
     use_ema: bool = True
@@ -148,6 +152,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
+COMPILE_CHOICES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": ("cifar10", "celeba64", "lsun256", "fmnist", "tiny"),
     "data.name": ("fashion-mnist", "cifar10", "celeba", "lsun", "imagefolder"),
@@ -158,11 +163,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.timestep_sampler": ("antithetic", "uniform", "speed", "speed-dual"),
     "diffusion.loss_weighting": ("none", "min-snr", "speed"),
     "train.mixed_precision": ("auto", "no", "bf16"),
-    "train.compile": ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.compile": COMPILE_CHOICES,
     "sample.sampler": ("ddim", "ddpm"),
     "sample.spacing": ("quad", "uniform", "trailing"),
     "sample.variance": ("fixedlarge", "fixedsmall"),
     "sample.mixed_precision": ("auto", "bf16", "no"),
+    "sample.compile": COMPILE_CHOICES,
     "early_bird.criterion": ("magnitude", "taylor", "diff-pruning", "random"),
     "early_bird.mask_source": ("online", "ema"),
     "early_bird.on_miss": ("continue-dense", "extract-anyway"),
@@ -300,7 +306,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'train.lr' must be positive; got {t.lr}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1); got {t.ema_decay}")
-    for key in ("channels_last", "fused_optimizer"):
+    for key in ("channels_last", "fused_optimizer", "cudnn_benchmark"):
         if isinstance(getattr(t, key), str) and getattr(t, key) != "auto":
             raise ConfigError(f"config key 'train.{key}' must be auto, true or false; got {getattr(t, key)!r}")
     if len(t.adam_betas) != 2:

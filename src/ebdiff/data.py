@@ -289,6 +289,16 @@ def iterations_per_epoch(n: int, batch: int, world: int = 1) -> int:
     return max(1, n // (batch * world))
 
 
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host -> device without stalling the GPU queue. A copy from pageable host memory may synchronise
+    with the stream (CUDA "API synchronization behavior"), so the per-iteration draws of the hot loop
+    (batch indices, flips, timesteps) go through pinned memory, whose copy is asynchronous."""
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return x.float().div_(127.5).sub_(1.0)
@@ -306,7 +316,7 @@ class BatchStream:
         if not self.data.hflip:
             return x
         g = torch.Generator().manual_seed(self.seed * 7_919 + iteration * 31 + self.rank)
-        flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+        flip = to_device(torch.rand(x.shape[0], generator=g) < 0.5, x.device)
         return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
     def __call__(self, start: int) -> Iterator[torch.Tensor]:
@@ -315,7 +325,7 @@ class BatchStream:
         if self.data.images is not None:
             while True:
                 idx = batch_indices(n, self.batch, it, self.seed, self.rank, self.world)
-                x = self.data.images[idx.to(self.data.images.device)].to(self.device, non_blocking=True)
+                x = to_device(self.data.images[to_device(idx, self.data.images.device)], self.device)
                 yield self._flip(to_model_range(x), it)
                 it += 1
         # streamed from files: a DataLoader over precomputed batches, resumed at `start`

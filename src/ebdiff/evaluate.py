@@ -14,10 +14,20 @@ from .checkpoint import atomic_write_json, load_model, resolve_checkpoint
 from .config import Config, DiffusionConfig, SampleConfig, load_config
 from .diffusion import Schedule
 from .errors import ConfigError
-from .models import autocast_eps, count_macs_params, eps_fn, preset_shape
+from .models import autocast_eps, count_macs_params, eps_fn, fixed_batch_eps, preset_shape
 from .sampling import generate
 
 LABELLED = ("fashion-mnist", "cifar10")
+COMPILE_MIN_CALLS = 2000  # sample.compile=auto compiles on a GPU from this many eps-model calls on
+
+
+def sample_compile_mode(scfg: SampleConfig, device_type: str) -> str:
+    """sample.compile resolved for a job: `auto` is reduce-overhead (CUDA graphs) on a GPU when the job
+    is long enough to repay compilation (batches x steps >= COMPILE_MIN_CALLS), none otherwise."""
+    if scfg.compile != "auto":
+        return scfg.compile
+    calls = -(-scfg.n // scfg.batch_size) * scfg.steps
+    return "reduce-overhead" if device_type == "cuda" and calls >= COMPILE_MIN_CALLS else "none"
 
 
 def run_sample_config(meta: dict, **overrides) -> tuple[DiffusionConfig, SampleConfig]:
@@ -58,15 +68,31 @@ def load_for_sampling(path: Path, device: str, ema: bool = True, route: str | No
     return eps_fn(model), meta, (lambda scfg, dcfg: {"params": params, "macs": macs}), model
 
 
+def compile_eps(fn, mode: str):
+    """torch.compile the model(s) behind an eps callable from `load_for_sampling`: the UNet, or each
+    region model of a TA-EB router (one compiled graph per ticket shape)."""
+    from .regions import RegionRouter
+
+    if isinstance(fn, RegionRouter):
+        fn.models = [compile_eps(m, mode) for m in fn.models]
+        return fn
+    return eps_fn(torch.compile(fn.model, mode=None if mode == "default" else mode))
+
+
 def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool = True, route: str | None = None,
                       **overrides) -> tuple[torch.Tensor, dict]:
     """Images in [-1, 1] from a run/checkpoint/TA-EB run with its own sampler settings (overridable)."""
     fn, meta, size_fn, model = load_for_sampling(path, device, ema, route)
     dcfg, scfg = run_sample_config(meta, **overrides)
     dev_type = torch.device(device).type
+    compile_mode = sample_compile_mode(scfg, dev_type)
+    if compile_mode != "none":
+        fn = compile_eps(fn, compile_mode)
     bf16 = scfg.mixed_precision == "bf16" or (scfg.mixed_precision == "auto" and dev_type == "cuda")
     if bf16:
         fn = autocast_eps(fn, dev_type)
+    if compile_mode != "none":
+        fn = fixed_batch_eps(fn, min(scfg.batch_size, scfg.n))
     shape = tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
                                               model.config.sample_size))
     t0 = time.perf_counter()
@@ -76,7 +102,8 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    info = {"sampler": asdict(scfg), "precision": "bf16" if bf16 else "fp32", "seconds": dt, "images_per_s": scfg.n / dt,
+    info = {"sampler": asdict(scfg), "precision": "bf16" if bf16 else "fp32", "compile": compile_mode,
+            "seconds": dt, "images_per_s": scfg.n / dt,
             "checkpoint": meta["checkpoint"], "weights": "ema" if ema else "online",
             "size": size_fn(scfg, dcfg), "meta": meta}
     return x, info
@@ -92,7 +119,7 @@ def _run_config(run: Path) -> Config:
 def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int | None = None,
                  batch_size: int | None = None, device: str = "cpu", inception_weights: str | None = None,
                  data_root: str | None = None, classifier_epochs: int | None = None, seed: int | None = None,
-                 mixed_precision: str | None = None, progress: bool = True) -> dict:
+                 mixed_precision: str | None = None, compile: str | None = None, progress: bool = True) -> dict:
     from .data import load_dataset
     from .metrics import ClassifierFeatures, InceptionFeatures, fd_from_features, kid, reference_stats
 
@@ -117,7 +144,7 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
     if metric in ("fid", "both"):
         extractors.append(("fid", InceptionFeatures(inception_weights, device=device)))
     x, info = sample_checkpoint(run, device, progress=progress, n=n, steps=steps, batch_size=batch_size, seed=seed,
-                                mixed_precision=mixed_precision)
+                                mixed_precision=mixed_precision, compile=compile)
     meta, size = info.pop("meta"), info["size"]
     ref_images = train.images if train.images is not None else None
     if ref_images is None:

@@ -2,8 +2,8 @@
 
 Shared by the trainer and `ebdiff bench`, so that the benchmark measures exactly what training
 runs. The fast path is a set of switches, each with an `auto` default: on a GPU bf16 autocast,
-channels_last, fused Adam and torch.compile (with CUDA graphs on one process); on the CPU the plain
-fp32 eager path, which is also the one whose resume is bit-exact.
+channels_last, fused Adam, cuDNN autotuning and torch.compile (with CUDA graphs on one process); on
+the CPU the plain fp32 eager path, which is also the one whose resume is bit-exact.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import torch.nn as nn
 from .diffusion import eps_loss
 from .errors import ConfigError
 
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
 
 @dataclass(frozen=True)
 class FastPath:
@@ -25,6 +23,7 @@ class FastPath:
     channels_last: bool = False
     compile: str = "none"
     fused_optimizer: bool = False
+    cudnn_benchmark: bool = False
 
     def describe(self) -> str:
         parts = ["bf16" if self.bf16 else "fp32"]
@@ -34,6 +33,8 @@ class FastPath:
             parts.append(f"compile={self.compile}")
         if self.fused_optimizer:
             parts.append("fused-adam")
+        if self.cudnn_benchmark:
+            parts.append("cudnn-benchmark")
         return " + ".join(parts)
 
     def to_dict(self) -> dict:
@@ -64,7 +65,9 @@ def resolve_fast_path(tcfg, device: torch.device, world: int = 1) -> FastPath:
     fused = cuda if fused == "auto" else bool(fused)
     if fused and not cuda:
         raise ConfigError("train.fused_optimizer=true needs a CUDA device")
-    return FastPath(bf16=bf16, channels_last=cl, compile=comp, fused_optimizer=fused)
+    bench = tcfg.cudnn_benchmark
+    bench = cuda if bench == "auto" else bool(bench)
+    return FastPath(bf16=bf16, channels_last=cl, compile=comp, fused_optimizer=fused, cudnn_benchmark=bench)
 
 
 def make_optimizer(params, tcfg, fast: FastPath) -> torch.optim.Optimizer:
@@ -92,6 +95,8 @@ class TrainStep:
         self.reduction, self.grad_clip, self.fast = loss_reduction, grad_clip, fast
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.device_type = sqrt_ab.device.type
+        if self.device_type == "cuda":  # a process-wide switch: each step sets the one its mode asks for
+            torch.backends.cudnn.benchmark = fast.cudnn_benchmark
         fn = self._forward_loss
         if fast.compile != "none":
             fn = torch.compile(fn, mode=None if fast.compile == "default" else fast.compile)

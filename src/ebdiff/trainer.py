@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import checkpoint as ck
 from .config import Config, dump_yaml
-from .data import BatchStream, iterations_per_epoch, load_dataset, to_model_range
+from .data import BatchStream, iterations_per_epoch, load_dataset, to_device, to_model_range
 from .diffusion import Schedule, loss_weights, make_timestep_sampler
 from .earlybird import EarlyBirdDetector
 from .errors import CheckpointError, ConfigError
@@ -480,7 +480,7 @@ class Trainer:
         # every random draw of an iteration is a function of (seed, iteration, rank): exact resume
         seed = (self.cfg.train.seed * 1_000_003 + self.iteration) * 64 + self.rank
         g = torch.Generator().manual_seed(seed)
-        t = self.tsampler(x0.shape[0], generator=g).to(self.device, non_blocking=True)
+        t = to_device(self.tsampler(x0.shape[0], generator=g), self.device)
         self.noise_gen.manual_seed(seed)
         noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
         return self.step(x0, t, noise)
