@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from conftest import tiny_args
 from ebdiff.cli import main
@@ -55,3 +56,15 @@ def test_bad_regions_stop_before_anything_is_written(tmp_path, capsys):
     assert "gap" in err and "\n" not in err and not run.exists()
     assert main(["ta-eb", "--out", str(run)]) == 2
     assert "regions" in capsys.readouterr().err
+
+
+def test_dist_backend_lets_branches_share_a_gpu():
+    from ebdiff.errors import ConfigError
+    from ebdiff.taeb import dist_backend
+
+    assert dist_backend(3, 1, cuda=False, n_gpus=0) == "gloo"
+    assert dist_backend(3, 1, cuda=True, n_gpus=8) == "nccl"  # one GPU per branch
+    assert dist_backend(3, 1, cuda=True, n_gpus=1) == "gloo"  # NCCL refuses two ranks on one GPU
+    assert dist_backend(6, 2, cuda=True, n_gpus=8) == "nccl"
+    with pytest.raises(ConfigError, match="one GPU per process"):
+        dist_backend(6, 2, cuda=True, n_gpus=2)  # DDP inside a region needs NCCL

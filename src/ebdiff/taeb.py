@@ -71,6 +71,22 @@ def _write_layout(cfg: Config, run: Path) -> None:
         "members": [branch_dir(Path("."), k).name for k in range(len(regions))]})
 
 
+def dist_backend(world: int, per_region: int, cuda: bool, n_gpus: int) -> str:
+    """Backend of the TA-EB process group. NCCL refuses two ranks on one GPU ("Duplicate GPU
+    detected"), so when the branches outnumber the GPUs they share them and coordinate over gloo;
+    they only need a barrier then. Data parallelism inside a region (procs_per_region > 1) needs
+    NCCL and one GPU per process."""
+    if not cuda:
+        return "gloo"
+    if world <= n_gpus:
+        return "nccl"
+    if per_region > 1:
+        raise ConfigError(f"ta-eb: taeb.procs_per_region={per_region} needs one GPU per process ({world}), "
+                          f"but {n_gpus} are visible: set taeb.procs_per_region=1 (the branches then share "
+                          f"the GPUs) or taeb.launch=sequential")
+    return "gloo"
+
+
 def run_distributed_rank(cfg: Config, run: Path) -> None:
     """Body of one torchrun process: join the region group of this rank and train that branch."""
     import torch.distributed as dist
@@ -78,7 +94,9 @@ def run_distributed_rank(cfg: Config, run: Path) -> None:
     regions = region_set(cfg)
     per = cfg.taeb.procs_per_region
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo")
+        cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+        dist.init_process_group(dist_backend(int(os.environ.get("WORLD_SIZE", "1")), per, cuda,
+                                             torch.cuda.device_count() if cuda else 0))
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != len(regions) * per:
         raise ConfigError(f"ta-eb: {world} processes but {len(regions)} regions x taeb.procs_per_region={per} "
@@ -102,6 +120,8 @@ def launch(cfg: Config, run: Path) -> None:
             _train_branch(cfg, run, k)
         return
     nproc = len(regions) * cfg.taeb.procs_per_region
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    dist_backend(nproc, cfg.taeb.procs_per_region, cuda, torch.cuda.device_count() if cuda else 0)  # one-line error
     env = dict(os.environ)
     if cfg.train.device == "cpu" or not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
