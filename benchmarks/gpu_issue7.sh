@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The remaining GPU measurements of issue 7, in priority order, inside one device-time budget:
-#   bench_core  cifar10 preset, batch 128, dense and 50% ticket in four modes (eager fp32 = the
+#   bench_core  cifar10 preset, batch 128, dense and 50% ticket in five modes (eager fp32 = the
 #               reference stack; bf16 = the fast path without compilation; fast = the trainer's GPU
-#               default; fast-nograph = compiled without CUDA graphs), each row profiled: GPU busy share,
-#               kernels per step, time by kernel kind, top kernels. This says where the step time goes.
+#               default; fast-nograph = compiled without CUDA graphs; fast-nobench = without cuDNN
+#               autotuning), each row profiled: GPU busy share, kernels per step, time by kernel kind,
+#               top kernels. This says where the step time goes. The last two compile the same graph
+#               as `fast`; inductor's on-disk cache may shorten that (each row prints its warm-up).
 #   bench_rest  the 30% / 80% tickets and the TA-EB region tickets (configs/cifar10_taeb.yaml), eager and fast.
 #   curves      fast path vs fp32 eager loss curves, 2,000 Fashion-MNIST iterations (fmnist preset).
 #   sample      sampling images/s of the fast-path run: fp32, bf16, bf16 + compile(reduce-overhead).
@@ -24,7 +26,7 @@ run_if() { local name=$1 min=$2 limit=$3; shift 3
   [ "$limit" -gt "$left" ] && limit=$left
   stage "$name" "$limit" "$@"; }
 B="$E bench --preset cifar10 --batch 128 --steps 50 --warmup 15"
-run_if bench_core 200 280 $B --ratios 0,0.5 --modes eager,bf16,fast,fast-nograph --profile 10 \
+run_if bench_core 200 320 $B --ratios 0,0.5 --modes eager,bf16,fast,fast-nograph,fast-nobench --profile 10 \
   --json "$OUT/bench_core.json"
 run_if bench_rest 150 300 $B --ratios 0,0.3,0.8 --taeb configs/cifar10_taeb.yaml --modes eager,fast \
   --json "$OUT/bench_rest.json"

@@ -1,6 +1,7 @@
 import os
 import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -8,9 +9,12 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-# torch.compile (inductor) generates C++ on the CPU: the compile tests need a compiler
-needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                               reason="torch.compile on the CPU needs a C++ compiler")
+# torch.compile (inductor) builds C++ extension modules on the CPU: the compile tests need a
+# compiler and Python's headers
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    or not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file(),
+    reason="torch.compile on the CPU needs a C++ compiler and Python.h")
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
