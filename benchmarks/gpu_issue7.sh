@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The remaining GPU measurements of issue 7, in priority order, inside one device-time budget:
-#   bench_core  cifar10 preset, batch 128, dense and 50% ticket in five modes (eager fp32 = the
-#               reference stack; bf16 = the fast path without compilation; fast = the trainer's GPU
-#               default; fast-nograph = compiled without CUDA graphs; fast-nobench = without cuDNN
-#               autotuning), each row profiled: GPU busy share, kernels per step, time by kernel kind,
-#               top kernels. This says where the step time goes. The last two compile the same graph
-#               as `fast`; inductor's on-disk cache may shorten that (each row prints its warm-up).
-#   bench_rest  the 30% / 80% tickets and the TA-EB region tickets (configs/cifar10_taeb.yaml), eager and fast.
+#   bench_core  cifar10 preset, batch 128, dense and 50% ticket in seven modes: eager fp32 (the
+#               reference stack); bf16 (the fast path without compilation); graph (bf16, eager kernels,
+#               the whole step as one CUDA graph: nothing to compile); fast (the trainer's GPU default);
+#               fast-nograph (compiled without CUDA graphs); fast-graph (compiled, whole-step graph);
+#               fast-nobench (without cuDNN autotuning). Each row is profiled: GPU busy share, kernels
+#               per step, time by kernel kind, top kernels. This says where the step time goes. The
+#               compiled modes after `fast` compile the same graph; inductor's on-disk cache may
+#               shorten that (each row prints its warm-up). The JSON is rewritten after every row.
+#   bench_rest  the 30% / 80% tickets and the TA-EB region tickets (configs/cifar10_taeb.yaml), eager,
+#               graph and fast.
 #   curves      fast path vs fp32 eager loss curves, 2,000 Fashion-MNIST iterations (fmnist preset).
 #   sample      sampling images/s of the fast-path run: fp32, bf16, bf16 + compile(reduce-overhead).
 # A stage is skipped when less than its minimum is left of DEADLINE seconds (default 560: one call).
@@ -26,9 +29,9 @@ run_if() { local name=$1 min=$2 limit=$3; shift 3
   [ "$limit" -gt "$left" ] && limit=$left
   stage "$name" "$limit" "$@"; }
 B="$E bench --preset cifar10 --batch 128 --steps 50 --warmup 15"
-run_if bench_core 200 320 $B --ratios 0,0.5 --modes eager,bf16,fast,fast-nograph,fast-nobench --profile 10 \
-  --json "$OUT/bench_core.json"
-run_if bench_rest 150 300 $B --ratios 0,0.3,0.8 --taeb configs/cifar10_taeb.yaml --modes eager,fast \
+run_if bench_core 200 360 $B --ratios 0,0.5 --modes eager,bf16,graph,fast,fast-nograph,fast-graph,fast-nobench \
+  --profile 10 --json "$OUT/bench_core.json"
+run_if bench_rest 150 300 $B --ratios 0,0.3,0.8 --taeb configs/cifar10_taeb.yaml --modes eager,graph,fast \
   --json "$OUT/bench_rest.json"
 FM="data.root=.devdata/fmnist train.progress=false train.iters=2000 train.log_every=50 train.ckpt_every=2000"
 run_if curves_fp32 100 150 $E train --config configs/fmnist.yaml $FM train.mixed_precision=no \

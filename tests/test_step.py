@@ -112,3 +112,26 @@ def test_kernel_kinds():
         == "attention"
     assert kernel_kind("Memcpy DtoD (Device -> Device)") == "copy / layout"
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, silu>") == "other"
+
+
+def test_whole_step_graph_switch():
+    """train.cuda_graph: the combinations that cannot be captured stop with one line (the capture itself
+    needs a GPU and is measured by benchmarks/gpu_issue7.sh, modes graph and fast-graph)."""
+    import pytest
+
+    from ebdiff.errors import ConfigError
+
+    gpu = torch.device("cuda")  # resolving needs no GPU when the precision is given
+    cfg = TrainConfig(mixed_precision="bf16", cuda_graph=True)
+    f = resolve_fast_path(cfg, gpu)
+    assert f.cuda_graph and f.compile == "default" and "whole-step-graph" in f.describe()
+    assert resolve_fast_path(TrainConfig(mixed_precision="bf16", cuda_graph=True, compile="none"), gpu).compile == "none"
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(), FastPath(cuda_graph=True))
+    assert opt.param_groups[0]["capturable"]
+    for bad, msg in [(dict(), "needs a CUDA device"), (dict(compile="reduce-overhead"), "both make CUDA graphs"),
+                     (dict(ema_warmup=True), "ema_warmup=false")]:
+        dev = torch.device("cpu") if not bad else gpu
+        with pytest.raises(ConfigError, match=msg):
+            resolve_fast_path(TrainConfig(mixed_precision="bf16", cuda_graph=True, **bad), dev)
+    with pytest.raises(ConfigError, match="one process"):
+        resolve_fast_path(cfg, gpu, world=2)

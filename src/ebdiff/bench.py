@@ -154,7 +154,8 @@ def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int,
 
 
 def run_bench(preset: str, ratios: list[float], modes: dict[str, FastPath], batch: int, steps: int, warmup: int,
-              device: torch.device, progress: bool = True, profile: int = 0) -> list[dict]:
+              device: torch.device, progress: bool = True, profile: int = 0, on_row=None) -> list[dict]:
+    """on_row(rows): called after every row (the CLI saves partial JSON, so a run cut short keeps its rows)."""
     rows = []
     for name, fast in modes.items():
         dense_its = None
@@ -167,6 +168,8 @@ def run_bench(preset: str, ratios: list[float], modes: dict[str, FastPath], batc
                 row["speedup_vs_dense"] = row["it_s"] / dense_its
                 row["macs_ratio"] = dense_macs / row["macs"]
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             if progress:
                 print(f"  {name:<10} ratio {r:.2f}: {row['it_s']:.1f} it/s ({row['ms_step']:.2f} ms/step, "
                       f"warm-up {row['warmup_s']:.1f} s)", flush=True)
@@ -185,14 +188,17 @@ def available_modes(device: torch.device, compile_mode: str | None = None) -> di
     GPU: `eager` (fp32, the reference stack), `fast` (the trainer's GPU default), and for finding
     where the time goes `bf16` (the fast path without compilation: no compile time, eager kernels),
     `fast-nograph` (compiled without CUDA graphs: the graphs' share) and `fast-nobench` (without
-    cuDNN autotuning). CPU: `eager`, `cl` (channels_last) and `compiled` (torch.compile,
-    `--compile default` unless given)."""
+    cuDNN autotuning); and the whole-step CUDA graph (`train.cuda_graph`): `graph` (eager kernels,
+    nothing to compile) and `fast-graph` (inductor's kernels). CPU: `eager`, `cl` (channels_last)
+    and `compiled` (torch.compile, `--compile default` unless given)."""
     if device.type == "cuda":
         fast = FastPath(bf16=True, channels_last=True, compile=compile_mode or "reduce-overhead",
                         fused_optimizer=True, cudnn_benchmark=True)
         return {"eager": EAGER_FP32, "fast": fast, "bf16": replace(fast, compile="none"),
                 "fast-nograph": replace(fast, compile="default"),
-                "fast-nobench": replace(fast, cudnn_benchmark=False)}
+                "fast-nobench": replace(fast, cudnn_benchmark=False),
+                "graph": replace(fast, compile="none", cuda_graph=True),
+                "fast-graph": replace(fast, compile="default", cuda_graph=True)}
     return {"eager": EAGER_FP32, "cl": replace(EAGER_FP32, channels_last=True),
             "compiled": replace(EAGER_FP32, compile=compile_mode or "default")}
 

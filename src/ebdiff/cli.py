@@ -254,6 +254,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for k in ("batch", "steps"):
         if getattr(args, k) <= 0:
             raise ConfigError(f"--{k} must be positive")
+    if args.profile < 0:
+        raise ConfigError("--profile must be 0 (off) or a number of steps")
     device = torch.device(_resolve_device(args.device))
     available = available_modes(device, args.compile)
     names = args.modes.split(",") if args.modes else default_mode_names(device, args.compile)
@@ -265,9 +267,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"ebdiff bench: {args.preset}, batch {args.batch}, {args.steps} timed steps after {args.warmup} "
           f"warm-up, on {name} (torch {torch.__version__})")
-    if args.profile < 0:
-        raise ConfigError("--profile must be 0 (off) or a number of steps")
-    rows = run_bench(args.preset, ratios, modes, args.batch, args.steps, args.warmup, device, profile=args.profile)
+    from .checkpoint import atomic_write_json
+
+    def save(rows: list[dict], taeb=None, partial: bool = True) -> None:
+        if args.json:
+            atomic_write_json(Path(args.json), {"device": name, "torch": torch.__version__, "rows": rows, "taeb": taeb,
+                                                "partial": partial, "command": " ".join(sys.argv)})
+
+    rows = run_bench(args.preset, ratios, modes, args.batch, args.steps, args.warmup, device, profile=args.profile,
+                     on_row=save)
     table = format_table(rows)
     print(table)
     if args.profile:
@@ -282,10 +290,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("\nTA-EB region tickets (" + args.taeb + "):")
         print(format_taeb(taeb))
     if args.json:
-        from .checkpoint import atomic_write_json
-
-        atomic_write_json(Path(args.json), {"device": name, "torch": torch.__version__, "rows": rows,
-                                            "taeb": taeb, "command": " ".join(sys.argv)})
+        save(rows, taeb, partial=False)
         print(f"JSON: {args.json}")
     return 0
 
@@ -409,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", default=None, help="compile mode of the fast path (GPU default reduce-overhead; "
                    "on CPU adds a compiled row)")
     b.add_argument("--modes", help="modes to run, in order: GPU eager,fast (default),bf16,fast-nograph,"
-                   "fast-nobench; CPU eager,cl (default),compiled")
+                   "fast-nobench,graph,fast-graph; CPU eager,cl (default),compiled")
     b.add_argument("--taeb", metavar="CONFIG", help="also bench the region tickets of this TA-EB config "
                    "(e.g. configs/cifar10_taeb.yaml) and name the slowest branch")
     b.add_argument("--profile", type=int, default=0, metavar="N",

@@ -79,6 +79,7 @@ class TrainConfig:
     compile: str = "auto"  # auto (reduce-overhead on one GPU, default on several, none on CPU) | none | default | ...
     fused_optimizer: Union[bool, str] = "auto"  # auto = fused Adam on a GPU
     cudnn_benchmark: Union[bool, str] = "auto"  # auto = on a GPU: cuDNN times its conv algorithms once per shape
+    cuda_graph: bool = False  # GPU, one process: the whole step as one CUDA graph (compile=auto becomes default)
     progress: bool = True
 
 

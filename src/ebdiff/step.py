@@ -24,6 +24,7 @@ class FastPath:
     compile: str = "none"
     fused_optimizer: bool = False
     cudnn_benchmark: bool = False
+    cuda_graph: bool = False  # the whole step (forward, backward, clip, Adam, EMA) replayed as one CUDA graph
 
     def describe(self) -> str:
         parts = ["bf16" if self.bf16 else "fp32"]
@@ -35,6 +36,8 @@ class FastPath:
             parts.append("fused-adam")
         if self.cudnn_benchmark:
             parts.append("cudnn-benchmark")
+        if self.cuda_graph:
+            parts.append("whole-step-graph")
         return " + ".join(parts)
 
     def to_dict(self) -> dict:
@@ -67,11 +70,28 @@ def resolve_fast_path(tcfg, device: torch.device, world: int = 1) -> FastPath:
         raise ConfigError("train.fused_optimizer=true needs a CUDA device")
     bench = tcfg.cudnn_benchmark
     bench = cuda if bench == "auto" else bool(bench)
-    return FastPath(bf16=bf16, channels_last=cl, compile=comp, fused_optimizer=fused, cudnn_benchmark=bench)
+    graph = bool(tcfg.cuda_graph)
+    if graph:
+        if not cuda:
+            raise ConfigError("train.cuda_graph=true needs a CUDA device")
+        if world > 1:
+            raise ConfigError("train.cuda_graph=true runs on one process (DDP's collectives are not captured)")
+        if tcfg.ema_warmup:
+            raise ConfigError("train.cuda_graph=true needs train.ema_warmup=false (a captured step has one "
+                              "fixed EMA decay)")
+        if tcfg.compile == "auto":
+            comp = "default"  # inductor's kernels inside our graph; its own CUDA graphs would nest
+        if comp in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(f"train.cuda_graph=true with train.compile={comp}: both make CUDA graphs; use "
+                              "train.compile=default (or none) with the whole-step graph")
+    return FastPath(bf16=bf16, channels_last=cl, compile=comp, fused_optimizer=fused, cudnn_benchmark=bench,
+                    cuda_graph=graph)
 
 
 def make_optimizer(params, tcfg, fast: FastPath) -> torch.optim.Optimizer:
     kw = {"fused": True} if fast.fused_optimizer else {}
+    if fast.cuda_graph:
+        kw["capturable"] = True  # step counters on the device, no host reads: safe to capture
     return torch.optim.Adam(params, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
                             weight_decay=tcfg.weight_decay, **kw)
 
@@ -104,20 +124,63 @@ class TrainStep:
 
     def _forward_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         xt = self.sqrt_ab[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1mab[t].view(-1, 1, 1, 1) * noise
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.fast.bf16):
+        # autocast's weight cache must be off under graph capture (PyTorch's CUDA graphs notes)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.fast.bf16,
+                            cache_enabled=not self.fast.cuda_graph):
             pred = self.model(xt, t).sample
         return eps_loss(pred, noise, self.reduction, None if self.weights is None else self.weights[t])
 
-    def __call__(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        if self.fast.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-            noise = noise.contiguous(memory_format=torch.channels_last)
+    def _update(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Forward, backward, clip, Adam, EMA: the work one step does (and what the graph captures)."""
         loss = self.forward_loss(x0, t, noise)
         loss.backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.raw)
         return loss.detach()
+
+    def __call__(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if self.fast.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        if self.fast.cuda_graph:
+            return self._graph_step(x0, t, noise)
+        loss = self._update(x0, t, noise)
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    GRAPH_WARMUP = 3  # eager steps before the capture (lazy cuBLAS/cuDNN/autograd set-up, compilation)
+
+    def _graph_step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Whole-step CUDA graph, as in PyTorch's "whole-network capture": a few eager steps on a side
+        stream, then one capture of `_update` over static input buffers; every later step copies its
+        batch into those buffers and replays the graph: one launch per step. Every call is exactly one
+        training step (the capture call replays once). The returned loss is the graph's static output:
+        read it before the next call (the trainer adds it to its running sum at once)."""
+        graph = getattr(self, "_graph", None)
+        if graph is not None:
+            for buf, v in zip(self._static_in, (x0, t, noise)):
+                buf.copy_(v)
+            graph.replay()
+            if self.ema is not None:
+                self.ema.updates += 1  # the captured update does not run Python
+            return self._static_loss
+        self._warm = getattr(self, "_warm", 0)
+        if self._warm < self.GRAPH_WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self._update(x0, t, noise)
+                self.opt.zero_grad(set_to_none=True)
+            torch.cuda.current_stream().wait_stream(side)
+            self._warm += 1
+            return loss.clone()  # owned by the current stream
+        self._static_in = [x0.clone(), t.clone(), noise.clone()]  # clone keeps channels_last
+        self.opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients: static
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._static_loss = self._update(*self._static_in)
+        self._graph.replay()
+        return self._static_loss
