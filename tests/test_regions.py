@@ -119,3 +119,25 @@ def test_weighted_macs_hand_computed():
     assert rs.weighted([1.0, 2.0, 3.0], [250], "higher-noise") == 2.0
     assert rs.weighted([1.0, 2.0, 3.0], [250], "midpoint") == 2.0
     assert rs.weighted([1.0, 2.0, 3.0], [245], "midpoint") == 1.0
+
+
+def test_samplers_route_by_the_python_step_without_reading_the_device_tensor(monkeypatch):
+    """The samplers pick the region model from the step's int (RegionRouter.at): no t.tolist(), which on
+    a GPU is a host-device sync per step. Wrapping each region model (map) keeps that routing."""
+    rs = RegionSet.from_config(PAPER)
+    seen = []
+
+    def make(k):
+        def f(x, t):
+            seen.append((k, int(t[0])))
+            return torch.zeros_like(x)
+        return f
+
+    router = RegionRouter([make(0), make(1), make(2)], rs).map(lambda m: (lambda x, t: m(x, t) + 0))
+    monkeypatch.setattr(RegionRouter, "__call__", lambda *a: pytest.fail("routed through t.tolist()"))
+    steps = ddim_timesteps(1000, 20, "quad")
+    with torch.no_grad():
+        ddim_sample(router, torch.zeros(2, 1, 2, 2), Schedule.linear(), steps)
+    assert [t for _, t in seen] == steps[::-1]
+    assert all(k == rs.route(t, "higher-noise") for k, t in seen)
+    assert router.calls == [sum(rs.route(t, "higher-noise") == k for t in steps) for k in range(3)]

@@ -68,14 +68,16 @@ def load_for_sampling(path: Path, device: str, ema: bool = True, route: str | No
     return eps_fn(model), meta, (lambda scfg, dcfg: {"params": params, "macs": macs}), model
 
 
-def compile_eps(fn, mode: str):
-    """torch.compile the model(s) behind an eps callable from `load_for_sampling`: the UNet, or each
-    region model of a TA-EB router (one compiled graph per ticket shape)."""
+def per_model(fn, wrap):
+    """wrap(fn), or for a TA-EB router wrap each region model and keep the router outermost (the
+    samplers route by the step's Python int through it)."""
     from .regions import RegionRouter
 
-    if isinstance(fn, RegionRouter):
-        fn.models = [compile_eps(m, mode) for m in fn.models]
-        return fn
+    return fn.map(wrap) if isinstance(fn, RegionRouter) else wrap(fn)
+
+
+def compile_eps(fn, mode: str):
+    """torch.compile the UNet behind an eps callable of `models.eps_fn`."""
     return eps_fn(torch.compile(fn.model, mode=None if mode == "default" else mode))
 
 
@@ -86,13 +88,18 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
     dcfg, scfg = run_sample_config(meta, **overrides)
     dev_type = torch.device(device).type
     compile_mode = sample_compile_mode(scfg, dev_type)
-    if compile_mode != "none":
-        fn = compile_eps(fn, compile_mode)
     bf16 = scfg.mixed_precision == "bf16" or (scfg.mixed_precision == "auto" and dev_type == "cuda")
-    if bf16:
-        fn = autocast_eps(fn, dev_type)
-    if compile_mode != "none":
-        fn = fixed_batch_eps(fn, min(scfg.batch_size, scfg.n))
+
+    def fast(m):  # the compiled UNet inside, bf16 autocast around it, padding to one shape outermost
+        if compile_mode != "none":
+            m = compile_eps(m, compile_mode)
+        if bf16:
+            m = autocast_eps(m, dev_type)
+        if compile_mode != "none":
+            m = fixed_batch_eps(m, min(scfg.batch_size, scfg.n))
+        return m
+
+    fn = per_model(fn, fast)
     shape = tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
                                               model.config.sample_size))
     t0 = time.perf_counter()

@@ -167,6 +167,18 @@ class RegionRouter:
         self.models, self.regions, self.rule = list(models), regions, rule
         self.calls = [0] * len(models)
 
+    def at(self, t: int) -> Callable:
+        """The model serving timestep t. The samplers call this with the step's Python int, so that
+        routing needs no read-back of a device tensor (a host-device sync per sampling step)."""
+        k = self.regions.route(int(t), self.rule)
+        self.calls[k] += 1
+        return self.models[k]
+
+    def map(self, wrap: Callable[[Callable], Callable]) -> "RegionRouter":
+        """Wrap every region model (bf16 autocast, compilation, padding) and keep the router outermost."""
+        self.models = [wrap(m) for m in self.models]
+        return self
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ks = [self.regions.route(int(v), self.rule) for v in t.tolist()]
         if all(k == ks[0] for k in ks):  # the samplers' case: one t per batch

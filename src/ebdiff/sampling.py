@@ -16,6 +16,13 @@ from .diffusion import Schedule
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _model_at(model: EpsModel, t: int) -> EpsModel:
+    """The callable for one sampling step: a router (anything with `.at`) picks its region model from
+    the Python int, any other eps model serves every t."""
+    at = getattr(model, "at", None)
+    return at(t) if at is not None else model
+
+
 def ddim_timesteps(T: int, steps: int, spacing: str = "quad") -> list[int]:
     """Ascending list of the timesteps a DDIM sampler visits.
 
@@ -48,7 +55,7 @@ def ddim_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, timesteps:
     for t, tn in zip(reversed(timesteps), reversed(prev)):
         at, an = _abar_at(abar, t), _abar_at(abar, tn)
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, tt).float()
+        eps = _model_at(model, t)(x, tt).float()
         x0 = (x - eps * (1 - at) ** 0.5) / at ** 0.5
         if clip_x0:  # then eps is re-derived from the clipped x0 (as diffusers' clip_sample)
             x0 = x0.clamp(-1, 1)
@@ -70,7 +77,7 @@ def ddpm_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, variance: 
         at, an = _abar_at(abar, t), _abar_at(abar, t - 1)
         beta = 1 - at / an
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, tt).float()
+        eps = _model_at(model, t)(x, tt).float()
         x0 = (x - eps * (1 - at) ** 0.5) / at ** 0.5
         if clip_x0:
             x0 = x0.clamp(-1, 1)
