@@ -10,7 +10,8 @@
 #               shorten that (each row prints its warm-up). The JSON is rewritten after every row.
 #   bench_rest  the 30% / 80% tickets and the TA-EB region tickets (configs/cifar10_taeb.yaml), eager,
 #               graph and fast.
-#   curves      fast path vs fp32 eager loss curves, 2,000 Fashion-MNIST iterations (fmnist preset).
+#   curves      fast path and whole-step graph vs fp32 eager loss curves, 2,000 Fashion-MNIST iterations
+#               (fmnist preset), and the whole-step graph through an Early-Bird ticket extraction.
 #   sample      sampling images/s of the fast-path run: fp32, bf16, bf16 + compile(reduce-overhead).
 # A stage is skipped when less than its minimum is left of DEADLINE seconds (default 560: one call).
 # Two calls on one warm machine: STAGES="bench_core bench_rest" then STAGES="curves sample".
@@ -37,26 +38,37 @@ FM="data.root=.devdata/fmnist train.progress=false train.iters=2000 train.log_ev
 run_if curves_fp32 100 150 $E train --config configs/fmnist.yaml $FM train.mixed_precision=no \
   train.compile=none train.channels_last=false train.fused_optimizer=false train.cudnn_benchmark=false --out /tmp/runs/fp32
 run_if curves_fast 140 200 $E train --config configs/fmnist.yaml $FM --out /tmp/runs/fast
-if [ -f /tmp/runs/fp32/metrics.jsonl ] && [ -f /tmp/runs/fast/metrics.jsonl ]; then python3 - "$OUT" <<'PY'
-import json, sys
-def curve(p):
-    return {r["iter"]: r["loss"] for r in map(json.loads, open(p)) if "loss" in r}
-a, b = curve("/tmp/runs/fp32/metrics.jsonl"), curve("/tmp/runs/fast/metrics.jsonl")
-common = sorted(set(a) & set(b))
-rel = [abs(a[i] - b[i]) / a[i] for i in common]
-late = [r for i, r in zip(common, rel) if i > 500]
-res = {"iters": common, "fp32": [a[i] for i in common], "fast": [b[i] for i in common],
-       "max_rel_diff": max(rel) if rel else None, "mean_rel_diff": sum(rel) / len(rel) if rel else None,
-       "mean_rel_diff_after_500": sum(late) / len(late) if late else None}
-json.dump(res, open(sys.argv[1] + "/loss_curves_fp32_vs_fast.json", "w"), indent=1)
-print({k: v for k, v in res.items() if "diff" in k})
+run_if curves_graph 60 120 $E train --config configs/fmnist.yaml $FM train.cuda_graph=true train.compile=none \
+  --out /tmp/runs/graph
+# the whole-step graph through an Early-Bird extraction (a second capture for the ticket)
+run_if curves_graph_eb 60 120 $E train --config configs/fmnist.yaml $FM train.iters=1000 train.cuda_graph=true \
+  train.compile=none early_bird.ratio=0.5 early_bird.check_every=100 --out /tmp/runs/graph_eb
+python3 - "$OUT" <<'PY'
+import json, os, sys
+def curve(name):
+    p = f"/tmp/runs/{name}/metrics.jsonl"
+    return {r["iter"]: r["loss"] for r in map(json.loads, open(p)) if "loss" in r} if os.path.exists(p) else {}
+ref, res = curve("fp32"), {}
+for name in ("fast", "graph"):
+    b = curve(name)
+    common = sorted(set(ref) & set(b))
+    if not common:
+        continue
+    rel = [abs(ref[i] - b[i]) / ref[i] for i in common]
+    late = [r for i, r in zip(common, rel) if i > 500]
+    res[name] = {"iters": common, "fp32": [ref[i] for i in common], name: [b[i] for i in common],
+                 "max_rel_diff": max(rel), "mean_rel_diff": sum(rel) / len(rel),
+                 "mean_rel_diff_after_500": sum(late) / len(late) if late else None}
+    print(name, {k: v for k, v in res[name].items() if "diff" in k})
+if res:
+    json.dump(res, open(sys.argv[1] + "/loss_curves_fp32_vs_fast.json", "w"), indent=1)
 PY
-fi
 S="$E sample /tmp/runs/fast --n 2000 --steps 100 --batch-size 500"
 run_if sample_fp32 30 90 $S --precision no --compile none --out /tmp/samples/fp32.png
 run_if sample_bf16 30 90 $S --precision bf16 --compile none --out /tmp/samples/bf16.png
-run_if sample_graph 90 180 $S --precision bf16 --compile reduce-overhead --out /tmp/samples/graph.png
-for r in fp32 fast; do cp /tmp/runs/$r/summary.json "$OUT/summary_$r.json" 2>/dev/null; done
+run_if sample_compiled 90 180 $S --precision bf16 --compile reduce-overhead --out /tmp/samples/compiled.png
+for r in fp32 fast graph graph_eb; do cp /tmp/runs/$r/summary.json "$OUT/summary_$r.json" 2>/dev/null; done
+cp /tmp/runs/graph_eb/ticket.json "$OUT/ticket_graph_eb.json" 2>/dev/null
 cp /tmp/samples/*.png "$OUT/" 2>/dev/null
 echo "total $(( $(date +%s) - T0 )) s"
 # at most 8 files come back: the JSON results stay loose, logs, summaries and grids go into one archive
