@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The remaining GPU measurements of issue 7, in priority order, inside one device-time budget:
-#   bench_core  cifar10 preset, batch 128, dense and 50% ticket in seven modes: eager fp32 (the
+#   bench_core  cifar10 preset, batch 128, dense and 50% ticket in eight modes: eager fp32 (the
 #               reference stack); bf16 (the fast path without compilation); graph (bf16, eager kernels,
-#               the whole step as one CUDA graph: nothing to compile); fast (the trainer's GPU default);
+#               the whole step as one CUDA graph: nothing to compile) and graph-nocl (the same in NCHW,
+#               since eager GroupNorm copies channels_last input); fast (the trainer's GPU default);
 #               fast-nograph (compiled without CUDA graphs); fast-graph (compiled, whole-step graph);
 #               fast-nobench (without cuDNN autotuning). Each row is profiled: GPU busy share, kernels
 #               per step, time by kernel kind, top kernels. This says where the step time goes. The
@@ -30,7 +31,7 @@ run_if() { local name=$1 min=$2 limit=$3; shift 3
   [ "$limit" -gt "$left" ] && limit=$left
   stage "$name" "$limit" "$@"; }
 B="$E bench --preset cifar10 --batch 128 --steps 50 --warmup 15"
-run_if bench_core 200 360 $B --ratios 0,0.5 --modes eager,bf16,graph,fast,fast-nograph,fast-graph,fast-nobench \
+run_if bench_core 200 360 $B --ratios 0,0.5 --modes eager,bf16,graph,graph-nocl,fast,fast-nograph,fast-graph,fast-nobench \
   --profile 10 --json "$OUT/bench_core.json"
 run_if bench_rest 150 300 $B --ratios 0,0.3,0.8 --taeb configs/cifar10_taeb.yaml --modes eager,graph,fast \
   --json "$OUT/bench_rest.json"

@@ -189,7 +189,8 @@ def available_modes(device: torch.device, compile_mode: str | None = None) -> di
     where the time goes `bf16` (the fast path without compilation: no compile time, eager kernels),
     `fast-nograph` (compiled without CUDA graphs: the graphs' share) and `fast-nobench` (without
     cuDNN autotuning); and the whole-step CUDA graph (`train.cuda_graph`): `graph` (eager kernels,
-    nothing to compile) and `fast-graph` (inductor's kernels). CPU: `eager`, `cl` (channels_last)
+    nothing to compile), `graph-nocl` (the same in NCHW: eager GroupNorm on a GPU makes channels_last
+    input contiguous, a copy each way) and `fast-graph` (inductor's kernels). CPU: `eager`, `cl` (channels_last)
     and `compiled` (torch.compile, `--compile default` unless given)."""
     if device.type == "cuda":
         fast = FastPath(bf16=True, channels_last=True, compile=compile_mode or "reduce-overhead",
@@ -198,6 +199,7 @@ def available_modes(device: torch.device, compile_mode: str | None = None) -> di
                 "fast-nograph": replace(fast, compile="default"),
                 "fast-nobench": replace(fast, cudnn_benchmark=False),
                 "graph": replace(fast, compile="none", cuda_graph=True),
+                "graph-nocl": replace(fast, compile="none", cuda_graph=True, channels_last=False),
                 "fast-graph": replace(fast, compile="default", cuda_graph=True)}
     return {"eager": EAGER_FP32, "cl": replace(EAGER_FP32, channels_last=True),
             "compiled": replace(EAGER_FP32, compile=compile_mode or "default")}

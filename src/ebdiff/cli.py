@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", default=None, help="compile mode of the fast path (GPU default reduce-overhead; "
                    "on CPU adds a compiled row)")
     b.add_argument("--modes", help="modes to run, in order: GPU eager,fast (default),bf16,fast-nograph,"
-                   "fast-nobench,graph,fast-graph; CPU eager,cl (default),compiled")
+                   "fast-nobench,graph,graph-nocl,fast-graph; CPU eager,cl (default),compiled")
     b.add_argument("--taeb", metavar="CONFIG", help="also bench the region tickets of this TA-EB config "
                    "(e.g. configs/cifar10_taeb.yaml) and name the slowest branch")
     b.add_argument("--profile", type=int, default=0, metavar="N",
