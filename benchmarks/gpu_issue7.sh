@@ -71,7 +71,11 @@ run_if sample_compiled 90 180 $S --precision bf16 --compile reduce-overhead --ou
 for r in fp32 fast graph graph_eb; do cp /tmp/runs/$r/summary.json "$OUT/summary_$r.json" 2>/dev/null; done
 cp /tmp/runs/graph_eb/ticket.json "$OUT/ticket_graph_eb.json" 2>/dev/null
 cp /tmp/samples/*.png "$OUT/" 2>/dev/null
+J=$(ls "$OUT"/bench_core.json "$OUT"/bench_rest.json 2>/dev/null)
+C=$(ls "$OUT"/loss_curves_fp32_vs_fast.json 2>/dev/null)
+[ -n "$J" ] && python3 benchmarks/gpu_issue7_summary.py $J ${C:+--curves $C} | tee "$OUT/summary.md"
 echo "total $(( $(date +%s) - T0 )) s"
-# at most 8 files come back: the JSON results stay loose, logs, summaries and grids go into one archive
-(cd "$OUT" && tar czf extras.tgz --remove-files $(ls | grep -v -e '^bench_.*json$' -e '^loss_curves' -e '^gpu.txt$') \
+# at most 8 files come back: the JSON results and summary.md stay loose, logs, run summaries and
+# grids go into one archive
+(cd "$OUT" && tar czf extras.tgz --remove-files $(ls | grep -v -e '^bench_.*json$' -e '^loss_curves' -e '^gpu.txt$' -e '^summary.md$') \
   && ls -la)
