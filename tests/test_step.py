@@ -135,3 +135,17 @@ def test_whole_step_graph_switch():
             resolve_fast_path(TrainConfig(mixed_precision="bf16", cuda_graph=True, **bad), dev)
     with pytest.raises(ConfigError, match="one process"):
         resolve_fast_path(cfg, gpu, world=2)
+
+
+def test_each_compiled_step_starts_from_clean_dynamo_caches(monkeypatch):
+    """Runs that build many compiled steps in one process (EB extraction, `ebdiff experiment`) would
+    otherwise pass dynamo's recompile limit and fall back to eager without a word."""
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append(1))
+    model = build_model("tiny")
+    s = Schedule.linear().alphas_cumprod
+    for comp in ("default", "none", "default"):
+        fast = FastPath(compile=comp)
+        TrainStep(model, model, make_optimizer(model.parameters(), TrainConfig(), fast), None, s.sqrt(),
+                  (1 - s).sqrt(), "mean", 1.0, fast)
+    assert len(calls) == 2  # compilation is lazy: nothing was compiled here

@@ -119,6 +119,11 @@ class TrainStep:
             torch.backends.cudnn.benchmark = fast.cudnn_benchmark
         fn = self._forward_loss
         if fast.compile != "none":
+            # A new compiled step replaces the previous one (the dense model's, an earlier run's in
+            # `ebdiff experiment`): dropping dynamo's caches frees that step's CUDA-graph memory, and
+            # keeps `_forward_loss` under dynamo's recompile limit (8 entries per function), past
+            # which later model shapes would silently run eager.
+            torch._dynamo.reset()
             fn = torch.compile(fn, mode=None if fast.compile == "default" else fast.compile)
         self.forward_loss = fn
 
