@@ -83,7 +83,8 @@ def profile_steps(run_step, steps: int, device: torch.device, ms_step: float, to
     if cuda:
         kinds: dict[str, float] = {}
         for e in events:
-            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total
+            k = kernel_kind(e.key)
+            kinds[k] = kinds.get(k, 0.0) + e.self_device_time_total
         out["kernels_per_step"] = sum(e.count for e in events) / steps
         out["busy"] = out["ms_per_step"] / ms_step if ms_step else None
         out["by_kind"] = {k: {"ms_per_step": v / 1e3 / steps, "share": v / total_us if total_us else 0.0}

@@ -115,6 +115,7 @@ class TrainStep:
         self.reduction, self.grad_clip, self.fast = loss_reduction, grad_clip, fast
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.device_type = sqrt_ab.device.type
+        self._graph, self._warm = None, 0  # the whole-step CUDA graph (fast.cuda_graph), once captured
         if self.device_type == "cuda":  # a process-wide switch: each step sets the one its mode asks for
             torch.backends.cudnn.benchmark = fast.cudnn_benchmark
         fn = self._forward_loss
@@ -164,15 +165,13 @@ class TrainStep:
         batch into those buffers and replays the graph: one launch per step. Every call is exactly one
         training step (the capture call replays once). The returned loss is the graph's static output:
         read it before the next call (the trainer adds it to its running sum at once)."""
-        graph = getattr(self, "_graph", None)
-        if graph is not None:
+        if self._graph is not None:
             for buf, v in zip(self._static_in, (x0, t, noise)):
                 buf.copy_(v)
-            graph.replay()
+            self._graph.replay()
             if self.ema is not None:
                 self.ema.updates += 1  # the captured update does not run Python
             return self._static_loss
-        self._warm = getattr(self, "_warm", 0)
         if self._warm < self.GRAPH_WARMUP:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
