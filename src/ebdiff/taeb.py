@@ -87,6 +87,11 @@ def dist_backend(world: int, per_region: int, cuda: bool, n_gpus: int) -> str:
     return "gloo"
 
 
+def _backend_for(cfg: Config, world: int) -> str:
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    return dist_backend(world, cfg.taeb.procs_per_region, cuda, torch.cuda.device_count() if cuda else 0)
+
+
 def run_distributed_rank(cfg: Config, run: Path) -> None:
     """Body of one torchrun process: join the region group of this rank and train that branch."""
     import torch.distributed as dist
@@ -94,9 +99,7 @@ def run_distributed_rank(cfg: Config, run: Path) -> None:
     regions = region_set(cfg)
     per = cfg.taeb.procs_per_region
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-        dist.init_process_group(dist_backend(int(os.environ.get("WORLD_SIZE", "1")), per, cuda,
-                                             torch.cuda.device_count() if cuda else 0))
+        dist.init_process_group(_backend_for(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != len(regions) * per:
         raise ConfigError(f"ta-eb: {world} processes but {len(regions)} regions x taeb.procs_per_region={per} "
@@ -120,8 +123,7 @@ def launch(cfg: Config, run: Path) -> None:
             _train_branch(cfg, run, k)
         return
     nproc = len(regions) * cfg.taeb.procs_per_region
-    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-    dist_backend(nproc, cfg.taeb.procs_per_region, cuda, torch.cuda.device_count() if cuda else 0)  # one-line error
+    _backend_for(cfg, nproc)  # a layout the GPUs cannot hold stops here, in one line, before launching
     env = dict(os.environ)
     if cfg.train.device == "cpu" or not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
