@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import read_json
+from .curves import read_curve
 
 
 def _plt():
@@ -57,20 +58,6 @@ def save_grid(images_u8: np.ndarray, path: Path, nrow: int | None = None) -> Non
 
 
 # ---------------------------------------------------------------------- run reports
-def _loss_curve(run: Path) -> tuple[list[int], list[float]]:
-    import json
-
-    its, losses = [], []
-    p = run / "metrics.jsonl"
-    if p.is_file():
-        for line in p.read_text().splitlines():
-            rec = json.loads(line)
-            if "loss" in rec:
-                its.append(rec["iter"])
-                losses.append(rec["loss"])
-    return its, losses
-
-
 def _timestep_tricks(run: Path) -> str:
     """'SpeeD', 'SpeeD-dual', 'Min-SNR' (or a combination) from a run's config.yaml; '' for neither."""
     import yaml
@@ -175,7 +162,8 @@ def write_report(runs: list[Path], out: Path, reference: Path | None = None) -> 
         curves = ([(r["name"], Path(r["run"]))] if not r.get("taeb") else
                   [(f"{r['name']}/{d.name}", d) for d in sorted(Path(r["run"]).glob("region-*"))])
         for label, d in curves:
-            its, losses = _loss_curve(d)
+            curve = read_curve(d)
+            its, losses = list(curve), list(curve.values())
             if its:
                 ax.plot(its, losses, label=label, lw=1)
                 if r["ticket_iter"]:
