@@ -67,3 +67,15 @@ def test_round_trip_dump(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(dump_yaml(c))
     assert load_config(p).to_dict() == c.to_dict()
+
+
+def test_yaml_booleans_for_a_string_choice(tmp_path):
+    """YAML 1.1 reads `no` as False: the documented choice `mixed_precision=no` must still mean "no"."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["sample.mixed_precision=off"]).sample.mixed_precision == "no"
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  mixed_precision: no\n  channels_last: no\n")
+    cfg = load_config(p)
+    assert cfg.train.mixed_precision == "no" and cfg.train.channels_last is False  # bool-or-str keeps the bool
+    with pytest.raises(ConfigError, match="train.mixed_precision.*'yes'"):
+        load_config(None, ["train.mixed_precision=yes"])

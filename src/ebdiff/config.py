@@ -230,6 +230,9 @@ def _set(section_obj: Any, section: str, key: str, value: Any) -> None:
             value = float(value)
         except ValueError:
             pass
+    if isinstance(value, bool) and not _type_ok(value, tp) and _type_ok("", tp):
+        # YAML 1.1 reads no/off/false (yes/on/true) as a bool: `train.mixed_precision=no` means the choice "no"
+        value = "yes" if value else "no"
     if not _type_ok(value, tp):
         raise ConfigError(
             f"config key '{section}.{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
