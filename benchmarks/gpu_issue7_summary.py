@@ -80,8 +80,11 @@ def main() -> None:
         print("\n## Loss curves vs fp32 eager (seed-noise floor: two seeds of the fast path)\n")
         for name, c in curves.items():
             print(format_comparison(name, c))
-    fast = [v["pass"] for v in verdicts if v["mode"] == "fast"] + ([curves["fast"]["within_noise"]] if "fast" in curves else [])
+    fast = [v["pass"] for v in verdicts if v["mode"] == "fast"]
+    if "fast" in curves:
+        fast.append(curves["fast"]["within_noise"])
     print(f"\nfast-path targets: {sum(fast)} of {len(fast)} met")
+
 
 if __name__ == "__main__":
     main()
