@@ -21,6 +21,7 @@ from .diffusion import Schedule, q_sample
 from .masks import ChannelMask, select_pruned
 
 CRITERIA = ("magnitude", "taylor", "diff-pruning", "random")
+GRADIENT_CRITERIA = ("taylor", "diff-pruning")  # scored from the .grad of accumulate_taylor_grads
 Plan = list[tuple[str, list[int]]]  # (root module name, pruned output-channel indices), in group order
 
 

@@ -27,6 +27,7 @@ from .earlybird import EarlyBirdDetector
 from .errors import CheckpointError, ConfigError
 from .masks import ChannelMask, distance_matrix
 from .models import build_model, count_macs_params, format_count, preset_shape
+from .pruning import GRADIENT_CRITERIA
 from .step import TrainStep, make_optimizer, prepare_model, resolve_fast_path
 
 
@@ -248,7 +249,7 @@ class Trainer:
         self.engine = PruningEngine(source)
         if self.detector is None:
             self.detector = EarlyBirdDetector(eta=eb.eta, queue=eb.queue)
-        self.taylor_x0 = self._score_batch() if eb.criterion in ("taylor", "diff-pruning") else None
+        self.taylor_x0 = self._score_batch() if eb.criterion in GRADIENT_CRITERIA else None
 
     def _score_batch(self) -> torch.Tensor:
         """One fixed batch for gradient scores, so that masks differ only through the weights."""
@@ -289,7 +290,7 @@ class Trainer:
         ck.load_weights(dense, ckpt / weights)
         dense = dense.to(self.device).train()
         engine = PruningEngine(dense)
-        x0 = self._score_batch() if pc.criterion in ("taylor", "diff-pruning") else None
+        x0 = self._score_batch() if pc.criterion in GRADIENT_CRITERIA else None
         mask = self._criterion_mask(engine, pc.criterion, pc.ratio, x0)
         plan = engine.plan(mask)
         small = extract(dense, plan, reinit=pc.reinit,
@@ -337,7 +338,7 @@ class Trainer:
         from .pruning import accumulate_taylor_grads
 
         eb = self.cfg.early_bird
-        if criterion in ("taylor", "diff-pruning"):
+        if criterion in GRADIENT_CRITERIA:
             accumulate_taylor_grads(engine.model, self.schedule, x0, eb.taylor_timesteps,
                                     eb.diff_threshold if criterion == "diff-pruning" else None,
                                     seed=self.cfg.train.seed, t_range=(self.tsampler.lo, self.tsampler.hi))
@@ -349,7 +350,7 @@ class Trainer:
     def _compute_mask(self) -> ChannelMask:
         eb = self.cfg.early_bird
         mask = self._criterion_mask(self.engine, eb.criterion, eb.ratio, self.taylor_x0)
-        if eb.criterion in ("taylor", "diff-pruning") and self.engine.model is not self.model:
+        if eb.criterion in GRADIENT_CRITERIA and self.engine.model is not self.model:
             self.engine.model.requires_grad_(False)  # the EMA copy stays frozen between checks
         return mask
 
@@ -358,7 +359,7 @@ class Trainer:
         eb = self.cfg.early_bird
         t0 = time.perf_counter()
         if eb.mask_source == "ema":
-            self.engine.model.requires_grad_(eb.criterion in ("taylor", "diff-pruning"))
+            self.engine.model.requires_grad_(eb.criterion in GRADIENT_CRITERIA)
         mask = self._compute_mask()
         cost = time.perf_counter() - t0
         self.eb_masks.append(mask)
