@@ -21,15 +21,13 @@ import numpy as np
 import torch
 
 from ebdiff.config import load_config
-from ebdiff.diffusion import Schedule
+from ebdiff.diffusion import DiffusionLoss
 from ebdiff.earlybird import EarlyBirdDetector
 from ebdiff.masks import distance_matrix, hamming
 from ebdiff.models import build_model
-from ebdiff.pruning import PruningEngine, accumulate_taylor_grads
+from ebdiff.pruning import PruningEngine, ScoreProbe, criterion_names, make_criterion
 from ebdiff.report import plot_hamming
 from ebdiff.trainer import Trainer
-
-CRITERIA = ("magnitude", "taylor", "diff-pruning", "random")
 
 
 def main() -> None:
@@ -55,51 +53,44 @@ def main() -> None:
     cfg = load_config(None, [f"model.preset={a.preset}", f"train.iters={a.iters}", f"train.batch_size={a.batch}",
                              f"train.lr={a.lr}", f"train.ema_decay={a.ema}", f"train.device={a.device}",
                              "train.log_every=50", f"train.ckpt_every={a.iters}", *a.overrides])
-    schedule = Schedule.from_config(cfg.diffusion)
     seqs: dict[tuple, list] = {}
     iters: list[int] = []
     cost = {"online": [], "ema": []}
     state = {}
 
     def masks_of(model: torch.nn.Module, engine: PruningEngine, x0: torch.Tensor) -> dict:
+        """Every criterion's masks at every ratio, scored as the trainer's Early-Bird search scores them."""
+        probe = ScoreProbe(x0, DiffusionLoss.from_config(cfg.diffusion, x0.device), a.taylor_timesteps,
+                           seed=cfg.train.seed)
         res = {}
-        for crit in CRITERIA:
-            if crit in ("taylor", "diff-pruning"):
-                req = [p.requires_grad for p in model.parameters()]
-                model.requires_grad_(True)
-                accumulate_taylor_grads(model, schedule, x0, a.taylor_timesteps,
-                                        0.05 if crit == "diff-pruning" else None, seed=cfg.train.seed)
-                scores = engine.scores(crit)
-                model.zero_grad(set_to_none=True)
-                for p, r in zip(model.parameters(), req):
-                    p.requires_grad_(r)
-            else:
-                scores = engine.scores(crit, seed=cfg.train.seed)
+        for crit in criterion_names():
+            scores = engine.scores(make_criterion(crit, seed=cfg.train.seed), probe)
             for r in ratios:
                 res[(crit, r)] = engine.mask_from_scores(scores, r)
         return res
 
     def record(trainer: Trainer, it: int) -> None:
         if "engines" not in state:
-            state["engines"] = {"online": PruningEngine(trainer.model), "ema": PruningEngine(trainer.ema.module)}
-            state["x0"] = trainer.data.images[: a.taylor_batch].float().div(127.5).sub(1).to(trainer.device)
+            state["engines"] = {"online": PruningEngine(trainer.state.model),
+                                "ema": PruningEngine(trainer.state.ema.module)}
+            state["x0"] = trainer.data.head(a.taylor_batch).to(trainer.device)
         iters.append(it)
-        for src, model in (("online", trainer.model), ("ema", trainer.ema.module)):
+        for src, model in (("online", trainer.state.model), ("ema", trainer.state.ema.module)):
             t0 = time.perf_counter()
             for key, m in masks_of(model, state["engines"][src], state["x0"]).items():
                 seqs.setdefault((src, *key), []).append(m)
             cost[src].append(time.perf_counter() - t0)
 
     def callback(trainer: Trainer) -> None:
-        if trainer.iteration == 1 and not iters:
+        if trainer.state.iteration == 1 and not iters:
             # mask at initialisation: the same seed and preset give the trainer's initial weights
             torch.manual_seed(cfg.train.seed)
             init = build_model(cfg.model.preset, cfg.model.dropout).to(trainer.device)
             eng = PruningEngine(init)
-            x0 = trainer.data.images[: a.taylor_batch].float().div(127.5).sub(1).to(trainer.device)
+            x0 = trainer.data.head(a.taylor_batch).to(trainer.device)
             state["init"] = masks_of(init, eng, x0)
-        if trainer.iteration % a.check_every == 0:
-            record(trainer, trainer.iteration)
+        if trainer.state.iteration % a.check_every == 0:
+            record(trainer, trainer.state.iteration)
 
     t0 = time.perf_counter()
     summary = Trainer(cfg, out / "dense", callbacks=[callback]).run()

@@ -3,7 +3,7 @@ import torch
 from conftest import needs_cxx
 from ebdiff.cli import main
 from ebdiff.config import TrainConfig
-from ebdiff.diffusion import Schedule
+from ebdiff.diffusion import DiffusionLoss, Schedule
 from ebdiff.models import build_model
 from ebdiff.step import EAGER_FP32, FastPath, TrainStep, make_optimizer, prepare_model, resolve_fast_path
 
@@ -12,9 +12,7 @@ def _losses(fast: FastPath, steps: int = 4) -> list[float]:
     torch.manual_seed(0)
     model = prepare_model(build_model("tiny", dropout=0.0), fast)
     opt = make_optimizer(model.parameters(), TrainConfig(), fast)
-    s = Schedule.linear()
-    ab = s.alphas_cumprod
-    step = TrainStep(model, model, opt, None, ab.sqrt().float(), (1 - ab).sqrt().float(), "mean", 1.0, fast)
+    step = TrainStep(model, model, opt, None, DiffusionLoss(Schedule.linear()), 1.0, fast)
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(steps):
@@ -143,9 +141,8 @@ def test_each_compiled_step_starts_from_clean_dynamo_caches(monkeypatch):
     calls = []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append(1))
     model = build_model("tiny")
-    s = Schedule.linear().alphas_cumprod
+    loss = DiffusionLoss(Schedule.linear())
     for comp in ("default", "none", "default"):
         fast = FastPath(compile=comp)
-        TrainStep(model, model, make_optimizer(model.parameters(), TrainConfig(), fast), None, s.sqrt(),
-                  (1 - s).sqrt(), "mean", 1.0, fast)
+        TrainStep(model, model, make_optimizer(model.parameters(), TrainConfig(), fast), None, loss, 1.0, fast)
     assert len(calls) == 2  # compilation is lazy: nothing was compiled here

@@ -14,9 +14,9 @@ from dataclasses import replace
 
 import torch
 
-from .diffusion import Schedule, TimestepSampler
+from .diffusion import DiffusionLoss, Schedule
 from .models import build_model, count_macs_params
-from .step import EAGER_FP32, FastPath, TrainStep, make_optimizer, prepare_model
+from .step import EAGER_FP32, EMA, FastPath, TrainStep, make_optimizer, prepare_model
 
 
 def _sync(device: torch.device) -> None:
@@ -108,7 +108,6 @@ def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int,
               device: torch.device, tcfg=None, profile: int = 0) -> dict:
     """profile: also profile this many steps after the timed ones (`profile_steps`)."""
     from .config import TrainConfig
-    from .trainer import EMA
 
     tcfg = tcfg or TrainConfig()
     model = make_ticket(preset, ratio, device).train()
@@ -116,16 +115,13 @@ def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int,
     prepare_model(model, fast)
     opt = make_optimizer(model.parameters(), tcfg, fast)
     ema = EMA(model, tcfg.ema_decay)
-    sched = Schedule.linear()
-    abar = sched.alphas_cumprod
-    step = TrainStep(model, model, opt, ema, abar.sqrt().float().to(device), (1 - abar).sqrt().float().to(device),
-                     "mean", tcfg.grad_clip, fast)
+    objective = DiffusionLoss(Schedule.linear(), device=device)
+    step = TrainStep(model, model, opt, ema, objective, tcfg.grad_clip, fast)
     c, s = model.config.in_channels, model.config.sample_size
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch, c, s, s, device=device, generator=g) * 2 - 1
     noise = torch.randn(batch, c, s, s, device=device, generator=g)
-    ts = TimestepSampler(0, sched.T - 1)
-    t = ts(batch, torch.Generator().manual_seed(0)).to(device)
+    t = objective.timesteps(batch, torch.Generator().manual_seed(0)).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)

@@ -6,6 +6,10 @@ Layout of a run folder:
     checkpoints/ckpt-NNNNNNNNN/  model.safetensors, ema.safetensors, meta.json, state.pt
 Every checkpoint folder is written under a temporary name and renamed into place, so a crash never
 leaves a half-written checkpoint where a loader would pick it up. Only the last K are kept.
+
+`TrainState` declares in one place everything that is training state (model, EMA, optimizer,
+iteration, phase and pruning plan, timing, the Early-Bird search, the global RNG): what a checkpoint
+writes and a resume restores (NVlabs/edm2's `CheckpointIO`).
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+from .accounting import Timing
 from .errors import CheckpointError
 
 FORMAT = 1
@@ -35,7 +42,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def atomic_save(path: Path, save_fn) -> None:
@@ -52,7 +59,8 @@ def atomic_save(path: Path, save_fn) -> None:
             os.unlink(tmp)
 
 
-def _json_default(o):
+def json_default(o):
+    """json.dumps(default=...) for tensors and numpy scalars."""
     if isinstance(o, torch.Tensor):
         return o.tolist()
     if hasattr(o, "item"):
@@ -99,7 +107,7 @@ def save_checkpoint(run_dir: Path, iteration: int, model: nn.Module, ema: nn.Mod
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
         (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "iteration": iteration, **meta},
-                                                  indent=2, default=_json_default))
+                                                  indent=2, default=json_default))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -173,6 +181,16 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read training state {path}: {type(exc).__name__}") from None
 
 
+def read_for_resume(run_dir: Path) -> tuple[Path, nn.Module, dict[str, Any], dict[str, Any]]:
+    """(checkpoint folder, model with its online weights, meta, training state) of a run's newest checkpoint."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"--resume: {run_dir} has no checkpoint to resume from")
+    meta = read_meta(ckpt)
+    model = load_weights(build_from_meta(meta), ckpt / "model.safetensors")
+    return ckpt, model, meta, load_state(ckpt)
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A run folder (-> its newest checkpoint) or a checkpoint folder."""
     path = Path(path)
@@ -184,3 +202,61 @@ def resolve_checkpoint(path: Path) -> Path:
     if ck is None:
         raise CheckpointError(f"{path} holds no checkpoint (expected {path}/checkpoints/ckpt-*/meta.json)")
     return ck
+
+
+# ---------------------------------------------------------------------- training state
+def rng_state() -> dict[str, Any]:
+    """The global RNGs (dropout draws from torch's), as tensors: weights-only loadable."""
+    s = np.random.get_state()
+    np_state = json.dumps([s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]).encode()
+    st = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.frombuffer(np_state, dtype=np.uint8).copy())}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    if "numpy" in st:
+        s = json.loads(bytes(st["numpy"].numpy()).decode())
+        np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+@dataclass
+class TrainState:
+    """Everything a resume needs, declared once. `model` and `ema` weights go to safetensors, the plan
+    and the run facts (`facts`: ticket, dense size, pruned_from, image shape) to meta.json, the rest
+    to the weights-only state.pt."""
+
+    model: nn.Module
+    ema: Any  # step.EMA
+    optimizer: torch.optim.Optimizer
+    iteration: int = 0
+    phase: str = "dense"  # dense | ticket (Early-Bird extracted) | pruned (dense-then-prune baseline)
+    plan: list | None = None
+    timing: Timing = field(default_factory=Timing)
+    search: Any = None  # search.EarlyBirdSearch while searching, else None
+    facts: dict = field(default_factory=dict)
+
+    def save(self, run_dir: Path, keep_last: int, arch: dict) -> Path:
+        """arch: what rebuilds the dense architecture (preset, dropout)."""
+        meta = {**arch, "phase": self.phase, "plan": self.plan, **self.facts}
+        state = {"iteration": self.iteration, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
+                 "timing": self.timing.to_dict(), "ema_updates": self.ema.updates}
+        if self.search is not None:
+            state["search"] = self.search.state_dict()
+        return save_checkpoint(run_dir, self.iteration, self.model, self.ema.module, meta, state, keep_last)
+
+    def restore(self, ckpt: Path, saved: dict) -> None:
+        """Load a checkpoint's EMA, optimizer, timing, search and RNG into this state, whose model
+        (rebuilt from the same checkpoint), EMA and optimizer are already built."""
+        load_weights(self.ema.module, Path(ckpt) / "ema.safetensors")
+        self.ema.updates = int(saved.get("ema_updates", 0))
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.iteration = int(saved["iteration"])
+        self.timing = Timing.from_dict(saved.get("timing", {}))
+        if self.search is not None and saved.get("search") is not None:
+            self.search.load_state_dict(saved["search"])
+        set_rng_state(saved["rng"])

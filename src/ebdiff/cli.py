@@ -32,7 +32,7 @@ def _fmt(x: float | None) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import latest_checkpoint
     from .config import load_config
-    from .trainer import Trainer
+    from .trainer import train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -46,8 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if latest_checkpoint(run_dir) is not None:
             raise ConfigError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
                               "or choose another --out")
-    summary = Trainer(cfg, run_dir, resume=bool(args.resume)).run()
-    _print_train_summary(summary)
+    _print_train_summary(train(cfg, run_dir, resume=bool(args.resume)))
     return 0
 
 
@@ -86,34 +85,19 @@ def _print_train_summary(s: dict) -> None:
 
 # ---------------------------------------------------------------------- sample
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .distributed import resolve_device
+    from .evaluate import SAMPLE_OPTIONS, sample_run
 
-    from .checkpoint import atomic_save
-    from .evaluate import sample_checkpoint
-    from .report import save_grid
-    from .sampling import to_uint8
-    from .trainer import _resolve_device
-
-    device = _resolve_device(args.device)
-    x, info = sample_checkpoint(Path(args.run), device, ema=not args.no_ema, route=args.route, **{
-        k: getattr(args, k) for k in ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size", "clip_x0",
-                                      "mixed_precision", "compile")})
+    device = resolve_device(args.device)
+    info = sample_run(Path(args.run), args.out, device, ema=not args.no_ema, route=args.route,
+                      **{k: getattr(args, k) for k in SAMPLE_OPTIONS})
     s = info["sampler"]
-    imgs = to_uint8(x)
-    out = Path(args.out) if args.out else Path(args.run) / f"samples_{s['sampler']}{s['steps']}.png"
-    save_grid(imgs, out)
-
-    def _w(p):
-        with open(p, "wb") as f:
-            np.savez_compressed(f, images=imgs)
-
-    atomic_save(out.with_suffix(".npz"), _w)
     comp = "" if info["compile"] == "none" else f", compile={info['compile']} (included)"
     print(f"{s['n']} samples ({s['sampler']}, {s['steps']} steps, "
           f"{s['spacing'] if s['sampler'] == 'ddim' else 'all'} spacing, {info['weights']} weights of "
           f"{info['checkpoint']}, {info['precision']}{comp}) in {info['seconds']:.1f} s = "
           f"{info['images_per_s']:.1f} images/s on {device}")
-    print(f"grid   {out}\nimages {out.with_suffix('.npz')}")
+    print(f"grid   {info['grid']}\nimages {info['images']}")
     return 0
 
 
@@ -130,11 +114,11 @@ def cmd_taeb(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         run = Path(args.out or f"runs/taeb-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (run / "regions.json").is_file() and not args.branches_only and os.environ.get("WORLD_SIZE", "1") == "1":
+        if (run / "regions.json").is_file() and os.environ.get("WORLD_SIZE", "1") == "1":
             raise ConfigError(f"{run} already holds a TA-EB run: pass --resume {run} to continue it")
     region_set(cfg)  # a bad region set stops here, before anything is written
     launch(cfg, run)
-    if args.branches_only or os.environ.get("RANK", "0") != "0":
+    if os.environ.get("RANK", "0") != "0":
         return 0
     a = finalize(run)
     print("\n== ebdiff ta-eb summary ==")
@@ -146,14 +130,14 @@ def cmd_taeb(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .distributed import resolve_device
     from .evaluate import evaluate_run, one_line
-    from .trainer import _resolve_device
 
     if args.n <= 1:
         raise ConfigError("--n must be at least 2")
     r = evaluate_run(Path(args.run), n=args.n, metric=args.metric, steps=args.steps, batch_size=args.batch_size,
                      mixed_precision=args.mixed_precision, compile=args.compile,
-                     device=_resolve_device(args.device), inception_weights=args.inception_weights,
+                     device=resolve_device(args.device), inception_weights=args.inception_weights,
                      data_root=args.data_root, classifier_epochs=args.classifier_epochs, seed=args.seed)
     print(one_line(r))
     print(f"eval.json: {Path(args.run) / 'eval.json'}")
@@ -234,7 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import available_modes, default_mode_names, format_profile, format_table, run_bench
-    from .trainer import _resolve_device
+    from .distributed import resolve_device
 
     try:
         ratios = [float(r) for r in args.ratios.split(",")]
@@ -256,7 +240,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{k} must be positive")
     if args.profile < 0:
         raise ConfigError("--profile must be 0 (off) or a number of steps")
-    device = torch.device(_resolve_device(args.device))
+    device = torch.device(resolve_device(args.device))
     available = available_modes(device, args.compile)
     names = args.modes.split(",") if args.modes else default_mode_names(device, args.compile)
     unknown = [n for n in names if n not in available]
@@ -298,19 +282,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     """EB-Diff-Train on Fashion-MNIST at demo scale: search, extract, train the ticket, sample."""
-    cfg = _configs_dir() / DEMO_CONFIG
-    out = args.out or "runs/demo"
     from .checkpoint import latest_checkpoint
+    from .config import load_config
+    from .distributed import resolve_device
+    from .evaluate import sample_run
+    from .trainer import train
 
-    resume = latest_checkpoint(Path(out)) is not None
-    targs = argparse.Namespace(config=str(cfg), overrides=args.overrides, out=out,
-                               resume=out if resume else None)
-    cmd_train(targs)
-    sargs = argparse.Namespace(run=out, n=64, steps=None, sampler=None, spacing=None, eta=None, seed=None, clip_x0=None,
-                               mixed_precision=None, compile=None,
-                               route=None,
-                               batch_size=None, out=None, device="auto", no_ema=False)
-    cmd_sample(sargs)
+    out = Path(args.out or "runs/demo")
+    resume = latest_checkpoint(out) is not None
+    cfg = load_config(out / "config.yaml" if resume else _configs_dir() / DEMO_CONFIG, args.overrides)
+    _print_train_summary(train(cfg, out, resume=resume))
+    info = sample_run(out, None, resolve_device("auto"), n=64)
+    print(f"{info['sampler']['n']} samples in {info['seconds']:.1f} s: {info['grid']}")
     print(f"\nDemo outputs in {out}/: samples_*.png (grid), hamming.png (mask distances), ticket.json, "
           "metrics.jsonl, checkpoints/")
     return 0
@@ -318,17 +301,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _sampling_speed_args(p: argparse.ArgumentParser) -> None:
     """--precision and --compile of `sample` and `eval` (default: the run's sample.* settings)."""
-    from .config import CHOICES
+    from .config import choices
 
-    p.add_argument("--precision", dest="mixed_precision", choices=CHOICES["sample.mixed_precision"],
+    p.add_argument("--precision", dest="mixed_precision", choices=choices()["sample.mixed_precision"],
                    help="bf16 autocast for the eps model (default: the run's sample.mixed_precision: auto = bf16 "
                    "on a GPU)")
-    p.add_argument("--compile", choices=CHOICES["sample.compile"],
+    p.add_argument("--compile", choices=choices()["sample.compile"],
                    help="torch.compile the eps model (default: the run's sample.compile: auto = reduce-overhead "
                    "with CUDA graphs on a GPU for jobs of 2000+ model calls); compile time counts in images/s")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import choices
+
     p = argparse.ArgumentParser(prog="ebdiff", description="Early-Bird tickets for cheaper diffusion training")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -343,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder (newest checkpoint) or checkpoint folder")
     s.add_argument("--n", type=int, help="number of images (default: the run's sample.n)")
     s.add_argument("--steps", type=int, help="DDIM steps (default 100)")
-    s.add_argument("--sampler", choices=["ddim", "ddpm"])
-    s.add_argument("--spacing", choices=["quad", "uniform", "trailing"])
+    allowed = choices()
+    s.add_argument("--sampler", choices=allowed["sample.sampler"])
+    s.add_argument("--spacing", choices=allowed["sample.spacing"])
     s.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     s.add_argument("--seed", type=int)
     s.add_argument("--clip-x0", dest="clip_x0", action=argparse.BooleanOptionalAction, default=None,
@@ -354,14 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
     s.add_argument("--out", help="PNG path (default RUN/samples_<sampler><steps>.png)")
-    s.add_argument("--route", choices=["higher-noise", "midpoint"], help="TA-EB runs: overlap routing rule")
+    s.add_argument("--route", choices=allowed["taeb.route"], help="TA-EB runs: overlap routing rule")
     s.set_defaults(fn=cmd_sample)
 
     ta = sub.add_parser("ta-eb", help="EB-Diff-Train (TA-EB): one ticket per timestep region, branches in parallel")
     ta.add_argument("--config", help="YAML with a 'regions' list (configs/*_taeb.yaml)")
     ta.add_argument("--out", help="run folder (default runs/taeb-<timestamp>)")
     ta.add_argument("--resume", metavar="RUN_DIR", help="continue every unfinished branch")
-    ta.add_argument("--branches-only", action="store_true", help=argparse.SUPPRESS)
     ta.add_argument("overrides", nargs="*")
     ta.set_defaults(fn=cmd_taeb)
 

@@ -85,7 +85,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"  # ddim | ddpm
+    sampler: str = "ddim"  # ddim | ddpm (sampling.SAMPLERS)
     steps: int = 100
     spacing: str = "quad"  # quad (reference) | uniform | trailing
     eta: float = 0.0
@@ -104,7 +104,7 @@ class SampleConfig:
 @dataclass
 class EarlyBirdConfig:
     ratio: float | None = None  # None = dense training; a number in (0, 1) turns EB search on
-    criterion: str = "magnitude"  # magnitude | taylor | diff-pruning | random
+    criterion: str = "magnitude"  # magnitude | taylor | diff-pruning | random (pruning.CRITERIA)
     eta: float = 0.1
     queue: int = 5
     check_every: Union[int, str] = "epoch"  # iterations, or "epoch" (one pass over the data)
@@ -153,6 +153,35 @@ class Config:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """What kind of run a config asks for, decided once: the trainer picks its first model and its hooks
+    from it, `ebdiff experiment` and `ebdiff report` name methods by it.
+
+    dense: train the preset. early-bird: dense search, then the ticket (early_bird.ratio). taeb-branch:
+    an Early-Bird run on a TA-EB region's timesteps. prune-from-run: prune a finished dense run once,
+    then train the pruned model (train-prune-finetune, or Scratch with prune.reinit). ta-eb: a config
+    with `regions`, which `ebdiff ta-eb` splits into taeb-branch runs."""
+
+    kind: str
+
+    @property
+    def searches(self) -> bool:
+        return self.kind in ("early-bird", "taeb-branch")
+
+    @classmethod
+    def of(cls, cfg: "Config") -> "RunSpec":
+        if cfg.regions:
+            return cls("ta-eb")
+        if cfg.prune.from_run is not None:
+            return cls("prune-from-run")
+        if cfg.early_bird.ratio is not None:
+            d = cfg.diffusion
+            ranged = d.t_min > 0 or (d.t_max is not None and d.t_max < d.timesteps - 1)
+            return cls("taeb-branch" if ranged else "early-bird")
+        return cls("dense")
+
+
 COMPILE_CHOICES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": ("cifar10", "celeba64", "lsun256", "fmnist", "tiny"),
@@ -165,19 +194,27 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.loss_weighting": ("none", "min-snr", "speed"),
     "train.mixed_precision": ("auto", "no", "bf16"),
     "train.compile": COMPILE_CHOICES,
-    "sample.sampler": ("ddim", "ddpm"),
-    "sample.spacing": ("quad", "uniform", "trailing"),
     "sample.variance": ("fixedlarge", "fixedsmall"),
     "sample.mixed_precision": ("auto", "bf16", "no"),
     "sample.compile": COMPILE_CHOICES,
-    "early_bird.criterion": ("magnitude", "taylor", "diff-pruning", "random"),
     "early_bird.mask_source": ("online", "ema"),
     "early_bird.on_miss": ("continue-dense", "extract-anyway"),
-    "prune.criterion": ("magnitude", "taylor", "diff-pruning", "random"),
     "prune.weights": ("ema", "online"),
-    "taeb.route": ("higher-noise", "midpoint"),
     "taeb.launch": ("auto", "sequential"),
 }
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of every string choice; those naming a paper concept come from its registry
+    (pruning criteria, samplers and spacings, TA-EB routing rules), so a registered criterion or sampler
+    is a valid setting at once."""
+    from .pruning import criterion_names
+    from .regions import ROUTES
+    from .sampling import SAMPLERS, SPACINGS
+
+    crits = criterion_names()
+    return {**CHOICES, "early_bird.criterion": crits, "prune.criterion": crits, "sample.sampler": tuple(SAMPLERS),
+            "sample.spacing": SPACINGS, "taeb.route": ROUTES}
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -291,11 +328,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def validate(cfg: Config) -> Config:
     flat = cfg.to_dict()
-    for dotted, choices in CHOICES.items():  # noqa: B007
+    for dotted, allowed in choices().items():
         section, key = dotted.split(".")
         value = flat[section][key]
-        if value not in choices:
-            raise ConfigError(f"config key '{dotted}' must be one of {', '.join(choices)}; got {value!r}")
+        if value not in allowed:
+            raise ConfigError(f"config key '{dotted}' must be one of {', '.join(allowed)}; got {value!r}")
     t = cfg.train
     positive = {
         "train.iters": t.iters, "train.batch_size": t.batch_size, "train.log_every": t.log_every,

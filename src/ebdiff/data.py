@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -243,6 +243,11 @@ class ImageData:
             return tuple(self.images.shape[1:])
         return tuple(self.files_dataset[0].shape)
 
+    def head(self, n: int) -> torch.Tensor:
+        """The first n images as floats in the model's range [-1, 1] (a fixed scoring batch)."""
+        x = self.images[:n] if self.images is not None else torch.stack([self.files_dataset[i] for i in range(n)])
+        return to_model_range(x)
+
     def to(self, device: torch.device | str) -> "ImageData":
         if self.images is not None:
             self.images = self.images.to(device)
@@ -266,6 +271,21 @@ def load_dataset(dcfg, size: int, progress: bool = True) -> ImageData:
     if dcfg.limit:
         files = files[: dcfg.limit]
     return ImageData(files_dataset=FileImageDataset(files, size, crop), hflip=hflip, name=name)
+
+
+def load_training_data(dcfg, preset: str, device: torch.device, progress: bool = True) -> ImageData:
+    """The dataset a run trains on, at its preset's resolution (or data.image_size), checked against the
+    preset's channels; small datasets are moved to the GPU (no loader in the hot loop)."""
+    from .models import preset_shape
+
+    c, size = preset_shape(preset)
+    data = load_dataset(dcfg, dcfg.image_size or size, progress=progress)
+    if data.shape[0] != c:
+        raise ConfigError(f"model.preset={preset} takes {c}-channel images but data.name={dcfg.name} gives "
+                          f"{data.shape[0]} channels")
+    if data.images is not None and torch.device(device).type == "cuda":
+        data.to(device)
+    return data
 
 
 # ---------------------------------------------------------------- deterministic batches

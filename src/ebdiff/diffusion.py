@@ -46,17 +46,46 @@ class Schedule:
         return cls.linear(d.timesteps, d.beta_start, d.beta_end)
 
 
-def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
-    out = values.to(device=t.device, dtype=dtype)[t]
-    return out.reshape(-1, *([1] * (ndim - 1)))
+class DiffusionLoss:
+    """The DDPM training objective, in one place: forward noising, the eps-prediction error, per-timestep
+    weights (Min-SNR, SpeeD) and the reduction over pixels; `timesteps` draws training timesteps.
+
+    `loss(eps_model, x0, noise, t)` is what the training step, Taylor/Diff-Pruning scoring and
+    `ebdiff bench` compute (the NVlabs/edm `training/loss.py` shape: hyper-parameters in the
+    constructor, one call). `eps_model(x_t, t) -> eps` is any callable (a UNet wrapped by
+    `models.eps_fn`, under autocast or not)."""
+
+    def __init__(self, schedule: Schedule, timesteps: "TimestepSampler | None" = None,
+                 weights: torch.Tensor | None = None, reduction: str = "mean",
+                 device: torch.device | str = "cpu"):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"unknown loss reduction '{reduction}' (mean or sum)")
+        abar = schedule.alphas_cumprod
+        self.schedule, self.reduction = schedule, reduction
+        self.timesteps = timesteps or TimestepSampler(0, schedule.T - 1)
+        self.sqrt_ab = abar.sqrt().float().to(device)
+        self.sqrt_1mab = (1 - abar).sqrt().float().to(device)
+        self.weights = None if weights is None else weights.float().to(device)
+
+    @classmethod
+    def from_config(cls, dcfg, device: torch.device | str = "cpu") -> "DiffusionLoss":
+        schedule = Schedule.from_config(dcfg)
+        return cls(schedule, make_timestep_sampler(dcfg), loss_weights(dcfg, schedule), dcfg.loss_reduction, device)
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        a = self.sqrt_ab.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        s = self.sqrt_1mab.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return a * x0 + s * noise
+
+    def __call__(self, eps_model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        pred = eps_model(self.noised(x0, t, noise), t)
+        return eps_loss(pred, noise, self.reduction, None if self.weights is None else self.weights[t])
 
 
 def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-    abar = schedule.alphas_cumprod
-    a = _gather(abar.sqrt(), t, x0.ndim, x0.dtype)
-    s = _gather((1 - abar).sqrt(), t, x0.ndim, x0.dtype)
-    return a * x0 + s * noise
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (a `DiffusionLoss.noised` without a loss object)."""
+    return DiffusionLoss(schedule, device=x0.device).noised(x0, t, noise)
 
 
 def eps_loss(pred: torch.Tensor, noise: torch.Tensor, reduction: str = "mean",

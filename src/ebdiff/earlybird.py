@@ -12,7 +12,9 @@ from .masks import ChannelMask, hamming
 class Ticket:
     check: int  # index of the check (0-based) at which the ticket was drawn
     mask: ChannelMask
-    max_distance: float  # the largest distance from the newest mask to the others in the queue
+    max_distance: float | None  # the largest distance from the newest mask to the others in the queue
+    iteration: int | None = None  # training iteration of that check (set by the search)
+    found: bool = True  # False: the search budget ran out and the last mask is extracted anyway
 
 
 @dataclass
@@ -54,7 +56,3 @@ class EarlyBirdDetector:
     @property
     def masks(self) -> list[ChannelMask]:
         return list(self._fifo)
-
-    def state(self) -> dict:
-        """JSON-able state without the masks (those are stored separately)."""
-        return {"eta": self.eta, "queue": self.queue, "checks": self.checks, "history": self.history}

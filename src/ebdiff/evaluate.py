@@ -30,10 +30,48 @@ def sample_compile_mode(scfg: SampleConfig, device_type: str) -> str:
     return "reduce-overhead" if device_type == "cuda" and calls >= COMPILE_MIN_CALLS else "none"
 
 
-def run_sample_config(meta: dict, **overrides) -> tuple[DiffusionConfig, SampleConfig]:
-    dcfg = DiffusionConfig(**meta.get("diffusion", {}))
-    scfg = SampleConfig(**meta.get("sample", {}))
-    scfg = replace(scfg, **{k: v for k, v in overrides.items() if v is not None})
+SAMPLE_OPTIONS = ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size", "clip_x0", "mixed_precision",
+                  "compile")  # the sample.* settings a command may override
+
+
+def sample_run(path: Path, out: Path | None = None, device: str = "cpu", ema: bool = True, route: str | None = None,
+               progress: bool = True, **overrides) -> dict:
+    """Sample a run (dense, ticket or TA-EB) with its own sampler settings (overrides: sample.* values,
+    None = the run's), write a PNG grid and the uint8 images as .npz; returns the sampling info with
+    the two paths (`grid`, `images`). Default grid: RUN/samples_<sampler><steps>.png."""
+    from .checkpoint import atomic_save
+    from .report import save_grid
+    from .sampling import to_uint8
+
+    x, info = sample_checkpoint(Path(path), device, ema=ema, progress=progress, route=route, **overrides)
+    s = info["sampler"]
+    imgs = to_uint8(x)
+    grid = Path(out) if out else Path(path) / f"samples_{s['sampler']}{s['steps']}.png"
+    save_grid(imgs, grid)
+
+    def _write(p):
+        with open(p, "wb") as f:
+            np.savez_compressed(f, images=imgs)
+
+    atomic_save(grid.with_suffix(".npz"), _write)
+    info.pop("meta", None)
+    return dict(info, grid=grid, images=grid.with_suffix(".npz"))
+
+
+def run_config(path: Path) -> Config:
+    """A run's settings from their one record, the run folder's config.yaml (a checkpoint folder's run
+    folder is two levels up)."""
+    path = Path(path)
+    for d in (path, path.parent.parent):
+        if (d / "config.yaml").is_file():
+            return load_config(d / "config.yaml")
+    raise ConfigError(f"{path} is not an ebdiff run folder (no config.yaml)")
+
+
+def run_sample_config(cfg: Config, **overrides) -> tuple[DiffusionConfig, SampleConfig]:
+    """The run's diffusion and sampler settings, with the given (non-None) sampler settings replaced."""
+    dcfg = cfg.diffusion
+    scfg = replace(cfg.sample, **{k: v for k, v in overrides.items() if v is not None})
     if scfg.sampler == "ddpm":
         scfg = replace(scfg, steps=dcfg.timesteps)
     if not 0 < scfg.steps <= dcfg.timesteps:
@@ -84,8 +122,8 @@ def compile_eps(fn, mode: str):
 def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool = True, route: str | None = None,
                       **overrides) -> tuple[torch.Tensor, dict]:
     """Images in [-1, 1] from a run/checkpoint/TA-EB run with its own sampler settings (overridable)."""
+    dcfg, scfg = run_sample_config(run_config(path), **overrides)
     fn, meta, size_fn, model = load_for_sampling(path, device, ema, route)
-    dcfg, scfg = run_sample_config(meta, **overrides)
     dev_type = torch.device(device).type
     compile_mode = sample_compile_mode(scfg, dev_type)
     bf16 = scfg.mixed_precision == "bf16" or (scfg.mixed_precision == "auto" and dev_type == "cuda")
@@ -104,8 +142,8 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
                                               model.config.sample_size))
     t0 = time.perf_counter()
     x = generate(fn, scfg.n, shape, Schedule.from_config(dcfg), sampler=scfg.sampler, steps=scfg.steps,
-                 spacing=scfg.spacing, eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0,
-                 batch_size=scfg.batch_size, seed=scfg.seed, device=device, progress=progress)
+                 spacing=scfg.spacing, batch_size=scfg.batch_size, seed=scfg.seed, device=device, progress=progress,
+                 eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -116,13 +154,6 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
     return x, info
 
 
-def _run_config(run: Path) -> Config:
-    p = run / "config.yaml"
-    if not p.is_file():
-        raise ConfigError(f"{run} is not an ebdiff run folder (no config.yaml)")
-    return load_config(p)
-
-
 def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int | None = None,
                  batch_size: int | None = None, device: str = "cpu", inception_weights: str | None = None,
                  data_root: str | None = None, classifier_epochs: int | None = None, seed: int | None = None,
@@ -131,7 +162,7 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
     from .metrics import ClassifierFeatures, InceptionFeatures, fd_from_features, kid, reference_stats
 
     run = Path(run)
-    cfg = _run_config(run)
+    cfg = run_config(run)
     if data_root:
         cfg.data.root = data_root
     if metric in ("fd", "both") and cfg.data.name not in LABELLED:

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from . import checkpoint as ck
-from .config import Config, apply_overrides, load_config, read_yaml, validate
+from .config import Config, RunSpec, apply_overrides, load_config, read_yaml, validate
 from .errors import ConfigError
 
 TOP_KEYS = {"name", "base", "scale", "out", "overrides", "reference", "eval", "methods", "description"}
@@ -157,7 +157,15 @@ def method_config(exp: Experiment, m: Method) -> Config:
 
 
 def is_taeb(cfg: Config) -> bool:
-    return bool(cfg.regions)
+    return RunSpec.of(cfg).kind == "ta-eb"
+
+
+def method_kind(cfg: Config) -> str:
+    """The table's name for a run's kind (config.RunSpec)."""
+    kind = RunSpec.of(cfg).kind
+    if kind == "prune-from-run":
+        return "scratch" if cfg.prune.reinit else "prune+finetune"
+    return {"early-bird": "eb", "taeb-branch": "eb"}.get(kind, kind)
 
 
 def run_status(run: Path, cfg: Config) -> str:
@@ -214,10 +222,10 @@ def _train(cfg: Config, run: Path, status: str) -> None:
         launch(cfg, run)
         finalize(run)
         return
-    from .trainer import Trainer
+    from .trainer import train
 
     run.mkdir(parents=True, exist_ok=True)
-    Trainer(cfg, run, resume=status == "resume").run()
+    train(cfg, run, resume=status == "resume")
 
 
 def plan(exp: Experiment) -> list[dict]:
@@ -225,8 +233,7 @@ def plan(exp: Experiment) -> list[dict]:
     for m in exp.methods:
         cfg = method_config(exp, m)
         run = exp.out / m.name
-        kind = ("ta-eb" if is_taeb(cfg) else "scratch" if cfg.prune.from_run and cfg.prune.reinit
-                else "prune+finetune" if cfg.prune.from_run else "eb" if cfg.early_bird.ratio else "dense")
+        kind = method_kind(cfg)
         iters = ([r.get("iters") or cfg.train.iters for r in cfg.regions] if is_taeb(cfg) else cfg.train.iters)
         rows.append({"name": m.name, "kind": kind, "run": str(run), "iters": iters,
                      "status": run_status(run, cfg), "cfg": cfg})
@@ -236,9 +243,9 @@ def plan(exp: Experiment) -> list[dict]:
 def run_experiment(exp: Experiment, only: list[str] | None = None, evaluate: bool = True, device: str = "auto",
                    progress: bool = True, log=print) -> dict:
     """Train / resume / skip each method, evaluate, report. Returns what experiment.json records."""
+    from .distributed import resolve_device
     from .evaluate import evaluate_run, one_line
     from .report import write_report
-    from .trainer import _resolve_device
 
     if only:
         unknown = set(only) - {m.name for m in exp.methods}
@@ -281,7 +288,7 @@ def run_experiment(exp: Experiment, only: list[str] | None = None, evaluate: boo
                 r = evaluate_run(run, n=ev.get("n", 1000), metric=ev.get("metric", "fd"), steps=ev.get("steps"),
                                  batch_size=ev.get("batch_size"), seed=ev.get("seed"),
                                  classifier_epochs=ev.get("classifier_epochs"),
-                                 device=_resolve_device(device), progress=progress)
+                                 device=resolve_device(device), progress=progress)
                 log("    " + one_line(r))
                 row["eval"] = "evaluated"
         record["methods"].append(row)

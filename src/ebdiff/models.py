@@ -166,6 +166,12 @@ def count_macs_params(model: torch.nn.Module, res: int | None = None) -> tuple[i
     return int(macs), int(params)
 
 
+def size_of(model: torch.nn.Module) -> dict[str, int]:
+    """{"params", "macs"} of a model (`count_macs_params`), as run files record them."""
+    macs, params = count_macs_params(model)
+    return {"params": params, "macs": macs}
+
+
 def autocast_eps(fn, device_type: str):
     """An eps callable evaluated under bf16 autocast, returning fp32 (the sampling fast path)."""
 

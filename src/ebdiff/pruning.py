@@ -1,10 +1,20 @@
 """The one module that talks to torch-pruning: groups, criteria, plans, extraction and replay.
 
-`PruningEngine(model)` traces the model once and keeps its prunable groups. Each `mask(...)` call
-scores the groups on the model's current weights (on its device) and returns the `ChannelMask` the
-criterion would prune at a ratio, without touching the model. `extract(model, plan)` returns a
-physically smaller copy that keeps the surviving weights; the same plan replayed onto a fresh
-preset (`apply_plan`) rebuilds the architecture for loading safetensors weights (no pickle).
+`PruningEngine(model)` traces the model once and keeps its prunable groups. A `Criterion` (registered
+by name in `CRITERIA`; `magnitude`, `taylor`, `diff-pruning`, `random`) scores every channel of every
+group on the model's current weights; `engine.mask(criterion, ratio)` turns the scores into the
+`ChannelMask` that would be pruned at a ratio, without touching the model. `extract(model, plan)`
+returns a physically smaller copy that keeps the surviving weights (or re-initialised ones); the same
+plan replayed onto a fresh preset (`apply_plan`) rebuilds the architecture for loading safetensors
+weights (no pickle).
+
+Adding a criterion is one class and one decorator:
+
+    @register_criterion
+    class FirstChannels(Criterion):
+        name = "first-channels"
+        def __call__(self, engine, probe=None):
+            return [-torch.arange(i.size, dtype=torch.float) for i in engine.info]
 """
 
 from __future__ import annotations
@@ -12,16 +22,14 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
 
-from .diffusion import Schedule, q_sample
+from .diffusion import DiffusionLoss, Schedule
 from .masks import ChannelMask, select_pruned
 
-CRITERIA = ("magnitude", "taylor", "diff-pruning", "random")
-GRADIENT_CRITERIA = ("taylor", "diff-pruning")  # scored from the .grad of accumulate_taylor_grads
 Plan = list[tuple[str, list[int]]]  # (root module name, pruned output-channel indices), in group order
 
 
@@ -53,11 +61,54 @@ def build_graph(model: nn.Module):
     try:
         with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
-            return tp.DependencyGraph().build_dependency(model, example_inputs=_example(model), verbose=False)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=_example(model), verbose=False)
     finally:
         model.train(was_training)
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
+    release_autograd(graph)
+    return graph
+
+
+def release_autograd(graph) -> None:
+    """Replace the autograd nodes that torch-pruning keeps on its graph by inert snapshots of what it
+    reads from them later (`name()` and the `_saved_*` sizes/dims its index mapping consults).
+
+    Grouping and pruning only need the module graph; the live nodes would keep the parameters'
+    AccumulateGrad nodes alive, created on the default stream, and a later CUDA-graph capture of the
+    training step on a side stream then fails (cudaErrorStreamCaptureImplicit: an Early-Bird run with
+    the whole-step graph on the H200, 2026-11-26, whose engine traced the online model)."""
+    for node in graph.module2node.values():
+        node.grad_fn = _FrozenGradFn.of(node.grad_fn)
+        if hasattr(node.module, "grad_fn"):  # torch-pruning's _SliceOp keeps its slicing node
+            node.module.grad_fn = _FrozenGradFn.of(node.module.grad_fn)
+
+
+class _FrozenGradFn:
+    """The plain (non-tensor) attributes of an autograd node, without the node."""
+
+    def __init__(self, name: str, saved: dict):
+        self._name = name
+        self.__dict__.update(saved)
+
+    def name(self) -> str:
+        return self._name
+
+    @classmethod
+    def of(cls, fn):
+        if fn is None or isinstance(fn, cls):
+            return fn
+        saved = {}
+        for attr in dir(fn):
+            if attr.startswith("_saved_"):
+                try:
+                    v = getattr(fn, attr)
+                except RuntimeError:  # a saved tensor already freed
+                    continue
+                if not isinstance(v, torch.Tensor) and not (isinstance(v, (tuple, list)) and
+                                                            any(isinstance(x, torch.Tensor) for x in v)):
+                    saved[attr] = v
+        return cls(fn.name(), saved)
 
 
 def _ignored(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
@@ -76,7 +127,6 @@ class PruningEngine:
     """Traces `model` once; scores and masks its groups on demand, on the model's device."""
 
     def __init__(self, model: nn.Module, ignored: tuple[str, ...] = ("conv_out",)):
-        tp = _tp()
         self.model = model
         self.graph = build_graph(model)
         names = {m: n for n, m in model.named_modules()}
@@ -93,63 +143,184 @@ class PruningEngine:
             info.append(GroupInfo(names[root], int(size), max(gns) if gns else 1))
         self.info = info
         self.sizes = tuple(i.size for i in info)
-        self._magnitude = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
-        self._taylor = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
 
     # ------------------------------------------------------------------ scores
-    @torch.no_grad()
-    def scores(self, criterion: str, seed: int = 0) -> list[torch.Tensor]:
-        """One score per channel of every group (higher = keep). Taylor-type criteria read `.grad`."""
-        if criterion == "random":
-            g = torch.Generator().manual_seed(seed)
-            return [torch.rand(i.size, generator=g) for i in self.info]
-        imp = self._magnitude if criterion == "magnitude" else self._taylor
+    def scores(self, criterion: "str | Criterion", probe: "ScoreProbe | None" = None, seed: int = 0) -> list[torch.Tensor]:
+        """One score per channel of every group (higher = keep). A gradient criterion without a probe
+        reads the gradients already in `.grad`."""
+        crit = make_criterion(criterion, seed=seed) if isinstance(criterion, str) else criterion
+        return [s.float() for s in crit(self, probe)]
+
+    def group_scores(self, importance) -> list[torch.Tensor]:
+        """torch-pruning's `importance(group)` for every group (zeros where it has nothing, e.g. no grads)."""
         out = []
-        for grp, i in zip(self.groups, self.info):
-            s = imp(grp)
-            if s is None or s.numel() != i.size:  # e.g. a group without gradients
-                s = torch.zeros(i.size, device=next(self.model.parameters()).device)
-            out.append(s.float())
+        with torch.no_grad():
+            for grp, i in zip(self.groups, self.info):
+                s = importance(grp)
+                if s is None or s.numel() != i.size:
+                    s = torch.zeros(i.size, device=next(self.model.parameters()).device)
+                out.append(s.float())
         return out
 
     def mask_from_scores(self, scores: list[torch.Tensor], ratio: float) -> ChannelMask:
         pruned = [select_pruned(s, ratio, i.gn_groups) for s, i in zip(scores, self.info)]
         return ChannelMask.from_indices(self.sizes, pruned)
 
-    def mask(self, criterion: str, ratio: float, seed: int = 0) -> ChannelMask:
-        return self.mask_from_scores(self.scores(criterion, seed), ratio)
+    def mask(self, criterion: "str | Criterion", ratio: float, probe: "ScoreProbe | None" = None,
+             seed: int = 0) -> ChannelMask:
+        return self.mask_from_scores(self.scores(criterion, probe, seed), ratio)
 
     def plan(self, mask: ChannelMask) -> Plan:
         return [(i.name, idx.tolist()) for i, idx in zip(self.info, mask.indices())]
 
 
-# ---------------------------------------------------------------------- Taylor gradients
-def accumulate_taylor_grads(model: nn.Module, schedule: Schedule, x0: torch.Tensor, n_timesteps: int,
+# ---------------------------------------------------------------------- criteria
+@dataclass
+class ScoreProbe:
+    """What a gradient criterion scores on: one fixed batch `x0` (model range), the run's diffusion loss
+    (weights, reduction), `timesteps` evenly spaced t inside `t_range`, fixed noise from `seed`."""
+
+    x0: torch.Tensor
+    loss: DiffusionLoss
+    timesteps: int = 32
+    t_range: tuple[int, int] | None = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, data, batch: int, loss: DiffusionLoss, timesteps: int, seed: int, device) -> "ScoreProbe":
+        """The first `batch` images of a dataset (`data.ImageData`), scored on the loss's timestep range."""
+        x0 = data.head(min(batch, len(data))).to(device)
+        return cls(x0, loss, timesteps, (loss.timesteps.lo, loss.timesteps.hi), seed)
+
+
+class Criterion:
+    """Scores every channel of every group of `engine.model` at its current weights (higher = keep).
+
+    `needs_probe`: the criterion scores from the diffusion loss's gradients on a `ScoreProbe` (the
+    Early-Bird search then keeps one fixed batch for it). Options every criterion may read: `seed`
+    (random), `diff_threshold` (Diff-Pruning)."""
+
+    name: ClassVar[str] = ""
+    needs_probe: ClassVar[bool] = False
+
+    def __init__(self, seed: int = 0, diff_threshold: float = 0.05):
+        self.seed, self.diff_threshold = seed, diff_threshold
+
+    def __call__(self, engine: PruningEngine, probe: ScoreProbe | None = None) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+CRITERIA: dict[str, type[Criterion]] = {}
+
+
+def register_criterion(cls: type[Criterion]) -> type[Criterion]:
+    """Class decorator: make a criterion available by its `name` (config `early_bird.criterion`,
+    `prune.criterion`)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a name")
+    CRITERIA[cls.name] = cls
+    return cls
+
+
+def criterion_names() -> tuple[str, ...]:
+    return tuple(CRITERIA)
+
+
+def make_criterion(name: str, **options) -> Criterion:
+    if name not in CRITERIA:
+        raise KeyError(f"unknown pruning criterion '{name}' (known: {', '.join(CRITERIA)})")
+    return CRITERIA[name](**options)
+
+
+@register_criterion
+class Magnitude(Criterion):
+    """L2 norm of each channel's weights over its whole group (torch-pruning's GroupMagnitudeImportance)."""
+
+    name = "magnitude"
+
+    def __call__(self, engine, probe=None):
+        tp = _tp()
+        return engine.group_scores(tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean",
+                                                                          normalizer=None))
+
+
+@register_criterion
+class Taylor(Criterion):
+    """First-order Taylor |w dL/dw| with dL/dw accumulated over the probe's timesteps (one batch,
+    fixed noise, one t for the whole batch). Without a probe: the gradients already in `.grad`."""
+
+    name = "taylor"
+    needs_probe = True
+    threshold: float | None = None  # Diff-Pruning: stop accumulating once L_t < threshold * max L
+
+    def __call__(self, engine, probe=None):
+        tp = _tp()
+        if probe is None:
+            return engine.group_scores(tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None))
+        model = engine.model
+        flags = [p.requires_grad for p in model.parameters()]
+        model.requires_grad_(True)  # a frozen copy (the EMA) is scored too
+        try:
+            accumulate_taylor_grads(model, probe.loss, probe.x0, probe.timesteps, self.threshold, seed=probe.seed,
+                                    t_range=probe.t_range)
+            return engine.group_scores(tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None))
+        finally:
+            model.zero_grad(set_to_none=True)
+            for p, f in zip(model.parameters(), flags):
+                p.requires_grad_(f)
+
+
+@register_criterion
+class DiffPruning(Taylor):
+    """Diff-Pruning: Taylor, accumulated only over the informative timesteps (L_t >= thr * max L)."""
+
+    name = "diff-pruning"
+
+    def __init__(self, seed: int = 0, diff_threshold: float = 0.05):
+        super().__init__(seed, diff_threshold)
+        self.threshold = diff_threshold
+
+
+@register_criterion
+class Random(Criterion):
+    name = "random"
+
+    def __call__(self, engine, probe=None):
+        g = torch.Generator().manual_seed(self.seed)
+        return [torch.rand(i.size, generator=g) for i in engine.info]
+
+
+def accumulate_taylor_grads(model: nn.Module, loss: "DiffusionLoss | Schedule", x0: torch.Tensor, n_timesteps: int,
                             diff_threshold: float | None = None, seed: int = 0,
                             t_range: tuple[int, int] | None = None) -> dict:
     """Accumulate dL_t/dw into `.grad` over evenly spaced t (one batch, fixed noise, same t per batch).
 
-    With `diff_threshold` (Diff-Pruning) the accumulation stops at the first t, in ascending order,
-    whose loss falls below threshold * the largest loss seen. The model is put in eval mode while
-    scoring (no dropout), so an unchanged model always gives the same scores.
+    L_t is the run's diffusion loss (its weights and reduction; a bare Schedule means the plain mean
+    squared error). With `diff_threshold` (Diff-Pruning) the accumulation stops at the first t, in
+    ascending order, whose loss falls below threshold * the largest loss seen. The model is put in
+    eval mode while scoring (no dropout), so an unchanged model always gives the same scores.
     """
+    from .models import eps_fn
+
+    if isinstance(loss, Schedule):
+        loss = DiffusionLoss(loss, device=x0.device)
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
     g = torch.Generator(device=x0.device).manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g, device=x0.device)
-    lo, hi = t_range or (0, schedule.T - 1)
+    lo, hi = t_range or (0, loss.schedule.T - 1)
     ts = sorted(set(torch.linspace(lo, hi, min(n_timesteps, hi - lo + 1)).round().long().tolist()))
     used, lmax = 0, 0.0
+    f = eps_fn(model)
     for t in ts:
         tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-        xt = q_sample(schedule, x0, tt, noise)
-        loss = (model(xt, tt).sample - noise).pow(2).mean()
-        lv = float(loss.detach())
+        lt = loss(f, x0, noise, tt)
+        lv = float(lt.detach())
         lmax = max(lmax, lv)
         if diff_threshold is not None and lv < diff_threshold * lmax:
             break
-        loss.backward()
+        lt.backward()
         used += 1
     model.train(was_training)
     return {"timesteps_used": used, "timesteps_planned": len(ts)}

@@ -10,7 +10,8 @@ from .checkpoint import read_json
 from .curves import read_curve
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +23,7 @@ def _plt():
 def plot_hamming(dm: np.ndarray, path: Path, mark: int | None = None, title: str = "",
                  iterations: list[int] | None = None) -> None:
     """Pairwise mask distances as a heatmap; `mark` outlines the check where the ticket was drawn."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4))
     n = dm.shape[0]
     im = ax.imshow(dm if n else np.zeros((1, 1)), cmap="viridis_r", vmin=0, vmax=max(float(dm.max()) if n else 1, 1e-6),
@@ -38,6 +39,35 @@ def plot_hamming(dm: np.ndarray, path: Path, mark: int | None = None, title: str
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_search_artifacts(run_dir: Path, search, ticket: dict | None, title: str = "") -> None:
+    """An Early-Bird search's files in its run folder: masks.npz (every mask, its iteration and cost),
+    hamming.npy / hamming.png (pairwise mask distances, the ticket's check outlined), ticket.json."""
+    from .checkpoint import atomic_save, atomic_write_json
+    from .masks import distance_matrix
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    st = search.state_dict()
+
+    def _masks(p):
+        with open(p, "wb") as f:
+            np.savez(f, masks=st["masks"].numpy(), sizes=np.array(st["sizes"], np.int64),
+                     iterations=np.array(st["iterations"], np.int64), check_seconds=np.array(st["check_seconds"]))
+
+    atomic_save(run_dir / "masks.npz", _masks)
+    dm = distance_matrix(search.masks).numpy()
+
+    def _dm(p):
+        with open(p, "wb") as f:
+            np.save(f, dm)
+
+    atomic_save(run_dir / "hamming.npy", _dm)
+    mark = ticket["check"] if ticket and ticket.get("found") else None
+    plot_hamming(dm, run_dir / "hamming.png", mark=mark, title=title)
+    if ticket is not None:
+        atomic_write_json(run_dir / "ticket.json", ticket)
 
 
 def save_grid(images_u8: np.ndarray, path: Path, nrow: int | None = None) -> None:
@@ -121,7 +151,7 @@ def describe_run(run: Path) -> dict:
 
 def write_report(runs: list[Path], out: Path, reference: Path | None = None) -> Path:
     """Markdown report + PNG figures: table, metric vs relative time, heatmaps, loss curves, grids."""
-    plt = _plt()
+    plt = pyplot()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [describe_run(r) for r in runs]

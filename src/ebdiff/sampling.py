@@ -1,12 +1,17 @@
-"""DDIM and DDPM samplers over any eps-model callable `f(x, t) -> eps`.
+"""Samplers over any eps-model callable `f(x, t) -> eps`, in a registry with one signature.
 
-Each sampler takes the model as a plain callable, so a single UNet, an EMA copy or a region router
-plug in the same way (the k-diffusion convention).
+Every sampler is `fn(model, x, schedule, timesteps, *, generator=None, **options)`: x = x_T, the
+visited `timesteps` ascending. The model is a plain callable, so a single UNet, an EMA copy or a
+region router plug in the same way (the k-diffusion convention); a model that implements `Routed`
+(the TA-EB `RegionRouter`) is asked for the model of each step's Python timestep.
+
+Adding a sampler is one function and one `register_sampler(name, timesteps_fn, options)` line.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -14,13 +19,19 @@ import torch
 from .diffusion import Schedule
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SPACINGS = ("quad", "uniform", "trailing")
+
+
+@runtime_checkable
+class Routed(Protocol):
+    """An eps model made of several models, one per timestep (TA-EB): the samplers call `at(t)` with the
+    step's Python int, so routing needs no read-back of a device tensor."""
+
+    def at(self, t: int) -> EpsModel: ...
 
 
 def _model_at(model: EpsModel, t: int) -> EpsModel:
-    """The callable for one sampling step: a router (anything with `.at`) picks its region model from
-    the Python int, any other eps model serves every t."""
-    at = getattr(model, "at", None)
-    return at(t) if at is not None else model
+    return model.at(t) if isinstance(model, Routed) else model
 
 
 def ddim_timesteps(T: int, steps: int, spacing: str = "quad") -> list[int]:
@@ -31,14 +42,14 @@ def ddim_timesteps(T: int, steps: int, spacing: str = "quad") -> list[int]:
     """
     if not 0 < steps <= T:
         raise ValueError(f"steps must be in 1..{T}; got {steps}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing '{spacing}' (known: {', '.join(SPACINGS)})")
     if spacing == "quad":
         seq = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(int)
     elif spacing == "uniform":
         seq = np.arange(0, T, T // steps)[:steps]
-    elif spacing == "trailing":
+    else:  # trailing
         seq = np.round(np.arange(T, 0, -T / steps)).astype(int)[::-1] - 1
-    else:
-        raise ValueError(f"unknown spacing '{spacing}'")
     return [int(s) for s in seq]
 
 
@@ -47,7 +58,7 @@ def _abar_at(abar: torch.Tensor, t: int) -> float:
 
 
 @torch.no_grad()
-def ddim_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, timesteps: list[int],
+def ddim_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, timesteps: list[int], *,
                 eta: float = 0.0, generator: torch.Generator | None = None, clip_x0: bool = False) -> torch.Tensor:
     """DDIM (Song et al.) from x_T = x over the given ascending timesteps; eta=0 is deterministic."""
     abar = schedule.alphas_cumprod
@@ -69,9 +80,13 @@ def ddim_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, timesteps:
 
 
 @torch.no_grad()
-def ddpm_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, variance: str = "fixedlarge",
-                clip_x0: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Ancestral DDPM sampling over all T steps (variance 'fixedlarge' = beta_t, as the reference)."""
+def ddpm_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, timesteps: list[int] | None = None, *,
+                variance: str = "fixedlarge", clip_x0: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ancestral DDPM sampling over all T steps (variance 'fixedlarge' = beta_t, as the reference; the
+    predicted x0 clipped to [-1, 1], as the reference). `timesteps` must be all of 0..T-1 if given."""
+    if timesteps is not None and list(timesteps) != list(range(schedule.T)):
+        raise ValueError("DDPM visits every timestep 0..T-1")
     abar = schedule.alphas_cumprod
     for t in reversed(range(schedule.T)):
         at, an = _abar_at(abar, t), _abar_at(abar, t - 1)
@@ -93,24 +108,53 @@ def ddpm_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, variance: 
     return x
 
 
+@dataclass(frozen=True)
+class SamplerSpec:
+    fn: Callable[..., torch.Tensor]
+    timesteps: Callable[[int, int, str], list[int]]  # (T, steps, spacing) -> the visited timesteps, ascending
+    options: tuple[str, ...]  # the sample.* settings it takes as keyword arguments
+
+
+SAMPLERS: dict[str, SamplerSpec] = {}
+
+
+def register_sampler(name: str, timesteps: Callable[[int, int, str], list[int]], options: tuple[str, ...] = ()):
+    """Decorator: make fn(model, x, schedule, timesteps, *, generator, **options) the sampler `name`
+    (`sample.sampler`, `ebdiff sample --sampler`)."""
+
+    def deco(fn):
+        SAMPLERS[name] = SamplerSpec(fn, timesteps, tuple(options))
+        return fn
+
+    return deco
+
+
+register_sampler("ddim", ddim_timesteps, ("eta", "clip_x0"))(ddim_sample)
+register_sampler("ddpm", lambda T, steps, spacing: list(range(T)), ("variance",))(ddpm_sample)
+
+
+def sampler_timesteps(sampler: str, T: int, steps: int, spacing: str = "quad") -> list[int]:
+    """The timesteps a sampler visits (TA-EB weights its sizes by them)."""
+    return SAMPLERS[sampler].timesteps(T, steps, spacing)
+
+
 def generate(model: EpsModel, n: int, shape: tuple[int, int, int], schedule: Schedule, *,
-             sampler: str = "ddim", steps: int = 100, spacing: str = "quad", eta: float = 0.0,
-             variance: str = "fixedlarge", clip_x0: bool = False, batch_size: int = 256, seed: int = 0,
-             device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
-    """n images in [-1, 1] as a float tensor on the CPU. Batch b uses seed (seed, b): reproducible."""
+             sampler: str = "ddim", steps: int = 100, spacing: str = "quad", batch_size: int = 256, seed: int = 0,
+             device: torch.device | str = "cpu", progress: bool = False, **options) -> torch.Tensor:
+    """n images in [-1, 1] as a float tensor on the CPU. Batch b uses seed (seed, b): reproducible.
+    options: sampler settings (eta, clip_x0, variance); each sampler takes those it knows."""
     from tqdm.auto import tqdm
 
+    spec = SAMPLERS[sampler]
+    kw = {k: v for k, v in options.items() if k in spec.options}
+    timesteps = spec.timesteps(schedule.T, steps, spacing)
     out = []
-    timesteps = ddim_timesteps(schedule.T, steps, spacing) if sampler == "ddim" else None
     n_batches = (n + batch_size - 1) // batch_size
     for b in tqdm(range(n_batches), desc=f"sampling ({sampler})", disable=not progress, leave=False):
         m = min(batch_size, n - b * batch_size)
         g = torch.Generator(device=device).manual_seed(seed * 100_003 + b)
         x = torch.randn((m, *shape), generator=g, device=device)
-        if sampler == "ddim":
-            x = ddim_sample(model, x, schedule, timesteps, eta=eta, generator=g, clip_x0=clip_x0)
-        else:
-            x = ddpm_sample(model, x, schedule, variance=variance, generator=g)
+        x = spec.fn(model, x, schedule, timesteps, generator=g, **kw)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 

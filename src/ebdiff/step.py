@@ -8,12 +8,13 @@ the CPU the plain fp32 eager path, which is also the one whose resume is bit-exa
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
-from .diffusion import eps_loss
+from .diffusion import DiffusionLoss
 from .errors import ConfigError
 
 
@@ -96,6 +97,24 @@ def make_optimizer(params, tcfg, fast: FastPath) -> torch.optim.Optimizer:
                             weight_decay=tcfg.weight_decay, **kw)
 
 
+class EMA:
+    """Exponential moving average of a model's floating-point state, kept as a full module copy."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self._src = [p for p in model.state_dict().values() if p.is_floating_point()]
+        self._dst = [p for p in self.module.state_dict().values() if p.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay
+        if self.warmup:
+            d = min(d, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self._dst, self._src, 1.0 - d)
+
+
 def prepare_model(model: nn.Module, fast: FastPath) -> nn.Module:
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -105,16 +124,13 @@ def prepare_model(model: nn.Module, fast: FastPath) -> nn.Module:
 class TrainStep:
     """step(x0, t, noise) -> detached loss. `model` may be DDP-wrapped; `raw` is the module itself."""
 
-    def __init__(self, model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, ema, sqrt_ab: torch.Tensor,
-                 sqrt_1mab: torch.Tensor, loss_reduction: str, grad_clip: float, fast: FastPath,
-                 weights: torch.Tensor | None = None):
-        """weights: per-timestep loss weights on the device (Min-SNR, SpeeD), or None."""
-        self.model, self.raw, self.opt, self.ema = model, raw, opt, ema
-        self.weights = weights
-        self.sqrt_ab, self.sqrt_1mab = sqrt_ab, sqrt_1mab
-        self.reduction, self.grad_clip, self.fast = loss_reduction, grad_clip, fast
+    def __init__(self, model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
+                 loss: DiffusionLoss, grad_clip: float, fast: FastPath):
+        """loss: the objective (schedule, weights, reduction) with its tensors on the training device."""
+        self.model, self.raw, self.opt, self.ema, self.loss = model, raw, opt, ema, loss
+        self.grad_clip, self.fast = grad_clip, fast
         self.params = [p for p in raw.parameters() if p.requires_grad]
-        self.device_type = sqrt_ab.device.type
+        self.device_type = loss.sqrt_ab.device.type
         self._graph, self._warm = None, 0  # the whole-step CUDA graph (fast.cuda_graph), once captured
         if self.device_type == "cuda":  # a process-wide switch: each step sets the one its mode asks for
             torch.backends.cudnn.benchmark = fast.cudnn_benchmark
@@ -128,13 +144,14 @@ class TrainStep:
             fn = torch.compile(fn, mode=None if fast.compile == "default" else fast.compile)
         self.forward_loss = fn
 
-    def _forward_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        xt = self.sqrt_ab[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1mab[t].view(-1, 1, 1, 1) * noise
+    def _eps(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # autocast's weight cache must be off under graph capture (PyTorch's CUDA graphs notes)
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.fast.bf16,
                             cache_enabled=not self.fast.cuda_graph):
-            pred = self.model(xt, t).sample
-        return eps_loss(pred, noise, self.reduction, None if self.weights is None else self.weights[t])
+            return self.model(xt, t).sample
+
+    def _forward_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.loss(self._eps, x0, noise, t)
 
     def _update(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward, backward, clip, Adam, EMA: the work one step does (and what the graph captures)."""

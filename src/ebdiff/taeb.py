@@ -1,11 +1,14 @@
 """EB-Diff-Train (TA-EB): one Early-Bird ticket per timestep region, branches trained in parallel.
 
-Each region branch is an ordinary ebdiff run (dense search on the region's timesteps, ticket at the
-region's ratio, ticket training on the region's timesteps) in `RUN/region-k/`. Branches run at the
-same time as separate processes under torch.distributed: the world is split into one process group
-per region (data parallel inside a group). Launched without torchrun, `ebdiff ta-eb` starts itself
-under `torch.distributed.run` (one process per branch, or `taeb.procs_per_region`). The combined
-artifact is `RUN/regions.json` + each branch's checkpoints; `RUN/taeb.json` holds the accounting.
+Three parts:
+- the branch spec: each region branch is an ordinary ebdiff run (dense search on the region's
+  timesteps, ticket at the region's ratio, ticket training on those timesteps) in `RUN/region-k/`;
+  the combined artifact is `RUN/regions.json` + each branch's checkpoints (`load_router`);
+- the launcher: branches run at the same time as separate processes under torch.distributed, the
+  world split into one process group per region (data parallel inside a group). Without torchrun,
+  `launch` starts `torch.distributed.run` on the worker entry point `python -m ebdiff.taeb_worker RUN`
+  (one process per branch, or `taeb.procs_per_region`); under torchrun every rank runs `run_rank`;
+- the accounting (`RUN/taeb.json`): weighted params/MACs over the sampling steps, the longest branch.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from . import checkpoint as ck
 from .config import Config, dump_yaml, load_config
 from .errors import CheckpointError, ConfigError
 from .regions import Region, RegionRouter, RegionSet
-from .sampling import ddim_timesteps
+from .sampling import sampler_timesteps
 
 REGIONS_FILE = "regions.json"
 
@@ -62,7 +65,7 @@ def _train_branch(cfg: Config, run: Path, k: int, group=None) -> dict:
     return Trainer(branch_config(cfg, regions[k]), d, resume=resume, group=group).run()
 
 
-def _write_layout(cfg: Config, run: Path) -> None:
+def write_layout(cfg: Config, run: Path) -> None:
     regions = region_set(cfg)
     run.mkdir(parents=True, exist_ok=True)
     ck.atomic_write_text(run / "config.yaml", dump_yaml(cfg))
@@ -92,10 +95,12 @@ def _backend_for(cfg: Config, world: int) -> str:
     return dist_backend(world, cfg.taeb.procs_per_region, cuda, torch.cuda.device_count() if cuda else 0)
 
 
-def run_distributed_rank(cfg: Config, run: Path) -> None:
-    """Body of one torchrun process: join the region group of this rank and train that branch."""
+def run_rank(run: Path) -> None:
+    """Body of one torch.distributed process: join the region group of this rank and train that branch
+    (the run's config.yaml, written by `launch`, is the one record of the settings)."""
     import torch.distributed as dist
 
+    cfg = load_config(Path(run) / "config.yaml")
     regions = region_set(cfg)
     per = cfg.taeb.procs_per_region
     if not dist.is_initialized():
@@ -113,10 +118,10 @@ def run_distributed_rank(cfg: Config, run: Path) -> None:
 
 def launch(cfg: Config, run: Path) -> None:
     """Train all branches: under torchrun as one group per region; else start torch.distributed.run."""
-    _write_layout(cfg, run)
+    write_layout(cfg, run)
     regions = region_set(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        run_distributed_rank(cfg, run)
+        run_rank(run)
         return
     if cfg.taeb.launch == "sequential" or len(regions) * cfg.taeb.procs_per_region == 1:
         for k in range(len(regions)):
@@ -128,14 +133,14 @@ def launch(cfg: Config, run: Path) -> None:
     if cfg.train.device == "cpu" or not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ebdiff.cli", "ta-eb", "--config", str(run / "config.yaml"), "--out", str(run), "--branches-only"]
+           "-m", "ebdiff.taeb_worker", str(run)]
     rc = subprocess.call(cmd, env=env)
     if rc != 0:
         raise ConfigError(f"ta-eb: a region branch failed (exit {rc}); fix the cause and rerun the same "
                           f"command with --resume {run}: finished branches are kept")
 
 
-# ---------------------------------------------------------------------- artifact and accounting
+# ---------------------------------------------------------------------- the combined artifact and accounting
 def is_taeb_run(path: Path) -> bool:
     return (Path(path) / REGIONS_FILE).is_file()
 
@@ -164,7 +169,7 @@ def load_router(run: Path, device: str = "cpu", ema: bool = True, route: str | N
 
 
 def visited_timesteps(scfg, T: int) -> list[int]:
-    return ddim_timesteps(T, scfg.steps, scfg.spacing) if scfg.sampler == "ddim" else list(range(T))
+    return sampler_timesteps(scfg.sampler, T, scfg.steps, scfg.spacing)
 
 
 def accounting(run: Path, cfg: Config) -> dict:
@@ -211,9 +216,9 @@ def accounting(run: Path, cfg: Config) -> dict:
 
 def plot_region_heatmaps(run: Path, path: Path) -> None:
     """The paper's Figure 4: each region's Hamming-distance matrix, side by side."""
-    from .report import _plt
+    from .report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     regions, spec = read_regions(run)
     fig, axes = plt.subplots(1, len(regions), figsize=(3.6 * len(regions), 3.4), squeeze=False)
     for ax, (k, name) in zip(axes[0], enumerate(spec["members"])):

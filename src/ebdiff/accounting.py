@@ -1,0 +1,65 @@
+"""Training-time accounting (pure): where a run's seconds went, and the run summary built from them.
+
+The paper's speed-up compares training wall-clock times: EB counts its dense search (training and
+checks), the extraction and the ticket's training; a dense-then-prune baseline also counts the dense
+run it was cut from; TA-EB counts its longest branch (`taeb.accounting`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class Timing:
+    dense_s: float = 0.0  # training steps of the dense model (the whole run when no ticket is drawn)
+    sparse_s: float = 0.0  # training steps of the ticket / pruned model
+    check_s: float = 0.0  # Early-Bird checks (mask computation)
+    extract_s: float = 0.0  # extraction / pruning, rebuilding optimizer, EMA and step
+    search_s: float = 0.0  # dense_s when the ticket was drawn
+    wall_s: float = 0.0  # wall clock of the training calls (resumes added up)
+
+    def add_step(self, phase: str, seconds: float) -> None:
+        if phase == "dense":
+            self.dense_s += seconds
+        else:
+            self.sparse_s += seconds
+
+    @property
+    def own_total(self) -> float:
+        return self.dense_s + self.sparse_s + self.check_s + self.extract_s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Timing":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: float(v) for k, v in d.items() if k in known})
+
+
+def run_summary(*, run_dir: str, iteration: int, phase: str, timing: Timing, dense_size: dict | None,
+                size: dict | None, ticket: dict | None, pruned_from: dict | None, device: str, processes: int,
+                fast_path: dict) -> dict:
+    """summary.json of a run. size: the trained model's params/MACs when it is not the dense one."""
+    search_iters = ticket["iteration"] if ticket and phase == "ticket" else None
+    if pruned_from is not None:  # dense-then-prune: the dense run it started from is part of its cost
+        dense_its, sparse_its = pruned_from["iteration"], iteration
+        depends = pruned_from.get("train_s") or 0.0
+    else:
+        dense_its = search_iters if search_iters is not None else iteration
+        sparse_its, depends = iteration - dense_its, 0.0
+    own = timing.own_total
+    return {
+        "run_dir": run_dir,
+        "iterations": iteration,
+        "phase": phase,
+        "dense_iterations": dense_its,
+        "ticket_iterations": sparse_its,
+        "dense": dense_size,
+        "ticket": size,
+        "ticket_info": ticket,
+        "pruned_from": pruned_from,
+        "time_s": {**timing.to_dict(), "own_total": own, "dependency_s": depends, "train_total": own + depends},
+        "device": device, "processes": processes, "fast_path": fast_path,
+    }
