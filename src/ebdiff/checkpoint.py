@@ -36,9 +36,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -97,6 +101,8 @@ def save_checkpoint(run_dir: Path, iteration: int, model: nn.Module, ema: nn.Mod
 
     final = ckpt_dir(run_dir, iteration)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(".ckpt-*"):  # left by a write that was killed (one writer: ours)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"))
@@ -111,6 +117,11 @@ def save_checkpoint(run_dir: Path, iteration: int, model: nn.Module, ema: nn.Mod
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as exc:
+        kept = latest_checkpoint(run_dir)
+        raise CheckpointError(f"cannot write checkpoint {final.name} in {final.parent} ({exc.strerror or exc}); "
+                              f"{'the previous checkpoint ' + kept.name + ' is kept' if kept else 'no checkpoint was written'}"
+                              ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -149,6 +160,8 @@ def build_from_meta(meta: dict[str, Any]) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load a safetensors file into `model`; a missing, unexpected, wrong-shape or non-finite tensor stops
+    with one line naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -156,11 +169,20 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
         sd = load_file(str(path))
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read weights {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"weights {path} do not fit the architecture in meta.json: "
-                              f"{str(exc).splitlines()[0]}") from None
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or wrong:
+        k = (wrong or missing or unexpected)[0]
+        what = (f"tensor '{k}' has shape {list(sd[k].shape)} in the file but {list(want[k].shape)} in the model"
+                if wrong else f"tensor '{k}' is {'missing from the file' if missing else 'not in the model'}")
+        n = len(missing) + len(unexpected) + len(wrong)
+        raise CheckpointError(f"weights {path} do not fit the architecture in meta.json: {what}"
+                              + (f" (and {n - 1} more)" if n > 1 else ""))
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"weights {path} hold non-finite values (tensor '{bad}'): this checkpoint is unusable")
+    model.load_state_dict(sd, strict=True)
     return model
 
 
@@ -176,9 +198,82 @@ def load_model(ckpt: Path, ema: bool = True, device: torch.device | str = "cpu")
 def load_state(ckpt: Path) -> dict[str, Any]:
     path = Path(ckpt) / "state.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or truncated file, or one that needs unpickling code
         raise CheckpointError(f"cannot read training state {path}: {type(exc).__name__}") from None
+    if not isinstance(state, dict) or not {"iteration", "optimizer", "rng"} <= set(state):
+        raise CheckpointError(f"training state {path} lacks iteration/optimizer/rng: not an ebdiff state")
+    return state
+
+
+def truncate_log(path: Path, iteration: int) -> None:
+    """Drop the records of a JSONL log written after `iteration` (by a run that stopped before its next
+    checkpoint): a resumed run logs those iterations again, with no gap and no duplicate."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            it = json.loads(line).get("iter")
+        except (ValueError, AttributeError):
+            continue  # a line cut short by the crash
+        if it is None or it <= iteration:
+            keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
+def nonfinite_tensor(*modules: nn.Module) -> str | None:
+    """The name of the first parameter or buffer of `modules` that holds a non-finite value, or None."""
+    for m in modules:
+        for name, v in m.state_dict().items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return name
+    return None
+
+
+class RunLock:
+    """One writer per run folder: an exclusive lock (flock) on RUN/.ebdiff.lock, held while a command
+    writes the folder. The kernel drops the lock when its process ends, however it ends, so a crashed or
+    killed run never leaves the folder locked: a stale lock file is simply taken over."""
+
+    NAME = ".ebdiff.lock"
+
+    def __init__(self, folder: Path, command: str):
+        self.folder, self.command, self.fd = Path(folder), command, None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+        import socket
+        import time as _time
+
+        from .errors import LockError
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / self.NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            h = read_json(path) or {}
+            raise LockError(f"{self.folder} is in use by another ebdiff process ({h.get('command', '?')}, pid "
+                            f"{h.get('pid', '?')} on {h.get('host', '?')}, since {h.get('since', '?')}): wait for "
+                            "it to finish or stop it, then retry") from None
+        except OSError:  # a file system without flock (some network mounts): go on unlocked
+            pass
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"command": self.command, "pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": _time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
 
 
 def read_for_resume(run_dir: Path) -> tuple[Path, nn.Module, dict[str, Any], dict[str, Any]]:
@@ -258,5 +353,9 @@ class TrainState:
         self.iteration = int(saved["iteration"])
         self.timing = Timing.from_dict(saved.get("timing", {}))
         if self.search is not None and saved.get("search") is not None:
-            self.search.load_state_dict(saved["search"])
+            try:
+                self.search.load_state_dict(saved["search"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"the Early-Bird search state in {ckpt}/state.pt is unreadable "
+                                      f"({type(exc).__name__}): resume from an older checkpoint") from None
         set_rng_state(saved["rng"])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--out {run_dir} is a file, not a run folder")
         if latest_checkpoint(run_dir) is not None:
             raise ConfigError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
                               "or choose another --out")
@@ -103,8 +107,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- ta-eb
 def cmd_taeb(args: argparse.Namespace) -> int:
+    from .checkpoint import RunLock
     from .config import load_config
-    from .taeb import finalize, format_accounting, launch, region_set
+    from .taeb import finalize, format_accounting, launch, preflight, region_set
 
     if args.resume:
         run = Path(args.resume)
@@ -117,10 +122,20 @@ def cmd_taeb(args: argparse.Namespace) -> int:
         if (run / "regions.json").is_file() and os.environ.get("WORLD_SIZE", "1") == "1":
             raise ConfigError(f"{run} already holds a TA-EB run: pass --resume {run} to continue it")
     region_set(cfg)  # a bad region set stops here, before anything is written
-    launch(cfg, run)
-    if os.environ.get("RANK", "0") != "0":
-        return 0
-    a = finalize(run)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        preflight(cfg)
+    created = rank0 and not run.exists()
+    try:
+        with RunLock(run, "ta-eb") if rank0 else contextlib.nullcontext():
+            launch(cfg, run)
+            if not rank0:
+                return 0
+            a = finalize(run)
+    except BaseException:
+        if created and not any(run.glob("region-*/checkpoints/ckpt-*")):
+            shutil.rmtree(run, ignore_errors=True)  # a failed start leaves no half-made run folder
+        raise
     print("\n== ebdiff ta-eb summary ==")
     print(format_accounting(a))
     print(f"run folder {run}: regions.json, region-*/, taeb.json, hamming_regions.png; "
@@ -130,15 +145,18 @@ def cmd_taeb(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import RunLock
     from .distributed import resolve_device
-    from .evaluate import evaluate_run, one_line
+    from .evaluate import evaluate_run, one_line, require_checkpoints
 
     if args.n <= 1:
         raise ConfigError("--n must be at least 2")
-    r = evaluate_run(Path(args.run), n=args.n, metric=args.metric, steps=args.steps, batch_size=args.batch_size,
-                     mixed_precision=args.mixed_precision, compile=args.compile,
-                     device=resolve_device(args.device), inception_weights=args.inception_weights,
-                     data_root=args.data_root, classifier_epochs=args.classifier_epochs, seed=args.seed)
+    require_checkpoints(Path(args.run))
+    with RunLock(Path(args.run), "eval"):
+        r = evaluate_run(Path(args.run), n=args.n, metric=args.metric, steps=args.steps, batch_size=args.batch_size,
+                         mixed_precision=args.mixed_precision, compile=args.compile,
+                         device=resolve_device(args.device), inception_weights=args.inception_weights,
+                         data_root=args.data_root, classifier_epochs=args.classifier_epochs, seed=args.seed)
     print(one_line(r))
     print(f"eval.json: {Path(args.run) / 'eval.json'}")
     return 0
@@ -169,7 +187,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print(f"  {r['name']:<28} {r['kind']:<15} iters {r['iters']!s:<18} {r['status']}")
     if args.dry_run:
         return 0
-    rec = run_experiment(exp, only=only, evaluate=not args.no_eval, device=args.device)
+    from .checkpoint import RunLock
+
+    with RunLock(exp.out, "experiment"):
+        rec = run_experiment(exp, only=only, evaluate=not args.no_eval, device=args.device)
     print(f"\n== ebdiff experiment summary ({rec['seconds']:.0f} s) ==")
     if rec["report"]:
         text = Path(rec["report"]).read_text().split("\n\n")
@@ -428,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except EbdiffError as exc:
         print(f"ebdiff: error: {exc}", file=sys.stderr)
+        return getattr(exc, "code", 2)
+    except OSError as exc:  # the machine's answer (no space left, read-only folder, ...): one line, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"ebdiff: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ebdiff: interrupted (resume with --resume RUN_DIR)", file=sys.stderr)

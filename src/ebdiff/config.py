@@ -8,6 +8,7 @@ and validates every key and type. Unknown keys and wrong types raise `ConfigErro
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class DataConfig:
     num_workers: int = 2  # for datasets streamed from image files
     cache_dir: str | None = None  # decoded-image cache for JPEG datasets; None = ~/.cache/ebdiff
     download: bool = True  # fashion-mnist only: try a torchvision download when it is nowhere on disk
+    bad_images: str = "error"  # an unreadable image file: error (one line naming it) | skip (left out, counted)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class TrainConfig:
     fused_optimizer: Union[bool, str] = "auto"  # auto = fused Adam on a GPU
     cudnn_benchmark: Union[bool, str] = "auto"  # auto = on a GPU: cuDNN times its conv algorithms once per shape
     cuda_graph: bool = False  # GPU, one process: the whole step as one CUDA graph (compile=auto becomes default)
+    nonfinite: str = "stop"  # a non-finite loss or weights: stop (no checkpoint written) | skip (drop that step)
     progress: bool = True
 
 
@@ -182,11 +185,38 @@ class RunSpec:
         return cls("dense")
 
 
+# Settings that define what a run's weights are (the model, the data, the diffusion process, and once a
+# model is pruned, how): they must match the checkpoint on --resume. Everything else (iterations, lr,
+# logging, evaluation, sampling) may change on resume and takes effect.
+IDENTITY_KEYS = ("model.preset", "data.name", "data.image_size", "data.resize", "data.limit", "diffusion.timesteps",
+                 "diffusion.beta_schedule", "diffusion.beta_start", "diffusion.beta_end", "diffusion.prediction",
+                 "diffusion.t_min", "diffusion.t_max")
+SEARCH_IDENTITY_KEYS = ("early_bird.ratio", "early_bird.criterion", "early_bird.mask_source", "early_bird.reinit")
+PRUNE_IDENTITY_KEYS = ("prune.from_run", "prune.ratio", "prune.criterion", "prune.weights", "prune.reinit")
+
+
+def run_identity(cfg: "Config") -> dict[str, Any]:
+    """The values of the settings that define a run's weights (`IDENTITY_KEYS`, plus the Early-Bird or
+    pruning settings of runs that prune), as dotted keys."""
+    flat = cfg.to_dict()
+    spec = RunSpec.of(cfg)
+    keys = IDENTITY_KEYS + (SEARCH_IDENTITY_KEYS if spec.searches else ()) + \
+        (PRUNE_IDENTITY_KEYS if spec.kind == "prune-from-run" else ())
+    return {k: flat[k.split(".")[0]][k.split(".")[1]] for k in keys}
+
+
+def identity_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key: saved -> now' for every identity setting of `saved` that differs now. (A setting `saved` lacks
+    may be new: a dense run resumed with early_bird.ratio starts its search there.)"""
+    return [f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in saved if saved[k] != now.get(k)]
+
+
 COMPILE_CHOICES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": ("cifar10", "celeba64", "lsun256", "fmnist", "tiny"),
     "data.name": ("fashion-mnist", "cifar10", "celeba", "lsun", "imagefolder"),
     "data.resize": ("pad", "resize"),
+    "data.bad_images": ("error", "skip"),
     "diffusion.beta_schedule": ("linear", "cosine"),
     "diffusion.prediction": ("epsilon",),
     "diffusion.loss_reduction": ("mean", "sum"),
@@ -194,6 +224,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.loss_weighting": ("none", "min-snr", "speed"),
     "train.mixed_precision": ("auto", "no", "bf16"),
     "train.compile": COMPILE_CHOICES,
+    "train.nonfinite": ("stop", "skip"),
     "sample.variance": ("fixedlarge", "fixedsmall"),
     "sample.mixed_precision": ("auto", "bf16", "no"),
     "sample.compile": COMPILE_CHOICES,
@@ -343,15 +374,37 @@ def validate(cfg: Config) -> Config:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{name}' must be positive; got {value}")
+    for section, values in flat.items():  # nan / inf are never a setting
+        for key, value in (values or {}).items() if isinstance(values, dict) else ():
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"config key '{section}.{key}' must be a finite number; got {value!r}")
     if t.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be positive; got {t.lr}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1); got {t.ema_decay}")
+    if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
+        raise ConfigError(f"config key 'train.adam_betas' must be two numbers in [0, 1); got {t.adam_betas}")
+    if t.adam_eps <= 0 or t.weight_decay < 0 or t.grad_clip < 0:
+        raise ConfigError("config keys 'train.adam_eps' (> 0), 'train.weight_decay' and 'train.grad_clip' (>= 0) "
+                          f"are out of range: {t.adam_eps}, {t.weight_decay}, {t.grad_clip}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"config key 'model.dropout' must be in [0, 1); got {cfg.model.dropout}")
+    dc = cfg.data
+    for name, value, low in (("data.image_size", dc.image_size, 8), ("data.limit", dc.limit, 1),
+                             ("data.num_workers", dc.num_workers, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"config key '{name}' must be at least {low}; got {value}")
+    if cfg.sample.eta < 0:
+        raise ConfigError(f"config key 'sample.eta' must be >= 0; got {cfg.sample.eta}")
+    if not 0 < cfg.early_bird.diff_threshold <= 1:
+        raise ConfigError(f"config key 'early_bird.diff_threshold' must be in (0, 1]; got {cfg.early_bird.diff_threshold}")
+    if t.nonfinite == "skip" and t.cuda_graph:
+        raise ConfigError("train.nonfinite=skip checks every step's gradients on the host, which a captured CUDA "
+                          "graph cannot do: use train.nonfinite=stop with train.cuda_graph=true")
     for key in ("channels_last", "fused_optimizer", "cudnn_benchmark"):
         if isinstance(getattr(t, key), str) and getattr(t, key) != "auto":
             raise ConfigError(f"config key 'train.{key}' must be auto, true or false; got {getattr(t, key)!r}")
-    if len(t.adam_betas) != 2:
-        raise ConfigError("config key 'train.adam_betas' must be a list of two numbers")
     if cfg.sample.steps > cfg.diffusion.timesteps:
         raise ConfigError(
             f"config key 'sample.steps' ({cfg.sample.steps}) exceeds diffusion.timesteps ({cfg.diffusion.timesteps})"
@@ -400,13 +453,20 @@ def validate(cfg: Config) -> Config:
 
 
 def read_yaml(path: Path, kind: str = "config") -> Any:
-    """A YAML file's content ({} when empty); a missing or malformed file stops with one line."""
+    """A YAML file's content; a missing, empty, binary or malformed file stops with one line (an empty
+    file is a mistake, not a request for every default: 800,000 iterations of them)."""
     if not path.is_file():
         raise ConfigError(f"{kind} file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{kind} file {path} is not a text (YAML) file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{kind} file {path} is not valid YAML: {exc}") from None
+        first = str(exc).replace("\n", " ")
+        raise ConfigError(f"{kind} file {path} is not valid YAML: {first}") from None
+    if data is None:
+        raise ConfigError(f"{kind} file {path} is empty")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import os
 import struct
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -28,9 +29,17 @@ DEFAULT_HFLIP = {"fashion-mnist": False, "cifar10": True, "celeba": True, "lsun"
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX files)
 def _read_idx(path: Path) -> np.ndarray:
+    import zlib
+
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"{path} is corrupt or truncated ({exc}): reinstall it (apt-get install --reinstall "
+                        "dataset-fashion-mnist) or point data.root at good copies") from None
+    if len(data) < 4:
+        raise DataError(f"{path} is truncated ({len(data)} bytes)")
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file")
@@ -115,6 +124,14 @@ def _class_index(files: list[Path], folder: Path) -> torch.Tensor:
 def _decode(path: Path, size: int, crop: str) -> np.ndarray:
     from PIL import Image
 
+    try:
+        return _decode_image(Image, path, size, crop)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "remove it, or set data.bad_images=skip to leave unreadable images out") from None
+
+
+def _decode_image(Image, path: Path, size: int, crop: str) -> np.ndarray:  # noqa: N803
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -125,7 +142,7 @@ def _decode(path: Path, size: int, crop: str) -> np.ndarray:
             im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
         if im.size != (size, size):
             im = im.resize((size, size), Image.BICUBIC)
-        return np.asarray(im, dtype=np.uint8)
+        return np.array(im, dtype=np.uint8)
 
 
 def _cache_path(cache_dir: str | None, folder: Path, files: list[Path], size: int, crop: str) -> Path:
@@ -138,8 +155,10 @@ def _cache_path(cache_dir: str | None, folder: Path, files: list[Path], size: in
 
 
 def load_image_folder(folder: Path, size: int, crop: str = "center", cache_dir: str | None = None,
-                      limit: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode every image under folder to uint8 [N, 3, size, size] (cached as .npz after the first time)."""
+                      limit: int | None = None, progress: bool = True,
+                      bad_images: str = "error") -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode every image under folder to uint8 [N, 3, size, size] (cached as .npz after the first time).
+    bad_images: `error` stops at the first unreadable file (naming it), `skip` leaves such files out."""
     files = _list_images(folder)
     if not files:
         raise DataError(f"no images found under {folder}")
@@ -147,12 +166,28 @@ def load_image_folder(folder: Path, size: int, crop: str = "center", cache_dir: 
         files = files[:limit]
     cache = _cache_path(cache_dir, folder, files, size, crop)
     if cache.is_file():
-        with np.load(cache) as z:
-            return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
+        try:
+            with np.load(cache) as z:
+                return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
+        except (OSError, ValueError, KeyError, EOFError):  # a damaged cache is rebuilt
+            pass
     from tqdm.auto import tqdm
 
-    arr = np.stack([_decode(p, size, crop) for p in tqdm(files, desc=f"decoding {folder.name}", disable=not progress)])
-    images = arr.transpose(0, 3, 1, 2).copy()
+    decoded, good = [], []
+    for p in tqdm(files, desc=f"decoding {folder.name}", disable=not progress):
+        try:
+            decoded.append(_decode(p, size, crop))
+            good.append(p)
+        except DataError:
+            if bad_images != "skip":
+                raise
+    if len(good) < len(files):
+        tqdm.write(f"ebdiff: left out {len(files) - len(good)} unreadable image(s) of {len(files)} under {folder}",
+                   file=sys.stderr)
+        files = good
+    if not files:
+        raise DataError(f"no readable images under {folder}")
+    images = np.stack(decoded).transpose(0, 3, 1, 2).copy()
     labels = _class_index(files, folder).numpy()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -165,19 +200,28 @@ def load_image_folder(folder: Path, size: int, crop: str = "center", cache_dir: 
 
 
 class FileImageDataset(torch.utils.data.Dataset):
-    """Streams images from files (CelebA, LSUN exports, ImageNet folders): too large to keep decoded."""
+    """Streams images from files (CelebA, LSUN exports, ImageNet folders): too large to keep decoded.
+    bad_images=skip: an unreadable file is replaced by the next readable one (and named on stderr)."""
 
-    def __init__(self, files: list[Path], size: int, crop: str):
-        self.files, self.size, self.crop = files, size, crop
+    def __init__(self, files: list[Path], size: int, crop: str, bad_images: str = "error"):
+        self.files, self.size, self.crop, self.bad_images = files, size, crop, bad_images
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(_decode(self.files[i], self.size, self.crop)).permute(2, 0, 1)
+        for j in range(i, i + min(len(self.files), 100)):
+            try:
+                return torch.from_numpy(_decode(self.files[j % len(self.files)], self.size, self.crop)).permute(2, 0, 1)
+            except DataError as exc:
+                if self.bad_images != "skip":
+                    raise
+                print(f"ebdiff: warning: skipped {exc}".split(";")[0], file=sys.stderr)
+        raise DataError(f"100 unreadable images in a row from {self.files[i]} on: is this an image folder?")
 
 
-def _load_cifar10(root: str | None, split: str, cache_dir: str | None, limit: int | None, progress: bool):
+def _load_cifar10(root: str | None, split: str, cache_dir: str | None, limit: int | None, progress: bool,
+                  bad_images: str = "error"):
     places = [Path(root).expanduser()] if root else []
     places += [Path("data/cifar10"), Path("~/.cache/ebdiff/cifar10").expanduser()]
     for base in places:
@@ -192,7 +236,7 @@ def _load_cifar10(root: str | None, split: str, cache_dir: str | None, limit: in
         # image-folder layout: <base>/{train,test}/<class>/*.jpg (optionally under cifar10-jpeg/)
         for cand in (base / split, base / "cifar10-jpeg" / split):
             if cand.is_dir():
-                return load_image_folder(cand, 32, "center", cache_dir, limit, progress)
+                return load_image_folder(cand, 32, "center", cache_dir, limit, progress, bad_images)
     looked = ", ".join(str(p) for p in places)
     raise DataError(
         f"CIFAR-10 not found (looked in {looked}): pass data.root=DIR holding torchvision's "
@@ -263,22 +307,26 @@ def load_dataset(dcfg, size: int, progress: bool = True) -> ImageData:
             x, y = x[: dcfg.limit], y[: dcfg.limit]
         return ImageData(x, y, hflip=hflip, name=name)
     if name == "cifar10":
-        x, y = _load_cifar10(dcfg.root, dcfg.split, dcfg.cache_dir, dcfg.limit, progress)
+        x, y = _load_cifar10(dcfg.root, dcfg.split, dcfg.cache_dir, dcfg.limit, progress, dcfg.bad_images)
         if x.shape[-1] != size:
             x = _fit(x, size, "resize")
         return ImageData(x, y, hflip=hflip, name=name)
     files, crop = _streamed_files(name, dcfg.root, dcfg.split, dcfg.lsun_category)
     if dcfg.limit:
         files = files[: dcfg.limit]
-    return ImageData(files_dataset=FileImageDataset(files, size, crop), hflip=hflip, name=name)
+    return ImageData(files_dataset=FileImageDataset(files, size, crop, dcfg.bad_images), hflip=hflip, name=name)
 
 
 def load_training_data(dcfg, preset: str, device: torch.device, progress: bool = True) -> ImageData:
     """The dataset a run trains on, at its preset's resolution (or data.image_size), checked against the
     preset's channels; small datasets are moved to the GPU (no loader in the hot loop)."""
-    from .models import preset_shape
+    from .models import preset_config, preset_shape
 
     c, size = preset_shape(preset)
+    levels = len(preset_config(preset)["block_out_channels"]) - 1
+    if dcfg.image_size is not None and dcfg.image_size % 2 ** levels:
+        raise ConfigError(f"data.image_size={dcfg.image_size} does not fit model.preset={preset}: it halves the "
+                          f"image {levels} times, so the size must be a multiple of {2 ** levels}")
     data = load_dataset(dcfg, dcfg.image_size or size, progress=progress)
     if data.shape[0] != c:
         raise ConfigError(f"model.preset={preset} takes {c}-channel images but data.name={dcfg.name} gives "
@@ -363,6 +411,11 @@ class BatchStream:
 
         loader = torch.utils.data.DataLoader(_Batches(), batch_size=None, num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
-        for x in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                x = next(batches)
+            except DataError as exc:  # re-raised from a worker with its traceback: keep the one line
+                raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
             yield self._flip(to_model_range(x.to(self.device, non_blocking=True)), it)
             it += 1

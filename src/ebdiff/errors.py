@@ -15,3 +15,20 @@ class DataError(EbdiffError):
 
 class CheckpointError(EbdiffError):
     pass
+
+
+class NonFiniteError(EbdiffError):
+    """The loss or the weights went non-finite: training stops before writing a checkpoint."""
+
+
+class LockError(EbdiffError):
+    """A run folder is in use by another ebdiff process."""
+
+
+class Interrupted(EbdiffError):
+    """Stopped by a signal after saving what could be saved; `--resume` continues. `code`: the exit
+    status (128 + the signal's number, the shell convention)."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code

@@ -58,6 +58,18 @@ def sample_run(path: Path, out: Path | None = None, device: str = "cpu", ema: bo
     return dict(info, grid=grid, images=grid.with_suffix(".npz"))
 
 
+def require_checkpoints(path: Path) -> None:
+    """A run to sample must hold a checkpoint (every branch, for a TA-EB run); else one line, at once."""
+    from .taeb import is_taeb_run, read_regions
+
+    path = Path(path)
+    if is_taeb_run(path):
+        for name in read_regions(path)[1]["members"]:
+            resolve_checkpoint(path / name)
+    else:
+        resolve_checkpoint(path)
+
+
 def run_config(path: Path) -> Config:
     """A run's settings from their one record, the run folder's config.yaml (a checkpoint folder's run
     folder is two levels up)."""
@@ -76,8 +88,11 @@ def run_sample_config(cfg: Config, **overrides) -> tuple[DiffusionConfig, Sample
         scfg = replace(scfg, steps=dcfg.timesteps)
     if not 0 < scfg.steps <= dcfg.timesteps:
         raise ConfigError(f"--steps must be in 1..{dcfg.timesteps}; got {scfg.steps}")
-    if scfg.n <= 0:
-        raise ConfigError(f"--n must be positive; got {scfg.n}")
+    for name in ("n", "batch_size"):
+        if getattr(scfg, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {getattr(scfg, name)}")
+    if scfg.eta < 0:
+        raise ConfigError(f"--eta must be >= 0; got {scfg.eta}")
     return dcfg, scfg
 
 
@@ -163,6 +178,7 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
 
     run = Path(run)
     cfg = run_config(run)
+    require_checkpoints(run)  # before the classifier and the reference statistics
     if data_root:
         cfg.data.root = data_root
     if metric in ("fd", "both") and cfg.data.name not in LABELLED:

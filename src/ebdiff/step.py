@@ -97,6 +97,25 @@ def make_optimizer(params, tcfg, fast: FastPath) -> torch.optim.Optimizer:
                             weight_decay=tcfg.weight_decay, **kw)
 
 
+OPT_SETTINGS = {"lr": "train.lr", "betas": "train.adam_betas", "eps": "train.adam_eps",
+                "weight_decay": "train.weight_decay"}  # Adam's param-group keys and their settings
+
+
+def apply_hparams(opt: torch.optim.Optimizer, tcfg) -> list[str]:
+    """Set the optimizer's lr, betas, eps and weight decay from the config (a resumed optimizer state
+    carries the old ones); returns 'setting old -> new' for each that changed."""
+    want = {"lr": tcfg.lr, "betas": tuple(tcfg.adam_betas), "eps": tcfg.adam_eps, "weight_decay": tcfg.weight_decay}
+    changed = []
+    for k, v in want.items():
+        g0 = opt.param_groups[0][k]
+        old = tuple(float(b) for b in g0) if k == "betas" else float(g0)
+        if old != v:
+            changed.append(f"{OPT_SETTINGS[k]} {old} -> {v}")
+        for g in opt.param_groups:
+            g[k] = torch.as_tensor(v, device=g[k].device) if isinstance(g[k], torch.Tensor) else v
+    return changed
+
+
 class EMA:
     """Exponential moving average of a model's floating-point state, kept as a full module copy."""
 
@@ -125,10 +144,12 @@ class TrainStep:
     """step(x0, t, noise) -> detached loss. `model` may be DDP-wrapped; `raw` is the module itself."""
 
     def __init__(self, model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
-                 loss: DiffusionLoss, grad_clip: float, fast: FastPath):
-        """loss: the objective (schedule, weights, reduction) with its tensors on the training device."""
+                 loss: DiffusionLoss, grad_clip: float, fast: FastPath, skip_nonfinite: bool = False):
+        """loss: the objective (schedule, weights, reduction) with its tensors on the training device.
+        skip_nonfinite: a step whose loss or gradient norm is not finite changes nothing and returns None
+        (one host read of the norm per step)."""
         self.model, self.raw, self.opt, self.ema, self.loss = model, raw, opt, ema, loss
-        self.grad_clip, self.fast = grad_clip, fast
+        self.grad_clip, self.fast, self.skip_nonfinite = grad_clip, fast, skip_nonfinite
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.device_type = loss.sqrt_ab.device.type
         self._graph, self._warm = None, 0  # the whole-step CUDA graph (fast.cuda_graph), once captured
@@ -154,17 +175,20 @@ class TrainStep:
         return self.loss(self._eps, x0, noise, t)
 
     def _update(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Forward, backward, clip, Adam, EMA: the work one step does (and what the graph captures)."""
+        """Forward, backward, clip, Adam, EMA: the work one step does (and what the graph captures).
+        None: a non-finite step skipped (skip_nonfinite)."""
         loss = self.forward_loss(x0, t, noise)
         loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        if self.grad_clip > 0 or self.skip_nonfinite:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"), foreach=True)
+            if self.skip_nonfinite and not bool(torch.isfinite(norm) & torch.isfinite(loss)):
+                return None
         self.opt.step()
         if self.ema is not None:
             self.ema.update(self.raw)
         return loss.detach()
 
-    def __call__(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor | None:
         if self.fast.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
             noise = noise.contiguous(memory_format=torch.channels_last)

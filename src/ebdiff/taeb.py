@@ -13,11 +13,14 @@ Three parts:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ import torch
 
 from . import checkpoint as ck
 from .config import Config, dump_yaml, load_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, Interrupted
 from .regions import Region, RegionRouter, RegionSet
 from .sampling import sampler_timesteps
 
@@ -95,12 +98,12 @@ def _backend_for(cfg: Config, world: int) -> str:
     return dist_backend(world, cfg.taeb.procs_per_region, cuda, torch.cuda.device_count() if cuda else 0)
 
 
-def run_rank(run: Path) -> None:
-    """Body of one torch.distributed process: join the region group of this rank and train that branch
-    (the run's config.yaml, written by `launch`, is the one record of the settings)."""
+def run_rank(run: Path, cfg: Config | None = None) -> None:
+    """Body of one torch.distributed process: join the region group of this rank and train that branch.
+    cfg: the run's settings (None: read RUN/config.yaml, written by `launch`, the one record)."""
     import torch.distributed as dist
 
-    cfg = load_config(Path(run) / "config.yaml")
+    cfg = cfg or load_config(Path(run) / "config.yaml")
     regions = region_set(cfg)
     per = cfg.taeb.procs_per_region
     if not dist.is_initialized():
@@ -116,13 +119,35 @@ def run_rank(run: Path) -> None:
     dist.destroy_process_group()
 
 
+def preflight(cfg: Config) -> None:
+    """User errors that every branch would hit (a missing or unreadable dataset, a wrong preset for it)
+    stop here with one line, before any process is started."""
+    from .data import load_training_data
+
+    load_training_data(cfg.data, cfg.model.preset, "cpu", progress=False)
+
+
+def die_with_parent() -> None:
+    """Linux: ask the kernel to send SIGTERM to this process when its parent dies (a killed launcher or
+    torchrun agent leaves no orphan branch training on)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def launch(cfg: Config, run: Path) -> None:
-    """Train all branches: under torchrun as one group per region; else start torch.distributed.run."""
-    write_layout(cfg, run)
+    """Train all branches: under torchrun as one group per region; else start torch.distributed.run on
+    the worker entry point and forward SIGINT/SIGTERM/SIGHUP to it (each branch saves and stops)."""
     regions = region_set(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        run_rank(run)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one writer per node (nodes may not share a disk)
+            write_layout(cfg, run)
+        run_rank(run, cfg)
         return
+    write_layout(cfg, run)
     if cfg.taeb.launch == "sequential" or len(regions) * cfg.taeb.procs_per_region == 1:
         for k in range(len(regions)):
             _train_branch(cfg, run, k)
@@ -134,7 +159,37 @@ def launch(cfg: Config, run: Path) -> None:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ebdiff.taeb_worker", str(run)]
-    rc = subprocess.call(cmd, env=env)
+    # its own session: a terminal's Ctrl-C reaches the launcher only, which stops the branches in order
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent, stderr=subprocess.PIPE)
+    got: list[int] = []
+
+    def relay():  # the branches' stderr (progress bars, messages), silenced once a stop was asked for:
+        while chunk := os.read(proc.stderr.fileno(), 65536):  # torchrun's own traceback of the signal is noise
+            if not got:
+                sys.stderr.write(chunk.decode(errors="replace"))
+                sys.stderr.flush()
+
+    relay_thread = threading.Thread(target=relay, daemon=True)
+    relay_thread.start()
+
+    def forward(signum, _frame):
+        got.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, forward) for s in sigs} if threading.current_thread() is threading.main_thread() else {}
+    try:
+        rc = proc.wait()
+        relay_thread.join(timeout=5)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if got:
+        raise Interrupted(f"ta-eb stopped by {signal.Signals(got[0]).name}: every branch saved a checkpoint and "
+                          f"stopped; continue with: ebdiff ta-eb --resume {run}", code=128 + got[0])
     if rc != 0:
         raise ConfigError(f"ta-eb: a region branch failed (exit {rc}); fix the cause and rerun the same "
                           f"command with --resume {run}: finished branches are kept")

@@ -11,17 +11,18 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import EbdiffError
-    from .taeb import run_rank
+    from .taeb import die_with_parent, run_rank
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m ebdiff.taeb_worker RUN_DIR", file=sys.stderr)
         return 2
+    die_with_parent()  # the torchrun agent killed: this branch stops too (saving its checkpoint)
     try:
         run_rank(Path(args[0]))
     except EbdiffError as exc:
         print(f"ebdiff: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "code", 2)
     return 0
 
 

@@ -9,7 +9,12 @@ every batch, timestep draw and noise draw is a function of the seed and the iter
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,14 +24,14 @@ import torch.nn as nn
 
 from . import checkpoint as ck
 from .accounting import run_summary
-from .config import Config, RunSpec, dump_yaml
+from .config import Config, RunSpec, dump_yaml, identity_changes, run_identity
 from .data import BatchStream, iterations_per_epoch, load_training_data, to_device
 from .diffusion import DiffusionLoss
 from .distributed import make_dist
-from .errors import ConfigError
+from .errors import ConfigError, DataError, Interrupted, NonFiniteError
 from .hooks import CallbackHook, Hook
 from .models import build_model, size_of
-from .step import EMA, TrainStep, make_optimizer, prepare_model, resolve_fast_path
+from .step import EMA, TrainStep, apply_hparams, make_optimizer, prepare_model, resolve_fast_path
 
 
 class Trainer:
@@ -53,14 +58,21 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         self.data = load_training_data(cfg.data, cfg.model.preset, self.device, self.main and cfg.train.progress)
+        if len(self.data) < cfg.train.batch_size:
+            raise DataError(f"dataset of {len(self.data)} images is smaller than one batch (train.batch_size="
+                            f"{cfg.train.batch_size})")
         self.ipe = iterations_per_epoch(len(self.data), self.local_batch, self.world)
         torch.manual_seed(cfg.train.seed + self.rank)
         np.random.seed((cfg.train.seed + self.rank) % 2**32)
         facts, saved, plan, phase = {"image_shape": list(self.data.shape)}, None, None, "dense"
         if self.resume:
             ckpt, model, meta, saved = ck.read_for_resume(self.run_dir)
+            changes = identity_changes(meta.get("identity") or {"model.preset": meta["preset"]}, run_identity(cfg))
+            if changes:
+                raise ConfigError(f"--resume {self.run_dir}: {'; '.join(changes)}: these settings define the model "
+                                  f"or data of its checkpoint {ckpt.name} and cannot change; start a new run instead")
             phase, plan = meta.get("phase", "dense"), meta.get("plan")
-            facts.update({k: meta.get(k) for k in ("ticket", "dense_size", "pruned_from")})
+            facts.update({k: meta.get(k) for k in ("ticket", "dense_size", "pruned_from", "skipped_steps")})
         elif self.spec.kind == "prune-from-run":
             from .baselines import prune_from_run
 
@@ -80,10 +92,17 @@ class Trainer:
             self.hooks.append(hook)
         if saved is not None:
             st.restore(ckpt, saved)
+            for change in apply_hparams(st.optimizer, cfg.train):
+                self.print(f"resume: {change}")
+            if self.main:
+                ck.truncate_log(self.run_dir / "metrics.jsonl", st.iteration)
         elif self.spec.kind == "prune-from-run":
             st.timing.extract_s += extract_s
         if not st.facts.get("dense_size"):
             st.facts["dense_size"] = size_of(model if plan is None else build_model(cfg.model.preset))
+        st.facts["identity"] = run_identity(cfg)
+        if self.main:
+            ck.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
 
     def adopt(self, model: nn.Module, phase: str, plan: list | None) -> None:
         """Train `model` from here on (the dense preset, a ticket, a pruned model): its fast-path layout,
@@ -99,7 +118,8 @@ class Trainer:
         else:
             st = self.state
             st.model, st.ema, st.optimizer, st.phase, st.plan, st.search = model, ema, opt, phase, plan, None
-        self.step = TrainStep(self.model_p, model, opt, ema, self.loss, tc.grad_clip, self.fast)
+        self.step = TrainStep(self.model_p, model, opt, ema, self.loss, tc.grad_clip, self.fast,
+                              skip_nonfinite=tc.nonfinite == "skip")
         self.noise_gen = torch.Generator(device=self.device)
 
     def score_probe(self, timesteps: int, batch: int):
@@ -121,11 +141,21 @@ class Trainer:
                 f.write(json.dumps(rec, default=ck.json_default) + "\n")
 
     def save(self) -> None:
+        bad = ck.nonfinite_tensor(self.state.model, self.state.ema.module)
+        if bad is not None:
+            self._nonfinite(f"weight '{bad}' is not finite")
         self.dist.barrier()
         if self.main:
             self.state.timing.wall_s = time.perf_counter() - self._wall0
             self.state.save(self.run_dir, self.cfg.train.keep_last,
                             {"preset": self.cfg.model.preset, "dropout": self.cfg.model.dropout})
+
+    def _nonfinite(self, what: str) -> None:
+        last = ck.latest_checkpoint(self.run_dir)
+        raise NonFiniteError(
+            f"iteration {self.state.iteration}: {what}; stopped without writing a checkpoint. "
+            + (f"The newest good checkpoint is {last.name}: resume it with a smaller train.lr or train.grad_clip > 0, "
+               "or train.nonfinite=skip" if last else "No checkpoint was written: lower train.lr or set train.grad_clip > 0"))
 
     # ------------------------------------------------------------------ loop
     def _step(self, x0: torch.Tensor) -> torch.Tensor:
@@ -136,14 +166,22 @@ class Trainer:
         return self.step(x0, t, torch.randn(x0.shape, generator=self.noise_gen, device=self.device))
 
     def run(self) -> dict:
+        """Train to train.iters under the run folder's lock; SIGINT/SIGTERM/SIGHUP save a checkpoint and stop."""
+        created = self.main and not self.run_dir.exists()
+        with ck.RunLock(self.run_dir, "train") if self.main else contextlib.nullcontext():
+            try:
+                self._setup()
+            except BaseException:
+                if created:  # a failed start leaves no half-made run folder
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
+                raise
+            with stop_requests() as stop:
+                return self._loop(stop)
+
+    def _loop(self, stop: list[int]) -> dict:
         from tqdm.auto import tqdm
 
-        tc = self.cfg.train
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ck.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
-        self._setup()
-        st = self.state
+        tc, st = self.cfg.train, self.state
         if st.iteration >= tc.iters:
             self.print(f"{self.run_dir}: already trained to {st.iteration} iterations")
             return self.summary()
@@ -155,12 +193,16 @@ class Trainer:
         for h in self.hooks:
             h.on_start(self)
         loss_sum = torch.zeros((), device=self.device)
-        n_loss, t_log, it_log = 0, time.perf_counter(), st.iteration
+        n_loss, skipped, t_log, it_log = 0, 0, time.perf_counter(), st.iteration
         self._wall0 = time.perf_counter() - st.timing.wall_s
         while st.iteration < tc.iters:
             t_step = time.perf_counter()
-            loss_sum += self._step(next(batches))
-            n_loss += 1
+            loss = self._step(next(batches))
+            if loss is None:  # train.nonfinite=skip dropped this step
+                skipped += 1
+            else:
+                loss_sum += loss
+                n_loss += 1
             st.iteration += 1
             if self.device.type == "cuda" and st.iteration % tc.log_every == 0:
                 torch.cuda.synchronize()
@@ -168,19 +210,31 @@ class Trainer:
             bar.update(1)
             if st.iteration % tc.log_every == 0 or st.iteration == tc.iters:
                 loss = float(self.dist.mean(loss_sum)) / max(n_loss, 1)
+                if not math.isfinite(loss):
+                    self._nonfinite(f"the training loss is {loss} (not finite)")
                 dt = time.perf_counter() - t_log
                 ips = (st.iteration - it_log) * tc.batch_size / max(dt, 1e-9)
-                self.log({"iter": st.iteration, "loss": loss, "images_per_s": ips,
-                          "wall_s": time.perf_counter() - self._wall0, "lr": st.optimizer.param_groups[0]["lr"],
-                          "phase": st.phase})
+                rec = {"iter": st.iteration, "loss": loss, "images_per_s": ips, "wall_s": time.perf_counter() - self._wall0,
+                       "lr": st.optimizer.param_groups[0]["lr"], "phase": st.phase}
+                if skipped:  # train.nonfinite=skip: how many steps of this interval were dropped
+                    st.facts["skipped_steps"] = st.facts.get("skipped_steps", 0) + skipped
+                    rec["skipped_steps"] = skipped
+                    if not n_loss:
+                        del rec["loss"]
+                self.log(rec)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
                 loss_sum.zero_()
-                n_loss, t_log, it_log = 0, time.perf_counter(), st.iteration
+                n_loss, skipped, t_log, it_log = 0, 0, time.perf_counter(), st.iteration
             for h in self.hooks:
                 h.after_step(self)
             bar.set_description(st.phase)
-            if st.iteration % tc.ckpt_every == 0 or st.iteration == tc.iters:
+            if st.iteration % tc.ckpt_every == 0 or st.iteration == tc.iters or stop:
                 self.save()
+            if stop:
+                bar.close()
+                name = signal.Signals(stop[0]).name
+                raise Interrupted(f"stopped by {name} at iteration {st.iteration}; its checkpoint is saved: continue "
+                                  f"with --resume {self.run_dir}", code=128 + stop[0])
         bar.close()
         for h in self.hooks:
             h.on_end(self)
@@ -195,7 +249,23 @@ class Trainer:
         return run_summary(run_dir=str(self.run_dir), iteration=st.iteration, phase=st.phase, timing=st.timing,
                            dense_size=st.facts.get("dense_size"), size=size, ticket=st.facts.get("ticket"),
                            pruned_from=st.facts.get("pruned_from"), device=str(self.device), processes=self.world,
-                           fast_path=self.fast.to_dict())
+                           fast_path=self.fast.to_dict(), skipped_steps=st.facts.get("skipped_steps") or 0)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While inside: SIGINT, SIGTERM and SIGHUP are recorded (the loop saves a checkpoint and stops after
+    the current iteration) instead of killing the process. Signal handlers live in the main thread only."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:

@@ -1,0 +1,149 @@
+"""Every bad input we could think of, fed to the CLI: does each end in one clear line, non-zero, with
+nothing half-written? Writes a Markdown table (input, exit code, the line the user sees, traceback?).
+
+    python benchmarks/bad_inputs_sweep.py --out benchmarks/results/bad_inputs   (~3 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.preset=tiny", "data.limit=256", "train.batch_size=8", "train.device=cpu", "train.progress=false",
+        "train.log_every=2", "train.ckpt_every=2", "sample.steps=3"]
+
+
+def ebdiff(*args: str, cwd: Path) -> tuple[int, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    p = subprocess.run([sys.executable, "-m", "ebdiff.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=600)
+    return p.returncode, p.stderr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    out = Path(ap.parse_args().out)
+    out.mkdir(parents=True, exist_ok=True)
+    w = Path(tempfile.mkdtemp(prefix="ebdiff-bad-"))
+    good = w / "good"
+    rc, err = ebdiff("train", "--out", str(good), *TINY, "train.iters=4", cwd=ROOT)
+    assert rc == 0, err
+    (w / "file").write_text("x")
+    (w / "bin.yaml").write_bytes(bytes(range(256)) * 8)
+    (w / "empty.yaml").write_text("")
+    (w / "list.yaml").write_text("- a\n- b\n")
+    (w / "badkey.yaml").write_text("train: {iters: 10, lr: 1e-4, bogus: 1}\n")
+    fm = w / "fm-trunc"
+    fm.mkdir()
+    src = Path("/usr/share/datasets/fashion-mnist")
+    for n in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        d = (src / n).read_bytes()
+        (fm / n).write_bytes(d[: len(d) // 3] if "images" in n else d)
+    fm2 = w / "fm-notgz"
+    fm2.mkdir()
+    (fm2 / "train-images-idx3-ubyte.gz").write_bytes(b"this is not gzip")
+    shutil.copy(src / "train-labels-idx1-ubyte.gz", fm2)
+    fm3 = w / "fm-notidx"
+    fm3.mkdir()
+    with gzip.open(fm3 / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"\x01\x02\x03\x04garbage")
+    shutil.copy(src / "train-labels-idx1-ubyte.gz", fm3)
+    noct = w / "nockpt"
+    noct.mkdir()
+    shutil.copy(good / "config.yaml", noct / "config.yaml")
+    badmeta = w / "badmeta"
+    shutil.copytree(good, badmeta)
+    ck = sorted((badmeta / "checkpoints").iterdir())[-1]
+    (ck / "meta.json").write_text("{not json")
+    badstate = w / "badstate"
+    shutil.copytree(good, badstate)
+    (sorted((badstate / "checkpoints").iterdir())[-1] / "state.pt").write_bytes(b"PK\x03\x04 truncated")
+    badcfg = w / "badcfg"
+    shutil.copytree(good, badcfg)
+    (badcfg / "config.yaml").write_text("model: [")
+    ro = w / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    cases = [
+        ("--out is an existing file", ["train", "--out", str(w / "file"), *TINY, "train.iters=2"]),
+        *([("--out inside a read-only folder", ["train", "--out", str(ro / "run"), *TINY, "train.iters=2"])]
+          if os.geteuid() != 0 else []),  # root writes into read-only folders anyway
+        ("binary --config", ["train", "--config", str(w / "bin.yaml"), "--out", str(w / "x1")]),
+        ("empty --config", ["train", "--config", str(w / "empty.yaml"), "--out", str(w / "x2")]),
+        ("--config is a YAML list", ["train", "--config", str(w / "list.yaml"), "--out", str(w / "x3")]),
+        ("--config with an unknown key", ["train", "--config", str(w / "badkey.yaml"), "--out", str(w / "x4")]),
+        ("missing --config", ["train", "--config", str(w / "nope.yaml")]),
+        ("override without '='", ["train", "--out", str(w / "x5"), "train.iters"]),
+        ("unknown override key", ["train", "--out", str(w / "x5"), "train.itres=3"]),
+        ("train.lr=nan", ["train", "--out", str(w / "x6"), *TINY, "train.lr=nan"]),
+        ("train.lr=inf", ["train", "--out", str(w / "x6"), *TINY, "train.lr=.inf"]),
+        ("Adam betas out of range", ["train", "--out", str(w / "x6"), *TINY, "train.adam_betas=[0.9,1.5]"]),
+        ("negative weight decay", ["train", "--out", str(w / "x6"), *TINY, "train.weight_decay=-1"]),
+        ("model.dropout=2", ["train", "--out", str(w / "x6"), *TINY, "model.dropout=2"]),
+        ("data.image_size=30 (not a multiple of 4)", ["train", "--out", str(w / "x6"), *TINY, "data.image_size=30"]),
+        ("train.iters=0", ["train", "--out", str(w / "x6"), *TINY, "train.iters=0"]),
+        ("train.batch_size larger than the data", ["train", "--out", str(w / "x6"), *TINY, "data.limit=4"]),
+        ("truncated Fashion-MNIST .gz", ["train", "--out", str(w / "x7"), *TINY, f"data.root={fm}", "train.iters=2"]),
+        ("Fashion-MNIST .gz that is not gzip", ["train", "--out", str(w / "x7"), *TINY, f"data.root={fm2}"]),
+        ("Fashion-MNIST .gz that is not IDX", ["train", "--out", str(w / "x7"), *TINY, f"data.root={fm3}"]),
+        ("missing dataset", ["train", "--out", str(w / "x7"), *TINY, f"data.root={w / 'nowhere'}", "data.download=false"]),
+        ("ta-eb with a missing dataset", ["ta-eb", "--config", "configs/demo_taeb.yaml", "--out", str(w / "x8"), *TINY,
+                                          f"data.root={w / 'nowhere'}", "data.download=false"]),
+        ("ta-eb with a gap between regions", ["ta-eb", "--out", str(w / "x8"), *TINY,
+                                              "regions=[{t: [0, 100], ratio: 0.3}, {t: [200, 999], ratio: 0.5}]"]),
+        ("--resume of a folder that does not exist", ["train", "--resume", str(w / "nope")]),
+        ("--resume with a corrupt meta.json", ["train", "--resume", str(badmeta), "train.iters=6"]),
+        ("--resume with a corrupt state.pt", ["train", "--resume", str(badstate), "train.iters=6"]),
+        ("--resume with a broken config.yaml", ["train", "--resume", str(badcfg), "train.iters=6"]),
+        ("--resume with another model.preset", ["train", "--resume", str(good), "model.preset=fmnist"]),
+        ("train --out an existing run", ["train", "--out", str(good), *TINY, "train.iters=2"]),
+        ("sample --batch-size 0", ["sample", str(good), "--batch-size", "0"]),
+        ("sample --n 0", ["sample", str(good), "--n", "0"]),
+        ("sample --steps 5000", ["sample", str(good), "--steps", "5000"]),
+        ("sample --eta -1", ["sample", str(good), "--eta", "-1"]),
+        ("sample a folder that is no run", ["sample", str(w)]),
+        ("sample a run with a corrupt meta.json", ["sample", str(badmeta)]),
+        ("eval a run without a checkpoint", ["eval", str(noct), "--n", "8"]),
+        ("eval --n 1", ["eval", str(good), "--n", "1"]),
+        ("eval --metric fid without Inception weights", ["eval", str(good), "--n", "8", "--metric", "fid",
+                                                         "--inception-weights", str(w / "none.pth")]),
+        ("report of a folder that is no run", ["report", str(w / "file")]),
+        ("experiment file missing", ["experiment", str(w / "nope.yaml")]),
+        ("experiment file that is empty", ["experiment", str(w / "empty.yaml")]),
+        ("info --preset nope", ["info", "--preset", "nope"]),
+        ("info --ratio 1.5", ["info", "--preset", "tiny", "--ratio", "1.5"]),
+        ("bench --ratios 1.5", ["bench", "--preset", "tiny", "--ratios", "1.5"]),
+        ("bench --modes fast on the CPU", ["bench", "--preset", "tiny", "--modes", "fast", "--device", "cpu"]),
+        ("train.device=cuda without a GPU", ["train", "--out", str(w / "x9"), *TINY, "train.device=cuda"]),
+    ]
+    rows = []
+    for name, args in cases:
+        before = {p.name for p in w.iterdir()}
+        rc, err = ebdiff(*args, cwd=ROOT)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        tb = any("Traceback" in ln for ln in lines)
+        shown = next((ln for ln in lines if ln.startswith("ebdiff: error:")), lines[-1] if lines else "")
+        left = sorted({p.name for p in w.iterdir()} - before)
+        rows.append((name, rc, shown.replace("|", "\\|").replace(str(w), "W"), tb, left))
+        print(f"{rc:>3} {'TRACEBACK ' if tb else ''}{name}: {shown[:140]}", flush=True)
+    ok = sum(1 for _, rc, s, tb, left in rows if rc != 0 and not tb and s.startswith("ebdiff: error:") and not left)
+    lines = [f"# Bad inputs: {ok} of {len(rows)} end in one `ebdiff: error:` line, non-zero, nothing left behind",
+             "", "W = a scratch folder. Command: `python benchmarks/bad_inputs_sweep.py --out DIR` (2-core CPU).", "",
+             "| input | exit | what the user sees | traceback | new files left |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {rc} | {s} | {'yes' if tb else 'no'} | {', '.join(left) or '-'} |" for n, rc, s, tb, left in rows]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    ro.chmod(0o700)
+    shutil.rmtree(w, ignore_errors=True)
+    print(f"{ok}/{len(rows)} one-line errors; table: {out / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
