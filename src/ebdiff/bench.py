@@ -114,7 +114,7 @@ def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int,
     macs, params = count_macs_params(model)
     prepare_model(model, fast)
     opt = make_optimizer(model.parameters(), tcfg, fast)
-    ema = EMA(model, tcfg.ema_decay)
+    ema = EMA.from_config(model, tcfg)
     objective = DiffusionLoss(Schedule.linear(), device=device)
     step = TrainStep(model, model, opt, ema, objective, tcfg.grad_clip, fast)
     c, s = model.config.in_channels, model.config.sample_size

@@ -286,6 +286,26 @@ def read_for_resume(run_dir: Path) -> tuple[Path, nn.Module, dict[str, Any], dic
     return ckpt, model, meta, load_state(ckpt)
 
 
+def newest_run(path: Path, depth: int = 2) -> Path | None:
+    """`path` itself when it is a run folder (config.yaml), else the run folder below it (at most `depth`
+    levels: an experiment's or a parent folder's runs) whose newest checkpoint is the most recent. TA-EB
+    branch folders (region-k of a run with regions.json) are not runs of their own here."""
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        return path
+    best, best_t = None, -1.0
+    level = [path]
+    for _ in range(depth):
+        level = [c for d in level if d.is_dir() for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")]
+        for d in level:
+            if (d / "config.yaml").is_file() and not (d.parent / "regions.json").is_file():
+                ck = latest_checkpoint(d)
+                t = ck.stat().st_mtime if ck else -1.0
+                if ck and t > best_t:
+                    best, best_t = d, t
+    return best
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A run folder (-> its newest checkpoint) or a checkpoint folder."""
     path = Path(path)
@@ -339,7 +359,7 @@ class TrainState:
         """arch: what rebuilds the dense architecture (preset, dropout)."""
         meta = {**arch, "phase": self.phase, "plan": self.plan, **self.facts}
         state = {"iteration": self.iteration, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
-                 "timing": self.timing.to_dict(), "ema_updates": self.ema.updates}
+                 "timing": self.timing.to_dict(), "ema_updates": self.ema.updates, "ema_steps": self.ema.steps}
         if self.search is not None:
             state["search"] = self.search.state_dict()
         return save_checkpoint(run_dir, self.iteration, self.model, self.ema.module, meta, state, keep_last)
@@ -349,6 +369,7 @@ class TrainState:
         (rebuilt from the same checkpoint), EMA and optimizer are already built."""
         load_weights(self.ema.module, Path(ckpt) / "ema.safetensors")
         self.ema.updates = int(saved.get("ema_updates", 0))
+        self.ema.steps = int(saved.get("ema_steps", self.ema.updates))
         self.optimizer.load_state_dict(saved["optimizer"])
         self.iteration = int(saved["iteration"])
         self.timing = Timing.from_dict(saved.get("timing", {}))

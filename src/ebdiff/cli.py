@@ -32,16 +32,18 @@ def _fmt(x: float | None) -> str:
 
 # ---------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import latest_checkpoint, newest_run
     from .config import load_config
     from .trainer import train
 
     if args.resume:
-        run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.yaml"
-        if not cfg_path.is_file():
-            raise ConfigError(f"--resume: {run_dir} is not an ebdiff run folder (no config.yaml)")
-        cfg = load_config(cfg_path, args.overrides)
+        run_dir = newest_run(Path(args.resume))
+        if run_dir is None:
+            raise ConfigError(f"--resume: {args.resume} is not an ebdiff run folder (no config.yaml) and holds no "
+                              "run with a checkpoint")
+        if run_dir != Path(args.resume):
+            print(f"resuming the newest run under {args.resume}: {run_dir}")
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -341,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a dense DDPM, or search + train an Early-Bird ticket (early_bird.ratio=R)")
     t.add_argument("--config", help="YAML config (configs/*.yaml); defaults apply where absent")
     t.add_argument("--out", help="run folder (default runs/<timestamp>)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint (a parent or "
+                   "experiment folder: its most recently checkpointed run)")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iters=200 model.preset=tiny")
     t.set_defaults(fn=cmd_train)
 

@@ -69,8 +69,16 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per step; train.batch_size stays the effective batch (the recipe's)
+    lr_schedule: str = "constant"  # constant (the reference) | linear | cosine | cosine_with_restarts | polynomial
+    lr_warmup: int = 0  # iterations of linear warm-up from 0 to train.lr
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay = min(ema_decay, (1 + n) / (10 + n))
+    ema_power: float | None = None  # diffusers EMAModel's warm-up: decay = 1 - (1 + n / ema_inv_gamma) ** -ema_power
+    ema_inv_gamma: float = 1.0
+    ema_min_decay: float = 0.0
+    ema_start: int = 0  # the EMA copies the online weights for the first N steps (EMAModel's update_after_step)
+    ema_every: int = 1  # update the EMA every N steps
     seed: int = 1234
     log_every: int = 100
     ckpt_every: int = 10_000
@@ -83,6 +91,8 @@ class TrainConfig:
     cudnn_benchmark: Union[bool, str] = "auto"  # auto = on a GPU: cuDNN times its conv algorithms once per shape
     cuda_graph: bool = False  # GPU, one process: the whole step as one CUDA graph (compile=auto becomes default)
     nonfinite: str = "stop"  # a non-finite loss or weights: stop (no checkpoint written) | skip (drop that step)
+    log_with: str = "none"  # none | tensorboard | wandb (accelerate's trackers; metrics.jsonl is always written)
+    sample_every: int = 0  # every N iterations: a 16-image grid of the EMA model in RUN/samples/ (and the tracker)
     progress: bool = True
 
 
@@ -225,6 +235,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("auto", "no", "bf16"),
     "train.compile": COMPILE_CHOICES,
     "train.nonfinite": ("stop", "skip"),
+    "train.lr_schedule": ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    "train.log_with": ("none", "tensorboard", "wandb"),
     "sample.variance": ("fixedlarge", "fixedsmall"),
     "sample.mixed_precision": ("auto", "bf16", "no"),
     "sample.compile": COMPILE_CHOICES,
@@ -399,6 +411,20 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'sample.eta' must be >= 0; got {cfg.sample.eta}")
     if not 0 < cfg.early_bird.diff_threshold <= 1:
         raise ConfigError(f"config key 'early_bird.diff_threshold' must be in (0, 1]; got {cfg.early_bird.diff_threshold}")
+    for name, value, low in (("train.grad_accum", t.grad_accum, 1), ("train.lr_warmup", t.lr_warmup, 0),
+                             ("train.ema_start", t.ema_start, 0), ("train.ema_every", t.ema_every, 1),
+                             ("train.sample_every", t.sample_every, 0)):
+        if value < low:
+            raise ConfigError(f"config key '{name}' must be at least {low}; got {value}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    if (t.ema_power is not None and t.ema_power <= 0) or t.ema_inv_gamma <= 0 or not 0 <= t.ema_min_decay <= t.ema_decay:
+        raise ConfigError("config keys 'train.ema_power', 'train.ema_inv_gamma' must be > 0 and "
+                          "'train.ema_min_decay' in [0, train.ema_decay]")
+    if t.cuda_graph and (t.ema_power is not None or t.ema_start or t.ema_every > 1 or t.lr_warmup
+                         or t.lr_schedule != "constant"):
+        raise ConfigError("train.cuda_graph=true captures one fixed EMA decay and learning rate: it cannot run "
+                          "train.ema_power/ema_start/ema_every or an lr warm-up/schedule")
     if t.nonfinite == "skip" and t.cuda_graph:
         raise ConfigError("train.nonfinite=skip checks every step's gradients on the host, which a captured CUDA "
                           "graph cannot do: use train.nonfinite=stop with train.cuda_graph=true")

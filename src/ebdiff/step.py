@@ -8,6 +8,7 @@ the CPU the plain fp32 eager path, which is also the one whose resume is bit-exa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict, dataclass
 
@@ -97,14 +98,28 @@ def make_optimizer(params, tcfg, fast: FastPath) -> torch.optim.Optimizer:
                             weight_decay=tcfg.weight_decay, **kw)
 
 
+def lr_factor(schedule: str, warmup: int, total: int):
+    """iteration -> the factor of train.lr at that optimizer step: diffusers' schedule functions
+    (`diffusers.optimization.get_scheduler`, as diffusers' train_unconditional.py), used statelessly so
+    that a resumed run, or a ticket's new optimizer, continues the schedule exactly."""
+    if schedule == "constant" and warmup == 0:
+        return lambda it: 1.0
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total).lr_lambdas[0]
+
+
 OPT_SETTINGS = {"lr": "train.lr", "betas": "train.adam_betas", "eps": "train.adam_eps",
                 "weight_decay": "train.weight_decay"}  # Adam's param-group keys and their settings
 
 
-def apply_hparams(opt: torch.optim.Optimizer, tcfg) -> list[str]:
-    """Set the optimizer's lr, betas, eps and weight decay from the config (a resumed optimizer state
-    carries the old ones); returns 'setting old -> new' for each that changed."""
-    want = {"lr": tcfg.lr, "betas": tuple(tcfg.adam_betas), "eps": tcfg.adam_eps, "weight_decay": tcfg.weight_decay}
+def apply_hparams(opt: torch.optim.Optimizer, tcfg, lr: float | None = None) -> list[str]:
+    """Set the optimizer's lr (`lr`: the schedule's value now; default train.lr), betas, eps and weight
+    decay from the config (a resumed optimizer state carries the old ones); returns 'setting old -> new'
+    for each that changed."""
+    want = {"lr": tcfg.lr if lr is None else lr, "betas": tuple(tcfg.adam_betas), "eps": tcfg.adam_eps, "weight_decay": tcfg.weight_decay}
     changed = []
     for k, v in want.items():
         g0 = opt.param_groups[0][k]
@@ -117,21 +132,49 @@ def apply_hparams(opt: torch.optim.Optimizer, tcfg) -> list[str]:
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point state, kept as a full module copy."""
+    """Exponential moving average of a model's floating-point state, kept as a full module copy.
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+    The decay of the n-th update (`decay_at`): `decay`; with `warmup` min(decay, (1 + n) / (10 + n));
+    with `power` diffusers' EMAModel warm-up exactly (`EMAModel.get_decay` with use_ema_warmup: the
+    first update copies, then 1 - (1 + (n - 1) / inv_gamma) ** -power, clamped to [min_decay, decay]).
+    For the first `start` steps the EMA copies the online weights (EMAModel's `update_after_step`); it is
+    updated every `every` steps."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, power: float | None = None,
+                 inv_gamma: float = 1.0, min_decay: float = 0.0, start: int = 0, every: int = 1):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.decay, self.warmup, self.power, self.inv_gamma = decay, warmup, power, inv_gamma
+        self.min_decay, self.start, self.every = min_decay, start, every
+        self.updates, self.steps = 0, 0  # EMA updates made; optimizer steps seen
         self._src = [p for p in model.state_dict().values() if p.is_floating_point()]
         self._dst = [p for p in self.module.state_dict().values() if p.is_floating_point()]
 
+    @classmethod
+    def from_config(cls, model: nn.Module, tcfg) -> "EMA":
+        return cls(model, tcfg.ema_decay, tcfg.ema_warmup, tcfg.ema_power, tcfg.ema_inv_gamma, tcfg.ema_min_decay,
+                   tcfg.ema_start, tcfg.ema_every)
+
+    def decay_at(self, n: int) -> float:
+        if self.power is not None:
+            if n <= 1:
+                return 0.0
+            d = 1 - (1 + (n - 1) / self.inv_gamma) ** -self.power
+        elif self.warmup:
+            d = (1 + n) / (10 + n)
+        else:
+            return self.decay
+        return max(min(d, self.decay), self.min_decay)
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        if self.steps <= self.start:
+            torch._foreach_copy_(self._dst, self._src)
+            return
+        if (self.steps - self.start) % self.every:
+            return
         self.updates += 1
-        d = self.decay
-        if self.warmup:
-            d = min(d, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self._dst, self._src, 1.0 - d)
+        torch._foreach_lerp_(self._dst, self._src, 1.0 - self.decay_at(self.updates))
 
 
 def prepare_model(model: nn.Module, fast: FastPath) -> nn.Module:
@@ -144,12 +187,15 @@ class TrainStep:
     """step(x0, t, noise) -> detached loss. `model` may be DDP-wrapped; `raw` is the module itself."""
 
     def __init__(self, model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
-                 loss: DiffusionLoss, grad_clip: float, fast: FastPath, skip_nonfinite: bool = False):
+                 loss: DiffusionLoss, grad_clip: float, fast: FastPath, skip_nonfinite: bool = False,
+                 accum: int = 1):
         """loss: the objective (schedule, weights, reduction) with its tensors on the training device.
         skip_nonfinite: a step whose loss or gradient norm is not finite changes nothing and returns None
-        (one host read of the norm per step)."""
+        (one host read of the norm per step). accum: the batch is split into `accum` micro-batches whose
+        gradients add up before the one optimizer step (gradient accumulation; same result as the whole
+        batch, less activation memory)."""
         self.model, self.raw, self.opt, self.ema, self.loss = model, raw, opt, ema, loss
-        self.grad_clip, self.fast, self.skip_nonfinite = grad_clip, fast, skip_nonfinite
+        self.grad_clip, self.fast, self.skip_nonfinite, self.accum = grad_clip, fast, skip_nonfinite, accum
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.device_type = loss.sqrt_ab.device.type
         self._graph, self._warm = None, 0  # the whole-step CUDA graph (fast.cuda_graph), once captured
@@ -177,8 +223,17 @@ class TrainStep:
     def _update(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward, backward, clip, Adam, EMA: the work one step does (and what the graph captures).
         None: a non-finite step skipped (skip_nonfinite)."""
-        loss = self.forward_loss(x0, t, noise)
-        loss.backward()
+        if self.accum == 1:
+            loss = self.forward_loss(x0, t, noise)
+            loss.backward()
+        else:
+            loss = 0.0
+            for i, (xi, ti, ni) in enumerate(zip(x0.chunk(self.accum), t.chunk(self.accum), noise.chunk(self.accum))):
+                last = i == self.accum - 1  # DDP all-reduces the gradients once, after the last micro-batch
+                with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
+                    li = self.forward_loss(xi, ti, ni) / self.accum
+                    li.backward()
+                loss = loss + li.detach()
         if self.grad_clip > 0 or self.skip_nonfinite:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"), foreach=True)
             if self.skip_nonfinite and not bool(torch.isfinite(norm) & torch.isfinite(loss)):
@@ -210,8 +265,9 @@ class TrainStep:
             for buf, v in zip(self._static_in, (x0, t, noise)):
                 buf.copy_(v)
             self._graph.replay()
-            if self.ema is not None:
-                self.ema.updates += 1  # the captured update does not run Python
+            if self.ema is not None:  # the captured update does not run Python (a fixed decay, every step)
+                self.ema.updates += 1
+                self.ema.steps += 1
             return self._static_loss
         if self._warm < self.GRAPH_WARMUP:
             side = torch.cuda.Stream()

@@ -31,7 +31,8 @@ from .distributed import make_dist
 from .errors import ConfigError, DataError, Interrupted, NonFiniteError
 from .hooks import CallbackHook, Hook
 from .models import build_model, size_of
-from .step import EMA, TrainStep, apply_hparams, make_optimizer, prepare_model, resolve_fast_path
+from .step import EMA, TrainStep, apply_hparams, lr_factor, make_optimizer, prepare_model, resolve_fast_path
+from .tracking import SampleGridHook
 
 
 class Trainer:
@@ -51,8 +52,12 @@ class Trainer:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by {self.world} processes")
         self.local_batch = cfg.train.batch_size // self.world
         self.loss = DiffusionLoss.from_config(cfg.diffusion, self.device)
+        self.lr_at = lr_factor(cfg.train.lr_schedule, cfg.train.lr_warmup, cfg.train.iters)
         self.hooks: list[Hook] = [CallbackHook(f) for f in callbacks or []]
+        if cfg.train.sample_every:
+            self.hooks.append(SampleGridHook(cfg.train.sample_every))
         self.state: ck.TrainState | None = None
+        self.tracker = None
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -92,7 +97,7 @@ class Trainer:
             self.hooks.append(hook)
         if saved is not None:
             st.restore(ckpt, saved)
-            for change in apply_hparams(st.optimizer, cfg.train):
+            for change in apply_hparams(st.optimizer, cfg.train, cfg.train.lr * self.lr_at(st.iteration)):
                 self.print(f"resume: {change}")
             if self.main:
                 ck.truncate_log(self.run_dir / "metrics.jsonl", st.iteration)
@@ -112,14 +117,14 @@ class Trainer:
         prepare_model(model, self.fast)
         opt = make_optimizer(model.parameters(), tc, self.fast)
         self.model_p = self.dist.prepare_model(model)  # DDP when several processes
-        ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+        ema = EMA.from_config(model, tc)
         if self.state is None:
             self.state = ck.TrainState(model, ema, opt, phase=phase, plan=plan)
         else:
             st = self.state
             st.model, st.ema, st.optimizer, st.phase, st.plan, st.search = model, ema, opt, phase, plan, None
         self.step = TrainStep(self.model_p, model, opt, ema, self.loss, tc.grad_clip, self.fast,
-                              skip_nonfinite=tc.nonfinite == "skip")
+                              skip_nonfinite=tc.nonfinite == "skip", accum=tc.grad_accum)
         self.noise_gen = torch.Generator(device=self.device)
 
     def score_probe(self, timesteps: int, batch: int):
@@ -136,9 +141,12 @@ class Trainer:
             tqdm.write(msg)
 
     def log(self, rec: dict) -> None:
+        """One record to metrics.jsonl (the source of truth), mirrored to the tracker (train.log_with)."""
         if self.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec, default=ck.json_default) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(rec, rec.get("iter", self.state.iteration))
 
     def save(self) -> None:
         bad = ck.nonfinite_tensor(self.state.model, self.state.ema.module)
@@ -175,8 +183,16 @@ class Trainer:
                 if created:  # a failed start leaves no half-made run folder
                     shutil.rmtree(self.run_dir, ignore_errors=True)
                 raise
-            with stop_requests() as stop:
-                return self._loop(stop)
+            if self.main and self.cfg.train.log_with != "none":
+                from .tracking import Tracker
+
+                self.tracker = Tracker(self.cfg.train.log_with, self.run_dir, self.cfg.to_dict())
+            try:
+                with stop_requests() as stop:
+                    return self._loop(stop)
+            finally:
+                if self.tracker is not None:
+                    self.tracker.close()
 
     def _loop(self, stop: list[int]) -> dict:
         from tqdm.auto import tqdm
@@ -197,6 +213,9 @@ class Trainer:
         self._wall0 = time.perf_counter() - st.timing.wall_s
         while st.iteration < tc.iters:
             t_step = time.perf_counter()
+            if tc.lr_schedule != "constant" or tc.lr_warmup:
+                for g in st.optimizer.param_groups:
+                    g["lr"] = tc.lr * self.lr_at(st.iteration)
             loss = self._step(next(batches))
             if loss is None:  # train.nonfinite=skip dropped this step
                 skipped += 1
