@@ -194,10 +194,8 @@ class RoutedUNet(nn.Module):
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
-        from .models import eps_fn
-
+        RegionRouter(list(unets), regions, route)  # one model per region, a known rule: or one line
         self.unets = nn.ModuleList(unets)
-        self.router = RegionRouter([eps_fn(u) for u in self.unets], regions, route)
         self.regions, self.route = regions, route
         self._config = FrozenDict({**dict(unets[0].config), "_class_name": type(self).__name__,
                                    "regions": regions.to_config(), "route": route})
@@ -214,8 +212,18 @@ class RoutedUNet(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def router(self) -> RegionRouter:
+        """The eps-model router over the current members (built on use: a copy of this module routes to its
+        own members)."""
+        from .models import eps_fn
+
+        return RegionRouter([eps_fn(u) for u in self.unets], self.regions, self.route)
+
     def at(self, t: int):
-        return self.router.at(t)
+        from .models import eps_fn
+
+        return eps_fn(self.unets[self.regions.route(int(t), self.route)])
 
     def forward(self, sample: torch.Tensor, timestep, return_dict: bool = True, **kwargs):
         from diffusers.models.unets.unet_2d import UNet2DOutput
