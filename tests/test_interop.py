@@ -268,3 +268,26 @@ def test_readme_python_api_runs(tmp_path, monkeypatch, has_fmnist):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["summary"]["phase"] == "ticket" and len(scope["images"]) == 2
     assert (tmp_path / "sample.png").is_file() and (tmp_path / "models" / "api" / "ebdiff.json").is_file()
+
+
+def test_model_card_reports_quality_and_time():
+    facts = {"phases": ["ticket"], "preset": "cifar10", "weights": "ema", "iterations": [900000], "params": 8.97e6,
+             "macs": 1.52e9, "dense": {"params": 35.75e6, "macs": 6.06e9}, "ticket_iteration": 4000,
+             "dense_iterations": 4000, "ticket_iterations": 896000, "train_s": 7200.0,
+             "quality": [{"metric": "FID", "value": 7.32, "kid": 0.0051, "floor": None, "n": 50000, "steps": 100,
+                          "checkpoint": "ckpt-000900000"}]}
+    card = interop.model_card("c10-eb50", "unet", facts)
+    for line in ("An Early-Bird ticket", "| parameters | 8.97M |", "| MACs (one image) | 1.52G |",
+                 "35.75M params, 6.06G MACs", "iteration 4000", "4000 dense + 896000 pruned", "| training time | 7200.0 s |",
+                 "| FID | 7.320 (KID 0.0051; 50000 samples, 100 steps, ckpt-000900000) |", "plain diffusers cannot"):
+        assert line in card, line
+    assert "not measured" in interop.model_card("m", "unet", dict(facts, quality=[]))
+
+
+def test_the_python_api_is_imported_on_first_use():
+    import ebdiff
+
+    assert {"load", "export", "scheduler", "train", "load_config", "RoutedUNet", "Config"} <= set(dir(ebdiff))
+    assert ebdiff.load is interop.load and ebdiff.RoutedUNet is interop.RoutedUNet
+    with pytest.raises(AttributeError):
+        ebdiff.nothing_here

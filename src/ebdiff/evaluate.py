@@ -79,7 +79,7 @@ def run_sample_config(cfg: Config, **overrides) -> tuple[DiffusionConfig, Sample
         raise ConfigError(f"--steps must be in 1..{dcfg.timesteps}; got {scfg.steps}")
     if scfg.n <= 0:
         raise ConfigError(f"--n must be positive; got {scfg.n}")
-    sampler_timesteps(scfg.sampler, dcfg.timesteps, scfg.steps, scfg.spacing)  # a spacing the sampler cannot visit stops here
+    sampler_timesteps(scfg.sampler, dcfg.timesteps, scfg.steps, scfg.spacing)  # a spacing it cannot visit stops here
     return dcfg, scfg
 
 
