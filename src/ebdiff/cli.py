@@ -13,15 +13,7 @@ from pathlib import Path
 
 from .errors import ConfigError, EbdiffError
 
-DEMO_CONFIG = "demo.yaml"
-
-
-def _configs_dir() -> Path:
-    here = Path(__file__).resolve()
-    for cand in (here.parents[2] / "configs", Path.cwd() / "configs"):
-        if cand.is_dir():
-            return cand
-    return here.parent / "configs"
+DEMO_CONFIG = "demo.yaml"  # bundled (config.bundled_configs)
 
 
 def _fmt(x: float | None) -> str:
@@ -94,16 +86,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .distributed import resolve_device
     from .evaluate import SAMPLE_OPTIONS, sample_run
 
+    from .interop import SAMPLER_PREFIX
+
+    if args.scheduler:
+        if args.sampler:
+            raise ConfigError("--sampler (ebdiff's own) and --scheduler (diffusers') exclude each other: give one")
+        args.sampler = SAMPLER_PREFIX + args.scheduler
     device = resolve_device(args.device)
     info = sample_run(Path(args.run), args.out, device, ema=not args.no_ema, route=args.route,
                       **{k: getattr(args, k) for k in SAMPLE_OPTIONS})
     s = info["sampler"]
     comp = "" if info["compile"] == "none" else f", compile={info['compile']} (included)"
     print(f"{s['n']} samples ({s['sampler']}, {s['steps']} steps, "
-          f"{s['spacing'] if s['sampler'] == 'ddim' else 'all'} spacing, {info['weights']} weights of "
+          f"{'all' if s['sampler'] == 'ddpm' else s['spacing']} spacing, {info['weights']} weights of "
           f"{info['checkpoint']}, {info['precision']}{comp}) in {info['seconds']:.1f} s = "
           f"{info['images_per_s']:.1f} images/s on {device}")
     print(f"grid   {info['grid']}\nimages {info['images']}")
+    return 0
+
+
+# ---------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from .interop import export, read_manifest
+
+    out = export(Path(args.run), Path(args.out), ema=not args.no_ema)
+    man = read_manifest(out)
+    size = man["size"]
+    print(f"exported {args.run} ({man['kind']}, {len(man['members'])} model{'s' * (len(man['members']) > 1)}, "
+          f"{man['weights']} weights, {_fmt(size['params'])} params, {_fmt(size['macs'])} MACs) to {out}/")
+    print(f"load it with ebdiff.load('{out}'); model card: {out / 'README.md'}")
     return 0
 
 
@@ -306,14 +317,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """EB-Diff-Train on Fashion-MNIST at demo scale: search, extract, train the ticket, sample."""
     from .checkpoint import latest_checkpoint
-    from .config import load_config
+    from .config import bundled_configs, load_config
     from .distributed import resolve_device
     from .evaluate import sample_run
     from .trainer import train
 
     out = Path(args.out or "runs/demo")
     resume = latest_checkpoint(out) is not None
-    cfg = load_config(out / "config.yaml" if resume else _configs_dir() / DEMO_CONFIG, args.overrides)
+    cfg = load_config(out / "config.yaml" if resume else bundled_configs() / DEMO_CONFIG, args.overrides)
     _print_train_summary(train(cfg, out, resume=resume))
     info = sample_run(out, None, resolve_device("auto"), n=64)
     print(f"{info['sampler']['n']} samples in {info['seconds']:.1f} s: {info['grid']}")
@@ -336,12 +347,14 @@ def _sampling_speed_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import choices
+    from .interop import SCHEDULERS
 
     p = argparse.ArgumentParser(prog="ebdiff", description="Early-Bird tickets for cheaper diffusion training")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a dense DDPM, or search + train an Early-Bird ticket (early_bird.ratio=R)")
-    t.add_argument("--config", help="YAML config (configs/*.yaml); defaults apply where absent")
+    t.add_argument("--config", help="YAML config: a path, or a bundled config by name (demo, fmnist, cifar10, ...); "
+                   "defaults apply where absent")
     t.add_argument("--out", help="run folder (default runs/<timestamp>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint (a parent or "
                    "experiment folder: its most recently checkpointed run)")
@@ -349,11 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="DDIM/DDPM samples from a run: PNG grid + .npz of uint8 images")
-    s.add_argument("run", help="run folder (newest checkpoint) or checkpoint folder")
+    s.add_argument("run", help="run folder (newest checkpoint), checkpoint folder, TA-EB run or exported folder")
     s.add_argument("--n", type=int, help="number of images (default: the run's sample.n)")
     s.add_argument("--steps", type=int, help="DDIM steps (default 100)")
     allowed = choices()
-    s.add_argument("--sampler", choices=allowed["sample.sampler"])
+    s.add_argument("--sampler", choices=allowed["sample.sampler"],
+                   help="ebdiff's ddim (the reference) or ddpm, or diffusers-<scheduler> (default: the run's)")
+    s.add_argument("--scheduler", choices=list(SCHEDULERS),
+                   help="sample with this diffusers scheduler (the sampler diffusers-<NAME>), configured to the "
+                   "run's noise schedule; ddim and euler-ancestral visit --spacing uniform or trailing only")
     s.add_argument("--spacing", choices=allowed["sample.spacing"])
     s.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     s.add_argument("--seed", type=int)
@@ -368,11 +385,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_sample)
 
     ta = sub.add_parser("ta-eb", help="EB-Diff-Train (TA-EB): one ticket per timestep region, branches in parallel")
-    ta.add_argument("--config", help="YAML with a 'regions' list (configs/*_taeb.yaml)")
+    ta.add_argument("--config", help="YAML with a 'regions' list: a path, or a bundled config by name (demo_taeb, "
+                    "fmnist_taeb, cifar10_taeb)")
     ta.add_argument("--out", help="run folder (default runs/taeb-<timestamp>)")
     ta.add_argument("--resume", metavar="RUN_DIR", help="continue every unfinished branch")
     ta.add_argument("overrides", nargs="*")
     ta.set_defaults(fn=cmd_taeb)
+
+    xp = sub.add_parser("export", help="a self-contained model folder (safetensors, pruning plan, config, model card) "
+                                       "that ebdiff.load rebuilds without the run")
+    xp.add_argument("run", help="run folder, checkpoint folder or TA-EB run folder")
+    xp.add_argument("--out", required=True, help="new folder (must not exist, or be empty)")
+    xp.add_argument("--no-ema", action="store_true", help="export the online weights instead of the EMA")
+    xp.set_defaults(fn=cmd_export)
 
     e = sub.add_parser("eval", help="sample a run and measure FD-<dataset>/FID, KID, params, MACs -> eval.json")
     e.add_argument("run")
@@ -392,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("experiment", help="run a comparison table (configs/experiments/*.yaml): train, skip, "
                                           "resume, evaluate, report")
-    x.add_argument("file", help="experiment YAML (configs/experiments/*.yaml)")
+    x.add_argument("file", help="experiment YAML: a path, or a bundled experiment by name (cifar10_table4, "
+                   "fmnist_table4_cpu, ...)")
     x.add_argument("--out", help="output folder (default: the file's 'out')")
     x.add_argument("--scale", type=float, help="iteration scale factor (default: the file's 'scale')")
     x.add_argument("--only", help="comma-separated method names to run (their dense sources must be finished)")

@@ -495,10 +495,40 @@ def read_yaml(path: Path, kind: str = "config") -> Any:
     return data
 
 
+def bundled_configs() -> Path:
+    """The folder of the configs shipped inside the package (`configs/` of the repository links to it)."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def find_config(name: str | Path, kind: str = "config") -> Path:
+    """A config (kind="config") or experiment file (kind="experiment"): the path itself when it exists (a path
+    always wins), else a bundled file by name: `fmnist`, `fmnist.yaml`, or a README path like
+    `configs/fmnist.yaml` / `configs/experiments/cifar10_table4.yaml` run outside the repository. A missing
+    file stops with one line that lists the bundled names."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    root = bundled_configs()
+    sub = root / "experiments" if kind == "experiment" else root
+    parts = path.parts
+    rel, base = None, sub
+    if not path.is_absolute() and len(parts) > 1 and parts[0] == "configs":
+        rel, base = Path(*parts[1:]), root  # a README path, from outside the repository
+    elif len(parts) == 1:
+        rel = path
+    if rel is not None:
+        for cand in (base / rel, base / rel.with_name(rel.name + ".yaml")):
+            if cand.is_file():
+                return cand
+    known = ", ".join(sorted(p.stem for p in sub.glob("*.yaml")))
+    raise ConfigError(f"{kind} file not found: {name} (bundled {kind}s, usable by name: {known})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A validated Config from a YAML file (a path, or a bundled config's name: `find_config`) and overrides."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
+        path = find_config(path)
         apply_dict(cfg, read_yaml(path), where=str(path))
     apply_overrides(cfg, overrides or [])
     return validate(cfg)

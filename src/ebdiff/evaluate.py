@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_json, load_model, resolve_checkpoint
+from .checkpoint import atomic_write_json
 from .config import Config, DiffusionConfig, SampleConfig, load_config
 from .diffusion import Schedule
 from .errors import ConfigError
 from .models import autocast_eps, count_macs_params, eps_fn, fixed_batch_eps, preset_shape
-from .sampling import generate
+from .regions import RegionRouter
+from .sampling import generate, sampler_timesteps
 
 LABELLED = ("fashion-mnist", "cifar10")
 COMPILE_MIN_CALLS = 2000  # sample.compile=auto compiles on a GPU from this many eps-model calls on
@@ -59,10 +60,15 @@ def sample_run(path: Path, out: Path | None = None, device: str = "cpu", ema: bo
 
 
 def require_checkpoints(path: Path) -> None:
-    """A run to sample must hold a checkpoint (every branch, for a TA-EB run); else one line, at once."""
+    """A run to sample must hold a checkpoint (every branch, for a TA-EB run); else one line, at once.
+    (An exported model folder holds its weights itself.)"""
+    from .checkpoint import resolve_checkpoint
+    from .interop import is_export
     from .taeb import is_taeb_run, read_regions
 
     path = Path(path)
+    if is_export(path):
+        return
     if is_taeb_run(path):
         for name in read_regions(path)[1]["members"]:
             resolve_checkpoint(path / name)
@@ -93,18 +99,21 @@ def run_sample_config(cfg: Config, **overrides) -> tuple[DiffusionConfig, Sample
             raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {getattr(scfg, name)}")
     if scfg.eta < 0:
         raise ConfigError(f"--eta must be >= 0; got {scfg.eta}")
+    sampler_timesteps(scfg.sampler, dcfg.timesteps, scfg.steps, scfg.spacing)  # a spacing it cannot visit stops here
     return dcfg, scfg
 
 
 def load_for_sampling(path: Path, device: str, ema: bool = True, route: str | None = None):
-    """(eps-model callable, meta, size_fn) for a run, a checkpoint or a TA-EB run (a RegionRouter).
-    size_fn(scfg) -> {params, macs}: weighted over the visited timesteps for TA-EB."""
-    from .taeb import is_taeb_run, load_router, visited_timesteps
+    """(eps-model callable, meta, size_fn, first model) for a run, a checkpoint, a TA-EB run (a RegionRouter)
+    or an exported folder. size_fn(scfg, dcfg) -> {params, macs}: weighted over the visited timesteps for
+    TA-EB. ema=False: the online weights; True: the EMA weights (an export: the one set it holds)."""
+    from .interop import read_models
+    from .taeb import visited_timesteps
 
-    path = Path(path)
-    if is_taeb_run(path):
-        router, models, metas = load_router(path, device, ema, route)
-        sizes = [count_macs_params(m) for m in models]
+    got = read_models(Path(path), None if ema else False, device)
+    sizes = [count_macs_params(m) for m in got.models]
+    if got.regions is not None:
+        router = RegionRouter([eps_fn(m) for m in got.models], got.regions, route or got.route)
 
         def size_fn(scfg, dcfg):
             ts = visited_timesteps(scfg, dcfg.timesteps)
@@ -112,20 +121,16 @@ def load_for_sampling(path: Path, device: str, ema: bool = True, route: str | No
                     "macs": router.regions.weighted([m for m, _ in sizes], ts, router.rule),
                     "per_region": [{"params": p, "macs": m} for m, p in sizes], "route": router.rule}
 
-        meta = dict(metas[0], phase="ta-eb", checkpoint=[m["iteration"] for m in metas])
-        return router, meta, size_fn, models[0]
-    ckpt = resolve_checkpoint(path)
-    model, meta = load_model(ckpt, ema=ema, device=device)
-    macs, params = count_macs_params(model)
-    meta = dict(meta, checkpoint=ckpt.name)
-    return eps_fn(model), meta, (lambda scfg, dcfg: {"params": params, "macs": macs}), model
+        meta = dict(got.metas[0], phase="ta-eb", checkpoint=[m["iteration"] for m in got.metas], weights=got.weights)
+        return router, meta, size_fn, got.models[0]
+    macs, params = sizes[0]
+    meta = dict(got.metas[0], weights=got.weights)
+    return eps_fn(got.models[0]), meta, (lambda scfg, dcfg: {"params": params, "macs": macs}), got.models[0]
 
 
 def per_model(fn, wrap):
     """wrap(fn), or for a TA-EB router wrap each region model and keep the router outermost (the
     samplers route by the step's Python int through it)."""
-    from .regions import RegionRouter
-
     return fn.map(wrap) if isinstance(fn, RegionRouter) else wrap(fn)
 
 
@@ -164,7 +169,7 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
     dt = time.perf_counter() - t0
     info = {"sampler": asdict(scfg), "precision": "bf16" if bf16 else "fp32", "compile": compile_mode,
             "seconds": dt, "images_per_s": scfg.n / dt,
-            "checkpoint": meta["checkpoint"], "weights": "ema" if ema else "online",
+            "checkpoint": meta["checkpoint"], "weights": meta["weights"],
             "size": size_fn(scfg, dcfg), "meta": meta}
     return x, info
 

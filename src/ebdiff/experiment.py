@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from . import checkpoint as ck
-from .config import Config, RunSpec, apply_overrides, load_config, read_yaml, validate
+from .config import Config, RunSpec, apply_overrides, find_config, load_config, read_yaml, validate
 from .errors import ConfigError
 
 TOP_KEYS = {"name", "base", "scale", "out", "overrides", "reference", "eval", "methods", "description"}
@@ -73,7 +73,7 @@ def _str_list(value: Any, where: str) -> list[str]:
 
 
 def load_experiment(path: str | Path, out: str | Path | None = None, scale: float | None = None) -> Experiment:
-    path = Path(path)
+    path = find_config(path, "experiment")
     data = read_yaml(path, "experiment")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with 'base' and 'methods'")

@@ -30,7 +30,8 @@ class Routed(Protocol):
     def at(self, t: int) -> EpsModel: ...
 
 
-def _model_at(model: EpsModel, t: int) -> EpsModel:
+def model_at(model: EpsModel, t: int) -> EpsModel:
+    """The eps model serving timestep t: `model.at(t)` for a `Routed` model, else the model itself."""
     return model.at(t) if isinstance(model, Routed) else model
 
 
@@ -66,7 +67,7 @@ def ddim_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, timesteps:
     for t, tn in zip(reversed(timesteps), reversed(prev)):
         at, an = _abar_at(abar, t), _abar_at(abar, tn)
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = _model_at(model, t)(x, tt).float()
+        eps = model_at(model, t)(x, tt).float()
         x0 = (x - eps * (1 - at) ** 0.5) / at ** 0.5
         if clip_x0:  # then eps is re-derived from the clipped x0 (as diffusers' clip_sample)
             x0 = x0.clamp(-1, 1)
@@ -92,7 +93,7 @@ def ddpm_sample(model: EpsModel, x: torch.Tensor, schedule: Schedule, timesteps:
         at, an = _abar_at(abar, t), _abar_at(abar, t - 1)
         beta = 1 - at / an
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = _model_at(model, t)(x, tt).float()
+        eps = model_at(model, t)(x, tt).float()
         x0 = (x - eps * (1 - at) ** 0.5) / at ** 0.5
         if clip_x0:
             x0 = x0.clamp(-1, 1)
@@ -163,3 +164,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW float -> NHWC uint8."""
     x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
+
+
+# diffusers' schedulers as samplers `diffusers-<name>` (interop.py, their one home); imported last because
+# interop registers them through `register_sampler` above
+from . import interop  # noqa: E402,F401

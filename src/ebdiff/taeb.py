@@ -3,7 +3,7 @@
 Three parts:
 - the branch spec: each region branch is an ordinary ebdiff run (dense search on the region's
   timesteps, ticket at the region's ratio, ticket training on those timesteps) in `RUN/region-k/`;
-  the combined artifact is `RUN/regions.json` + each branch's checkpoints (`load_router`);
+  the combined artifact is `RUN/regions.json` + each branch's checkpoints (`interop.load` reads it);
 - the launcher: branches run at the same time as separate processes under torch.distributed, the
   world split into one process group per region (data parallel inside a group). Without torchrun,
   `launch` starts `torch.distributed.run` on the worker entry point `python -m ebdiff.taeb_worker RUN`
@@ -29,7 +29,7 @@ import torch
 from . import checkpoint as ck
 from .config import Config, dump_yaml, load_config
 from .errors import CheckpointError, ConfigError, Interrupted
-from .regions import Region, RegionRouter, RegionSet
+from .regions import Region, RegionSet
 from .sampling import sampler_timesteps
 
 REGIONS_FILE = "regions.json"
@@ -206,21 +206,6 @@ def read_regions(run: Path) -> tuple[RegionSet, dict]:
         return RegionSet.from_config(spec["regions"], spec["T"]), spec
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{run}/{REGIONS_FILE} is unreadable ({type(exc).__name__})") from None
-
-
-def load_router(run: Path, device: str = "cpu", ema: bool = True, route: str | None = None):
-    """The combined TA-EB model: a RegionRouter over each branch's newest checkpoint (no pickle)."""
-    from .models import eps_fn
-
-    regions, spec = read_regions(run)
-    models, metas = [], []
-    for k, name in enumerate(spec["members"]):
-        ckpt = ck.resolve_checkpoint(Path(run) / name)
-        m, meta = ck.load_model(ckpt, ema=ema, device=device)
-        models.append(m)
-        metas.append(meta)
-    router = RegionRouter([eps_fn(m) for m in models], regions, route or spec["route"])
-    return router, models, metas
 
 
 def visited_timesteps(scfg, T: int) -> list[int]:
