@@ -202,3 +202,45 @@ def test_no_module_uses_another_modules_private_names(tmp_path):
     bad.write_text("from .trainer import _resolve_device\nfrom . import report as r\nr._plt()\n")
     assert _private_uses(bad) == ["bad.py: from .trainer import _resolve_device", "bad.py: r._plt"]
     assert [f for p in sorted(SRC.glob("*.py")) for f in _private_uses(p)] == []
+
+
+def test_after_the_ticket_nothing_keeps_an_autograd_graph_or_the_dense_model(tmp_path, has_fmnist):
+    """What a later CUDA-graph capture needs (train.cuda_graph through an Early-Bird extraction): after the
+    extraction the trainer reaches no autograd node (loss tensors, the pruning engine, wrappers), and the
+    dense model it trained before is gone (accelerate used to keep every model it prepared)."""
+    import gc
+    import types
+    import weakref
+
+    from conftest import tiny_args
+    from ebdiff.config import load_config
+    from ebdiff.trainer import Trainer
+
+    seen_dense, checked = [], []
+
+    def probe(tr):
+        st = tr.state
+        if st.phase == "dense" and not seen_dense:
+            seen_dense.append(weakref.ref(st.model))
+        if st.phase == "ticket" and not checked:
+            gc.collect()
+            stack, ids, nodes = [tr], set(), 0
+            skip = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
+            while stack:
+                o = stack.pop()
+                if id(o) in ids or isinstance(o, skip):
+                    continue
+                ids.add(id(o))
+                if isinstance(o, torch.autograd.graph.Node):
+                    nodes += 1
+                    continue
+                stack.extend(gc.get_referents(o))
+            checked.append((nodes, len(ids), seen_dense[0]() is None))
+
+    args = tiny_args(tmp_path / "r", "train.iters=6", "early_bird.ratio=0.5", "early_bird.check_every=2",
+                     "early_bird.max_search_iters=4", "early_bird.on_miss=extract-anyway")
+    cfg = load_config(None, [a for a in args if "=" in a and not a.startswith("--")])
+    Trainer(cfg, tmp_path / "r", callbacks=[probe]).run()
+    nodes, reached, dense_gone = checked[0]
+    assert nodes == 0 and reached > 1000
+    assert dense_gone
