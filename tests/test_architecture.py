@@ -159,25 +159,30 @@ def test_registered_sampler_is_a_valid_setting():
         load_config(None, ["sample.sampler=x0-zero"])
 
 
-def test_the_pruning_engine_keeps_no_autograd_graph_alive():
-    """A traced engine must not hold autograd nodes: they would keep the parameters' AccumulateGrad
-    nodes (made on the default stream) alive, and a later CUDA-graph capture of the training step fails
-    (cudaErrorStreamCaptureImplicit, seen on an H200 in an Early-Bird run with train.cuda_graph)."""
+def autograd_nodes_reachable(root, skip: tuple = ()) -> tuple[int, int]:
+    """(autograd nodes, objects) reachable from `root` through gc referents, not entering `skip` types."""
     import gc
 
-    eng = PruningEngine(build_model("tiny"))
-    seen, stack, nodes = set(), [eng], 0
+    seen, stack, nodes = set(), [root], 0
     while stack:
         o = stack.pop()
-        if id(o) in seen:
+        if id(o) in seen or isinstance(o, skip):
             continue
         seen.add(id(o))
         if isinstance(o, torch.autograd.graph.Node):
             nodes += 1
             continue
         stack.extend(gc.get_referents(o))
+    return nodes, len(seen)
+
+
+def test_the_pruning_engine_keeps_no_autograd_graph_alive():
+    """A traced engine must not hold autograd nodes: they would keep the parameters' AccumulateGrad
+    nodes (made on the default stream) alive, and a later CUDA-graph capture of the training step fails
+    (cudaErrorStreamCaptureImplicit, seen on an H200 in an Early-Bird run with train.cuda_graph)."""
+    nodes, seen = autograd_nodes_reachable(PruningEngine(build_model("tiny")))
     assert nodes == 0
-    assert len(seen) > 1000  # the walk did reach the graph
+    assert seen > 1000  # the walk did reach the graph
 
 
 def _private_uses(path: Path) -> list[str]:
@@ -224,18 +229,8 @@ def test_after_the_ticket_nothing_keeps_an_autograd_graph_or_the_dense_model(tmp
             seen_dense.append(weakref.ref(st.model))
         if st.phase == "ticket" and not checked:
             gc.collect()
-            stack, ids, nodes = [tr], set(), 0
-            skip = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
-            while stack:
-                o = stack.pop()
-                if id(o) in ids or isinstance(o, skip):
-                    continue
-                ids.add(id(o))
-                if isinstance(o, torch.autograd.graph.Node):
-                    nodes += 1
-                    continue
-                stack.extend(gc.get_referents(o))
-            checked.append((nodes, len(ids), seen_dense[0]() is None))
+            skip = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)  # not all of torch
+            checked.append((*autograd_nodes_reachable(tr, skip), seen_dense[0]() is None))
 
     args = tiny_args(tmp_path / "r", "train.iters=6", "early_bird.ratio=0.5", "early_bird.check_every=2",
                      "early_bird.max_search_iters=4", "early_bird.on_miss=extract-anyway")

@@ -192,7 +192,7 @@ def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int,
            "batch": batch, "params": params, "macs": macs, "it_s": steps / dt, "images_s": steps * batch / dt,
            "ms_step": dt / steps * 1e3, "warmup_s": warm_s, "warmup_steps": warmup, "steps": steps,
            "peak_mem_bytes": peak, "final_loss": float(loss), "device": str(device), "round_channels": round_channels,
-           "compile_s": compile_s, "compile_cache_hit": step._hit if fast.compile != "none" else None}
+           "compile_s": compile_s, "compile_cache_hit": step.cache_hit if fast.compile != "none" else None}
     m = compute_mfu(macs, batch, dt / steps, device_label(device), step_precision(fast.bf16, device.type))
     row.update({"model_tflops_s": m.flops_per_s / 1e12, "mfu": m.mfu, "mfu_precision": m.precision,
                 "peak_tflops": None if m.peak_flops_per_s is None else m.peak_flops_per_s / 1e12})

@@ -6,8 +6,8 @@ turns it off) holds three things:
     inductor/<torch>-<device kind>/   TORCHINDUCTOR_CACHE_DIR: inductor's own on-disk caches (FX graphs,
                                       AOTAutograd entries and the compiled kernels: C++ .so on the CPU,
                                       Triton cubins on a GPU)
-    artifacts/<key>.bin               PyTorch's "mega-cache" (torch.compiler.save_cache_artifacts) of the
-                                      process after a shape's first compiled step: one file per key
+    artifacts/<key>.bin               PyTorch's portable "mega-cache" (torch.compiler.save_cache_artifacts)
+                                      of a shape's first compiled step: one file per key
     timings/<key>.json                measured seconds of that step (steady step, first step, compile
                                       hit or miss), read by `train.compile=auto` (ebdiff.autocompile)
 

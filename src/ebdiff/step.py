@@ -201,7 +201,8 @@ class TrainStep:
         self.keys: dict[str, str] = {}
         self.forward_loss = self._forward_loss
         self._clock: StepClock | None = None
-        self._counters, self._hit, self._save_pending = None, None, False
+        self._counters, self._save_pending = None, False
+        self.cache_hit: bool | None = None  # whether the compile cache served this step's compilation
         if fast.compile != "none" and not fast.compile_auto:
             self._compile()
 
@@ -263,7 +264,7 @@ class TrainStep:
                                         or "compile_hit_s" in rec_c)
         step_c, comp_s, src = autocompile.estimate(eager_s, rec_c, self.device_type == "cuda", cached, f.cuda_graph)
         planned = max(0, int(self.planned_iters())) if self.planned_iters is not None else None
-        src = ", ".join(x for x in ("uncompiled step " + ("measured" if measured_s is not None else "recorded"), src))
+        src = f"uncompiled step {'measured' if measured_s is not None else 'recorded'}" + (f", {src}" if src else "")
         if planned is None or eager_s is None or step_c is None or comp_s is None:
             go = self.device_type == "cuda"
             d = {"compile": go, "reason": f"not enough measured timings for this shape ({src}): today's default"}
@@ -291,7 +292,7 @@ class TrainStep:
         vals = {"step_s": step_s}
         if mode != "none" and self._counters is not None:
             hit = was_hit(self._counters, compile_counters())
-            self._hit = hit
+            self.cache_hit = hit
             if compile_s is not None and hit is not None:
                 vals["compile_hit_s" if hit else "compile_miss_s"] = max(0.0, compile_s)
         cache.record(self.key(mode, x0), **vals)
