@@ -49,6 +49,20 @@ def test_search_without_a_trainer_draws_saves_and_resumes():
     assert a.detector.checks == b.detector.checks == 3 and b.iterations == [2, 4, 6]
 
 
+def test_search_rounds_the_ticket_channels_when_asked():
+    """early_bird.round_channels reaches the search's masks: every group keeps a multiple of it."""
+    from ebdiff.config import EarlyBirdConfig
+
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    s = EarlyBirdSearch.from_config(EarlyBirdConfig(ratio=0.7, round_channels=16), check_every=2)
+    mask = s.mask_of(model)
+    kept = [size - len(idx) for size, idx in zip(mask.sizes, mask.indices())]
+    assert all(k % 16 == 0 for k in kept) and s.round_channels == 16
+    plain = _search().mask_of(model)  # ratio 0.5, no rounding: the 16-channel groups keep 8
+    assert any(size - len(idx) == 8 for size, idx in zip(plain.sizes, plain.indices()))
+
+
 def test_search_budget_miss_and_extract_anyway():
     model = build_model("tiny")
     s = _search(max_search_iters=2, on_miss="continue-dense")

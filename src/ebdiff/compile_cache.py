@@ -148,6 +148,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would keep a shared or copied cache folder from other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
