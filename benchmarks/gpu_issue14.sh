@@ -30,6 +30,7 @@ STAGES=${STAGES:-bench_core compile_again graph_eb auto_eb bench_layout bench_re
 DEADLINE=${DEADLINE:-540}
 . benchmarks/gpu_common.sh
 export EBDIFF_COMPILE_CACHE=${EBDIFF_COMPILE_CACHE:-$PWD/.ccache}
+R=/tmp/ebdiff_issue14_runs; rm -rf $R  # this script's run folders (a run folder that exists is resumed or refused)
 mkdir -p "$EBDIFF_COMPILE_CACHE"
 FMROOT=${FMROOT:-.devdata/fmnist}
 if [ "${DRY:-0}" = 1 ]; then  # the CPU: tiny sizes, the CPU's modes, no CUDA graph
@@ -61,10 +62,10 @@ run_if compile_again_artifacts 30 60 env EBDIFF_COMPILE_CACHE=$ART $B --ratios 0
 # 3. the crash of issue 14, item 5: whole-step graph + Early-Bird extraction + recapture (the fmnist config
 #    warms its EMA up, which a captured step cannot: ema_warmup=false); a ticket by MAXS_G at the latest
 run_if graph_eb 60 150 $T train.iters=1200 $GRAPH train.ema_warmup=false $EB early_bird.max_search_iters=$MAXS_G \
-  $FM --out /tmp/runs/graph_eb
+  $FM --out $R/graph_eb
 # 4. train.compile=auto on the trainer's path: the dense model and the ticket each decide (printed, logged)
 run_if auto_eb 40 120 $T train.iters=400 train.compile=auto $EB early_bird.max_search_iters=$MAXS_A $FM \
-  --out /tmp/runs/auto_eb
+  --out $R/auto_eb
 # 5. who launches the copies (without CUDA graphs the profiler sees the launching operators), and the forced
 #    layout optimisation against them
 run_if bench_layout 100 250 $B --ratios 0 --modes $LAYOUT --profile $PROF --json "$OUT/bench_layout.json"
@@ -72,19 +73,19 @@ run_if bench_layout 100 250 $B --ratios 0 --modes $LAYOUT --profile $PROF --json
 run_if bench_rest 120 300 $B --ratios 0,0.3,0.5,0.8 --modes $REST --profile $PROF --json "$OUT/bench_rest.json"
 # 7. loss curves: fp32 eager vs the fast path, seed-to-seed floor from the fast path twice
 C="train.iters=$ITERS $FM"
-run_if curves_fp32 60 150 $T $C $FP32 --out /tmp/runs/fp32
-run_if curves_fast 60 180 $T $C $FASTCURVE --out /tmp/runs/fast
-run_if curves_fast_seed2 40 100 $T $C $FASTCURVE train.seed=1235 --out /tmp/runs/fast_seed2
-[ -f /tmp/runs/fp32/metrics.jsonl ] && [ -f /tmp/runs/fast/metrics.jsonl ] && [ -f /tmp/runs/fast_seed2/metrics.jsonl ] && \
-  python3 benchmarks/loss_curves.py /tmp/runs/fp32 /tmp/runs/fast --noise /tmp/runs/fast /tmp/runs/fast_seed2 \
+run_if curves_fp32 60 150 $T $C $FP32 --out $R/fp32
+run_if curves_fast 60 180 $T $C $FASTCURVE --out $R/fast
+run_if curves_fast_seed2 40 100 $T $C $FASTCURVE train.seed=1235 --out $R/fast_seed2
+[ -f $R/fp32/metrics.jsonl ] && [ -f $R/fast/metrics.jsonl ] && [ -f $R/fast_seed2/metrics.jsonl ] && \
+  python3 benchmarks/loss_curves.py $R/fp32 $R/fast --noise $R/fast $R/fast_seed2 \
     --after $AFTER --json "$OUT/loss_curves.json" | tee "$OUT/loss_curves.log"
 # 8. channels rounded for the tensor cores; 9. the remaining modes
 run_if bench_round 80 200 $B --ratios 0,0.3,0.8 --round 8 --modes $ROUNDMODE --profile $PROF --json "$OUT/bench_round.json"
 run_if bench_more 80 300 $B --ratios $PAIR --modes $MORE --profile $PROF --json "$OUT/bench_more.json"
 for r in graph_eb auto_eb fp32 fast fast_seed2; do
-  cp /tmp/runs/$r/summary.json "$OUT/summary_$r.json" 2>/dev/null
-  cp /tmp/runs/$r/ticket.json "$OUT/ticket_$r.json" 2>/dev/null
-  cp /tmp/runs/$r/metrics.jsonl "$OUT/metrics_$r.jsonl" 2>/dev/null
+  cp $R/$r/summary.json "$OUT/summary_$r.json" 2>/dev/null
+  cp $R/$r/ticket.json "$OUT/ticket_$r.json" 2>/dev/null
+  cp $R/$r/metrics.jsonl "$OUT/metrics_$r.jsonl" 2>/dev/null
 done
 python3 benchmarks/gpu_issue14_summary.py "$OUT" | tee "$OUT/summary.md"
 echo "total $(( $(date +%s) - T0 )) s"

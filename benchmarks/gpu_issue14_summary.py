@@ -33,12 +33,16 @@ def f(x, nd=1, unit=""):
     return "-" if x is None else f"{x:.{nd}f}{unit}"
 
 
+def tflops(x):
+    return "-" if x is None else f"{x:.3g}"
+
+
 def row_line(name: str, r: dict) -> str:
     mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}% {r.get('mfu_precision', '')}"
     hit = {True: "hit", False: "miss", None: "-"}[r.get("compile_cache_hit")]
     comp = "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f} ({hit})"
     return (f"| {name} | {r['mode_name']} | {r['ratio']:.2f} | {r.get('round_channels', 1)} | {r['params'] / 1e6:.2f}M | "
-            f"{r['macs'] / 1e9:.2f}G | {r['it_s']:.1f} | {r['ms_step']:.2f} | {f(r.get('model_tflops_s'))} | {mfu} | "
+            f"{r['macs'] / 1e9:.2f}G | {r['it_s']:.1f} | {r['ms_step']:.2f} | {tflops(r.get('model_tflops_s'))} | {mfu} | "
             f"{f(r.get('speedup_vs_dense'), 2, 'x')} | {comp} |")
 
 
@@ -46,11 +50,11 @@ def profile_lines(r: dict) -> list[str]:
     p = r.get("profile")
     if not p:
         return []
-    out = []
+    head = f"- {r['mode_name']} {r['ratio']:.2f} (round {r.get('round_channels', 1)}): {p['timer']} {p['ms_per_step']:.2f} ms/step"
     if p.get("by_kind"):
         kinds = ", ".join(f"{k} {v['ms_per_step']:.2f} ms ({100 * v['share']:.0f}%)" for k, v in p["by_kind"].items())
-        out.append(f"- {r['mode_name']} {r['ratio']:.2f}: GPU busy {f(100 * (p.get('busy') or 0), 0)}%, "
-                   f"{f(p.get('kernels_per_step'), 0)} kernels/step; {kinds}")
+        head += f", GPU busy {f(100 * (p.get('busy') or 0), 0)}%, {f(p.get('kernels_per_step'), 0)} kernels/step; {kinds}"
+    out = [head]
     for c in p.get("copies", [])[:5]:
         out.append(f"  - copies: {c['ms_per_step']:.3f} ms x{c['calls_per_step']:.0f} per step from `{c['source']}`")
     return out
@@ -114,7 +118,8 @@ def summarize(out: Path) -> tuple[str, list[dict]]:
             + (", AccumulateGrad stream warning" if stream_warn else ""), "ticket trained, no stream warning")
     a = load(out / "summary_auto_eb.json")
     dec = (a or {}).get("compile_decisions") or []
-    verdict("train.compile=auto decides per model shape", None if a is None else len(dec) == 2,
+    gpu = a is not None and str(a.get("device", "")).startswith("cuda")  # on the CPU auto means no compilation
+    verdict("train.compile=auto decides per model shape", len(dec) == 2 if gpu else None,
             "; ".join(f"{d['phase']}: {'compile' if d['compile'] else 'no compile'}" for d in dec) or "no decision",
             "dense + ticket")
     layout = [(first.get(("fast", r, 1)), first.get(("fast-layout", r, 1))) for r in (0.0, 0.5)]

@@ -39,9 +39,11 @@ def main() -> int:
                       cache=cache)
         r["name"] = name
         rows.append(r)
-        conv = [c for c in r["profile"]["copies"] if "convolution" in c["source"]]
+        # layout copies: `.contiguous(fmt)` inside a convolution's forward or backward (thnn's own im2col
+        # copies, `aten::copy_ < aten::_slow_conv2d_forward`, are its algorithm, not a layout change)
+        conv = [c for c in r["profile"]["copies"] if "contiguous" in c["source"] and "conv" in c["source"]]
         print(f"{name}: {r['ms_step']:.1f} ms/step, loss after {1 + args.steps} steps {r['final_loss']:.6f}, "
-              f"compile {r['compile_s']:.0f} s; copies launched by convolutions: "
+              f"compile {r['compile_s']:.0f} s; layout copies in convolutions: "
               f"{sum(c['calls_per_step'] for c in conv):.0f} per step ({sum(c['ms_per_step'] for c in conv):.2f} ms)")
         for c in r["profile"]["copies"]:
             print(f"    {c['ms_per_step']:7.3f} ms  x{c['calls_per_step']:<4.0f} {c['source']}")

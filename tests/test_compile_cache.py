@@ -11,7 +11,6 @@ from ebdiff.compile_cache import CompileCache, cache_key, compile_counters, reso
 from ebdiff.config import TrainConfig
 from ebdiff.diffusion import DiffusionLoss, Schedule
 from ebdiff.models import build_model
-from ebdiff.pruning import ticket_of
 from ebdiff.step import FastPath, TrainStep, make_optimizer
 
 
@@ -23,12 +22,11 @@ def inductor_env(monkeypatch):
 
 
 def test_keys_tell_shapes_settings_and_specialisations_apart():
-    torch.manual_seed(0)
-    dense = build_model("tiny")
-    ticket = ticket_of(dense, 0.5)
+    dense = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.GroupNorm(4, 8))
+    ticket = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(4, 4))  # a pruned copy: fewer channels
     k = cache_key(dense, {"bf16": True}, "cpu", {"x0": [8, 1, 32, 32]})
     assert k == cache_key(dense, {"bf16": True}, "cpu", {"x0": [8, 1, 32, 32]})
-    assert k.startswith(torch.__version__.replace("+", "+")[:4]) and "cpu" in k and "/" not in k
+    assert k.startswith(torch.__version__[:4]) and "cpu" in k and "/" not in k
     others = [cache_key(ticket, {"bf16": True}, "cpu", {"x0": [8, 1, 32, 32]}),
               cache_key(dense, {"bf16": False}, "cpu", {"x0": [8, 1, 32, 32]}),
               cache_key(dense, {"bf16": True}, "cpu", {"x0": [16, 1, 32, 32]}),
@@ -169,7 +167,7 @@ def test_the_trainer_prints_and_logs_the_auto_decision(tmp_path, monkeypatch, ca
     monkeypatch.setattr(tr, "resolve_fast_path",
                         lambda *a, **k: replace(real(*a, **k), compile="default", compile_auto=True))
     out = tmp_path / "run"
-    assert main(["train", *tiny_args(out, "train.iters=8", f"train.compile_cache={tmp_path / 'cc'}")]) == 0
+    assert main(["train", *tiny_args(out, "train.iters=6", f"train.compile_cache={tmp_path / 'cc'}")]) == 0
     assert "train.compile=auto: not compiling" in capsys.readouterr().out
     events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["phase"] for e in events if e.get("event") == "compile_decision"] == ["dense"]

@@ -66,7 +66,7 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     r50 = next(r for r in rows if r["ratio"] == 0.5 and r["mode_name"] == "eager")
     assert 3.0 < r50["macs_ratio"] < 5.0
     # model FLOP/s for every row; no MFU on the CPU (no known peak): "-"
-    assert "| TFLOP/s | MFU |" in out
+    assert "| model FLOP/s | MFU |" in out and "GFLOP/s" in out
     assert all(abs(r["model_tflops_s"] / (6 * r["macs"] * 4 * r["it_s"] / 1e12) - 1) < 1e-9 and r["mfu"] is None
                for r in rows)
     assert main(["bench", "--preset", "tiny", "--ratios", "1.5"]) == 2

@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from .diffusion import DiffusionLoss, Schedule
+from .mfu import format_flops
 from .models import build_model, count_macs_params
 from .step import EAGER_FP32, EMA, FastPath, TrainStep, make_optimizer, prepare_model
 
@@ -128,7 +129,7 @@ def copy_sources(events, steps: int, cuda: bool, top: int = 8) -> list[dict]:
 def format_profile(row: dict) -> str:
     p = row["profile"]
     head = f"{row['mode']}, ratio {row['ratio']:.2f}: {row['ms_step']:.2f} ms/step measured " \
-           f"({row.get('model_tflops_s', 0):.2f} TFLOP/s, MFU {format_mfu(row.get('mfu'), row.get('mfu_precision'))}); " \
+           f"({format_flops((row.get('model_tflops_s') or 0) * 1e12)}, MFU {format_mfu(row.get('mfu'), row.get('mfu_precision'))}); " \
            f"{p['timer']} {p['ms_per_step']:.2f} ms/step"
     if p.get("busy") is not None:
         head += f" (GPU busy {100 * p['busy']:.0f}%, {p['kernels_per_step']:.0f} kernels/step)"
@@ -227,7 +228,7 @@ def run_bench(preset: str, ratios: list[float], modes: dict[str, FastPath], batc
                 on_row(rows)
             if progress:
                 print(f"  {name:<10} ratio {r:.2f}: {row['it_s']:.1f} it/s ({row['ms_step']:.2f} ms/step, "
-                      f"{row['model_tflops_s']:.2f} TFLOP/s, MFU {format_mfu(row.get('mfu'))}, "
+                      f"{format_flops(row['model_tflops_s'] * 1e12)}, MFU {format_mfu(row.get('mfu'))}, "
                       f"warm-up {row['warmup_s']:.1f} s{format_compile(row)})", flush=True)
     ref = {r["ratio"]: r["it_s"] for r in rows if r["mode_name"] == "eager"}
     for r in rows:
@@ -292,7 +293,7 @@ def format_mfu(mfu: float | None, precision: str | None = None) -> str:
 def format_table(rows: list[dict]) -> str:
     """One line per row; TFLOP/s are model FLOPs (6 x MACs x batch per step), MFU their share of the
     device's dense peak in the row's number format (`ebdiff.mfu`; "-" where the peak is unknown)."""
-    lines = ["| mode | ratio | params | MACs | it/s | images/s | ms/step | TFLOP/s | MFU | peak mem | MACs ratio | speed-up vs dense (same mode) | vs eager dense | warm-up s |",
+    lines = ["| mode | ratio | params | MACs | it/s | images/s | ms/step | model FLOP/s | MFU | peak mem | MACs ratio | speed-up vs dense (same mode) | vs eager dense | warm-up s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, nd=2):
@@ -302,7 +303,7 @@ def format_table(rows: list[dict]) -> str:
         mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**30:.2f} GiB"
         lines.append(f"| {r['mode']} | {r['ratio']:.2f} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.2f}G | "
                      f"{f(r['it_s'], 1)} | {f(r['images_s'], 0)} | {f(r['ms_step'])} | "
-                     f"{f(r.get('model_tflops_s'), 3 if (r.get('model_tflops_s') or 0) < 1 else 1)} | "
+                     f"{format_flops(None if r.get('model_tflops_s') is None else r['model_tflops_s'] * 1e12)} | "
                      f"{format_mfu(r.get('mfu'), r.get('mfu_precision'))} | {mem} | "
                      f"{f(r.get('macs_ratio'))}x | {f(r.get('speedup_vs_dense'))}x | "
                      f"{f(r.get('speedup_vs_eager_dense'))}x | {f(r['warmup_s'], 1)} |")

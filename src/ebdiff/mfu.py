@@ -80,6 +80,16 @@ def train_step_flops(macs_per_image: float, batch: int) -> float:
     return 6.0 * float(macs_per_image) * int(batch)
 
 
+def format_flops(flops_per_s: float | None) -> str:
+    """"168.8 TFLOP/s", "2.26 GFLOP/s" (3 significant digits, the largest prefix below the value)."""
+    if flops_per_s is None:
+        return "-"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if flops_per_s >= scale:
+            return f"{flops_per_s / scale:.4g} {prefix}FLOP/s"
+    return f"{flops_per_s:.3g} FLOP/s"
+
+
 @dataclass(frozen=True)
 class MFU:
     flops_per_step: float
@@ -89,7 +99,7 @@ class MFU:
     mfu: float | None  # fraction of the peak
 
     def describe(self) -> str:
-        s = f"{self.flops_per_s / 1e12:.2f} TFLOP/s"
+        s = format_flops(self.flops_per_s)
         return s + (f", MFU {100 * self.mfu:.1f}% of {self.precision} peak" if self.mfu is not None else ", MFU -")
 
 
