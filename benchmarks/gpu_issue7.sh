@@ -22,17 +22,8 @@
 # Expects .whl/ (diffusers, torch-pruning wheels) and .devdata/fmnist/ carried (benchmarks/README.md, section 6).
 set -u
 TQDM_MININTERVAL=30
-. benchmarks/gpu_common.sh
 STAGES=${STAGES:-bench_core bench_rest curves sample}
-DEADLINE=${DEADLINE:-560}
-T0=$(date +%s)
-# run_if NAME MIN LIMIT CMD...: run a stage with min(LIMIT, time left) when at least MIN seconds are left
-run_if() { local name=$1 min=$2 limit=$3; shift 3
-  case " $STAGES " in *" ${name%%_*} "*|*" $name "*) ;; *) return 0 ;; esac
-  local left=$(( DEADLINE - ($(date +%s) - T0) ))
-  if [ "$left" -lt "$min" ]; then echo "=== $name skipped: ${left}s left, needs ${min}s ==="; return 0; fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  stage "$name" "$limit" "$@"; }
+. benchmarks/gpu_common.sh
 B="$E bench --preset cifar10 --batch 128 --steps 50 --warmup 15"
 run_if bench_core 200 360 $B --ratios 0,0.5 --modes eager,bf16,graph,graph-nocl,fast,fast-nograph,fast-graph,fast-nobench \
   --profile 10 --json "$OUT/bench_core.json"

@@ -49,6 +49,20 @@ def test_search_without_a_trainer_draws_saves_and_resumes():
     assert a.detector.checks == b.detector.checks == 3 and b.iterations == [2, 4, 6]
 
 
+def test_search_rounds_the_ticket_channels_when_asked():
+    """early_bird.round_channels reaches the search's masks: every group keeps a multiple of it."""
+    from ebdiff.config import EarlyBirdConfig
+
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    s = EarlyBirdSearch.from_config(EarlyBirdConfig(ratio=0.7, round_channels=16), check_every=2)
+    mask = s.mask_of(model)
+    kept = [size - len(idx) for size, idx in zip(mask.sizes, mask.indices())]
+    assert all(k % 16 == 0 for k in kept) and s.round_channels == 16
+    plain = _search().mask_of(model)  # ratio 0.5, no rounding: the 16-channel groups keep 8
+    assert any(size - len(idx) == 8 for size, idx in zip(plain.sizes, plain.indices()))
+
+
 def test_search_budget_miss_and_extract_anyway():
     model = build_model("tiny")
     s = _search(max_search_iters=2, on_miss="continue-dense")
@@ -159,25 +173,33 @@ def test_registered_sampler_is_a_valid_setting():
         load_config(None, ["sample.sampler=x0-zero"])
 
 
-def test_the_pruning_engine_keeps_no_autograd_graph_alive():
-    """A traced engine must not hold autograd nodes: they would keep the parameters' AccumulateGrad
-    nodes (made on the default stream) alive, and a later CUDA-graph capture of the training step fails
-    (cudaErrorStreamCaptureImplicit, seen on an H200 in an Early-Bird run with train.cuda_graph)."""
+def autograd_nodes_reachable(root, skip: tuple = ()) -> tuple[int, int]:
+    """(autograd nodes, objects) reachable from `root` through gc referents, not entering `skip` types."""
     import gc
 
-    eng = PruningEngine(build_model("tiny"))
-    seen, stack, nodes = set(), [eng], 0
+    seen, stack, nodes = set(), [root], 0
     while stack:
         o = stack.pop()
-        if id(o) in seen:
+        if id(o) in seen or isinstance(o, skip):
             continue
         seen.add(id(o))
         if isinstance(o, torch.autograd.graph.Node):
             nodes += 1
             continue
         stack.extend(gc.get_referents(o))
+    return nodes, len(seen)
+
+
+def test_the_pruning_engine_keeps_no_autograd_graph_alive():
+    """A traced engine must not hold autograd nodes: they would keep the parameters' AccumulateGrad
+    nodes (made on the default stream) alive, and a later CUDA-graph capture of the training step fails
+    (cudaErrorStreamCaptureImplicit, seen on an H200 in an Early-Bird run with train.cuda_graph)."""
+    import types
+
+    skip = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)  # the engine, not all of torch
+    nodes, seen = autograd_nodes_reachable(PruningEngine(build_model("tiny")), skip)
     assert nodes == 0
-    assert len(seen) > 1000  # the walk did reach the graph
+    assert seen > 1000  # the walk did reach the graph
 
 
 def _private_uses(path: Path) -> list[str]:
@@ -202,3 +224,35 @@ def test_no_module_uses_another_modules_private_names(tmp_path):
     bad.write_text("from .trainer import _resolve_device\nfrom . import report as r\nr._plt()\n")
     assert _private_uses(bad) == ["bad.py: from .trainer import _resolve_device", "bad.py: r._plt"]
     assert [f for p in sorted(SRC.glob("*.py")) for f in _private_uses(p)] == []
+
+
+def test_after_the_ticket_nothing_keeps_an_autograd_graph_or_the_dense_model(tmp_path, has_fmnist):
+    """What a later CUDA-graph capture needs (train.cuda_graph through an Early-Bird extraction): after the
+    extraction the trainer reaches no autograd node (loss tensors, the pruning engine, wrappers), and the
+    dense model it trained before is gone (accelerate used to keep every model it prepared)."""
+    import gc
+    import types
+    import weakref
+
+    from conftest import tiny_args
+    from ebdiff.config import load_config
+    from ebdiff.trainer import Trainer
+
+    seen_dense, checked = [], []
+
+    def probe(tr):
+        st = tr.state
+        if st.phase == "dense" and not seen_dense:
+            seen_dense.append(weakref.ref(st.model))
+        if st.phase == "ticket" and not checked:
+            gc.collect()
+            skip = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)  # not all of torch
+            checked.append((*autograd_nodes_reachable(tr, skip), seen_dense[0]() is None))
+
+    args = tiny_args(tmp_path / "r", "train.iters=6", "early_bird.ratio=0.5", "early_bird.check_every=2",
+                     "early_bird.max_search_iters=4", "early_bird.on_miss=extract-anyway")
+    cfg = load_config(None, [a for a in args if "=" in a and not a.startswith("--")])
+    Trainer(cfg, tmp_path / "r", callbacks=[probe]).run()
+    nodes, reached, dense_gone = checked[0]
+    assert nodes == 0 and reached > 1000
+    assert dense_gone

@@ -37,6 +37,8 @@ def test_yaml_and_overrides(tmp_path):
     ("early_bird.queue=1", "early_bird.queue"),
     ("early_bird.criterion=l1", "early_bird.criterion"),
     ("early_bird.check_every=week", "early_bird.check_every"),
+    ("early_bird.round_channels=0", "early_bird.round_channels"),
+    ("train.layout_opt=maybe", "train.layout_opt"),
     ("train.progress=maybe", "train.progress"),
     ("noequals", "section.key=value"),
 ])

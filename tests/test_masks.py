@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -56,3 +58,29 @@ def test_select_pruned_inside_each_norm_group():
     assert select_pruned(scores, 0.5, gn_groups=1).tolist() == [0, 1, 2, 3]
     ties = torch.zeros(8)
     assert select_pruned(ties, 0.5, 2).tolist() == [0, 1, 4, 5]
+
+
+def test_round_channels_keeps_multiples_and_defaults_to_the_reference_rule():
+    for size, g in ((128, 32), (256, 32), (512, 1), (256, 1), (48, 8), (64, 1)):
+        for r in range(0, 100, 3):
+            assert channels_to_prune(size, r / 100, g, 1) == channels_to_prune(size, r / 100, g)
+            for m in (8, 16):
+                keep = size - channels_to_prune(size, r / 100, g, m)
+                unit = math.lcm(m, g)
+                if r and keep != size:
+                    assert keep % unit == 0 and keep >= unit, (size, g, r, m, keep)
+    assert channels_to_prune(256, 0.3, 1, 8) == 256 - 176   # 179 survivors -> 176 (nearest multiple of 8)
+    assert channels_to_prune(256, 0.8, 1, 16) == 256 - 48   # 51 -> 48
+    assert channels_to_prune(256, 0.99, 1, 16) == 256 - 16  # never below one multiple (3 -> 16)
+    assert channels_to_prune(512, 0.3, 1, 16) == 512 - 352  # 358 -> 352
+    assert channels_to_prune(128, 0.3, 32, 8) == 32         # GroupNorm groups of 32 already keep multiples of 32
+    assert channels_to_prune(48, 0.5, 8, 16) == 16          # 24 survivors, a tie between 16 and 32: keeps 32
+    with pytest.raises(ValueError):
+        channels_to_prune(64, 0.5, 1, 0)
+
+
+def test_select_pruned_with_rounding_prunes_alike_in_every_norm_group():
+    scores = torch.arange(64, dtype=torch.float)
+    idx = select_pruned(scores, 0.8, gn_groups=4, multiple=8)  # 12 survivors (3 per norm group) -> 16
+    assert len(idx) == 48
+    assert [int(((idx >= 16 * k) & (idx < 16 * (k + 1))).sum()) for k in range(4)] == [12, 12, 12, 12]

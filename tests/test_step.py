@@ -65,6 +65,10 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert {r["ratio"] for r in rows} == {0.0, 0.5} and all(r["it_s"] > 0 for r in rows)
     r50 = next(r for r in rows if r["ratio"] == 0.5 and r["mode_name"] == "eager")
     assert 3.0 < r50["macs_ratio"] < 5.0
+    # model FLOP/s for every row; no MFU on the CPU (no known peak): "-"
+    assert "| model FLOP/s | MFU |" in out and "GFLOP/s" in out
+    assert all(abs(r["model_tflops_s"] / (6 * r["macs"] * 4 * r["it_s"] / 1e12) - 1) < 1e-9 and r["mfu"] is None
+               for r in rows)
     assert main(["bench", "--preset", "tiny", "--ratios", "1.5"]) == 2
     assert main(["bench", "--preset", "tiny", "--modes", "fast", "--device", "cpu"]) == 2  # a GPU-only mode
 
@@ -81,6 +85,9 @@ def test_bench_profile_on_cpu(tmp_path, capsys):
     assert abs(sum(e["share"] for e in prof["top"]) - 1) < 0.5  # the top operators hold most of the time
     names = [e["name"] for e in prof["top"]]
     assert "aten::convolution_backward" in names
+    # copies attributed to the operators that launched them
+    assert prof["copies"] and all(c["source"].startswith("aten::copy_") for c in prof["copies"])
+    assert "copies by source" in out
 
 
 def test_bench_taeb_rows_on_cpu(tmp_path, capsys):

@@ -40,9 +40,10 @@ class Timing:
 
 def run_summary(*, run_dir: str, iteration: int, phase: str, timing: Timing, dense_size: dict | None,
                 size: dict | None, ticket: dict | None, pruned_from: dict | None, device: str, processes: int,
-                fast_path: dict, skipped_steps: int = 0) -> dict:
+                fast_path: dict, skipped_steps: int = 0, compile_decisions: list | None = None) -> dict:
     """summary.json of a run. size: the trained model's params/MACs when it is not the dense one.
-    skipped_steps: steps dropped for a non-finite loss or gradient (train.nonfinite=skip)."""
+    skipped_steps: steps dropped for a non-finite loss or gradient (train.nonfinite=skip).
+    compile_decisions: train.compile=auto's choice per model shape (none when it did not decide)."""
     search_iters = ticket["iteration"] if ticket and phase == "ticket" else None
     if pruned_from is not None:  # dense-then-prune: the dense run it started from is part of its cost
         dense_its, sparse_its = pruned_from["iteration"], iteration
@@ -63,4 +64,5 @@ def run_summary(*, run_dir: str, iteration: int, phase: str, timing: Timing, den
         "pruned_from": pruned_from,
         "time_s": {**timing.to_dict(), "own_total": own, "dependency_s": depends, "train_total": own + depends},
         "device": device, "processes": processes, "fast_path": fast_path, "skipped_steps": skipped_steps,
+        "compile_decisions": compile_decisions,
     }

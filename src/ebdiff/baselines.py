@@ -44,12 +44,13 @@ def prune_from_run(cfg: Config, device: torch.device, probe_fn, say=print) -> tu
     engine = PruningEngine(dense)
     crit = make_criterion(pc.criterion, seed=cfg.train.seed, diff_threshold=eb.diff_threshold)
     probe = probe_fn(eb.taylor_timesteps, eb.taylor_batch) if crit.needs_probe else None
-    mask = engine.mask(crit, pc.ratio, probe)
+    mask = engine.mask(crit, pc.ratio, probe, multiple=eb.round_channels)
     plan = engine.plan(mask)
     small = extract(dense, plan, reinit=pc.reinit, init_fn=lambda: build_model(mc.preset, mc.dropout)).train()
     facts = {"run": str(src), "checkpoint": ckpt.name, "iteration": int(meta["iteration"]), "train_s": src_time,
              "criterion": pc.criterion, "ratio": pc.ratio, "weights": pc.weights, "reinit": pc.reinit,
-             "method": "scratch" if pc.reinit else "prune-finetune", "pruned_channel_fraction": mask.pruned_fraction}
+             "method": "scratch" if pc.reinit else "prune-finetune", "pruned_channel_fraction": mask.pruned_fraction,
+             "round_channels": eb.round_channels}
     macs, params = count_macs_params(small)
     what = "Scratch (structure only, re-initialised)" if pc.reinit else f"prune+finetune ({pc.criterion})"
     say(f"{what}: pruned {src} at iteration {meta['iteration']} to {format_count(params)} params, "

@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from .diffusion import DiffusionLoss, Schedule
+from .mfu import format_flops
 from .models import build_model, count_macs_params
 from .step import EAGER_FP32, EMA, FastPath, TrainStep, make_optimizer, prepare_model
 
@@ -24,15 +25,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_ticket(preset: str, ratio: float, device: torch.device) -> torch.nn.Module:
-    from .pruning import PruningEngine, extract
+def make_ticket(preset: str, ratio: float, device: torch.device, round_channels: int = 1) -> torch.nn.Module:
+    """The dense preset (ratio 0) or its magnitude ticket on the seed-0 initial weights, its surviving
+    channels rounded to multiples of `round_channels` (`early_bird.round_channels`)."""
+    from .pruning import ticket_of
 
     torch.manual_seed(0)
     dense = build_model(preset)
     if ratio <= 0:
         return dense.to(device)
-    eng = PruningEngine(dense)
-    return extract(dense, eng.plan(eng.mask("magnitude", ratio))).to(device)
+    return ticket_of(dense, ratio, round_channels).to(device)
 
 
 KERNEL_KINDS = (  # (kind, substrings of a GPU kernel's lower-cased name), first match wins
@@ -89,34 +91,83 @@ def profile_steps(run_step, steps: int, device: torch.device, ms_step: float, to
         out["busy"] = out["ms_per_step"] / ms_step if ms_step else None
         out["by_kind"] = {k: {"ms_per_step": v / 1e3 / steps, "share": v / total_us if total_us else 0.0}
                           for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+    out["copies"] = copy_sources(prof.events(), steps, cuda)
     return out
+
+
+COPY_OPS = ("aten::copy_", "aten::_to_copy", "aten::to", "aten::contiguous", "aten::clone", "aten::reshape",
+            "aten::_reshape_alias", "aten::copy", "aten::empty_like", "aten::empty_strided")
+
+
+def copy_sources(events, steps: int, cuda: bool, top: int = 8) -> list[dict]:
+    """Who makes the step's copies: every copy (GPU: a kernel of kind "copy / layout"; CPU: an `aten::copy_`)
+    attributed to the chain of operators that launched it, up to the first one that is not itself a
+    copy/layout operator (e.g. `aten::copy_ < aten::contiguous < aten::cudnn_convolution_backward`).
+    Calls and milliseconds per step, largest first."""
+    found: dict[str, list[float]] = {}
+    for e in events:
+        if cuda:
+            ks = [k for k in getattr(e, "kernels", []) if kernel_kind(k.name) == "copy / layout"]
+            if not ks:
+                continue
+            n, us = len(ks), sum(k.duration for k in ks)
+        else:
+            if e.name != "aten::copy_":
+                continue
+            n, us = 1, e.self_cpu_time_total
+        chain, p = [e.name], e.cpu_parent
+        while p is not None and chain[-1] in COPY_OPS:
+            chain.append(p.name)
+            p = p.cpu_parent
+        acc = found.setdefault(" < ".join(chain), [0, 0.0])
+        acc[0] += n
+        acc[1] += us
+    ranked = sorted(found.items(), key=lambda kv: -kv[1][1])[:top]
+    return [{"source": k, "calls_per_step": v[0] / steps, "ms_per_step": v[1] / 1e3 / steps} for k, v in ranked]
 
 
 def format_profile(row: dict) -> str:
     p = row["profile"]
-    head = f"{row['mode']}, ratio {row['ratio']:.2f}: {row['ms_step']:.2f} ms/step measured; {p['timer']} " \
-           f"{p['ms_per_step']:.2f} ms/step"
+    head = f"{row['mode']}, ratio {row['ratio']:.2f}: {row['ms_step']:.2f} ms/step measured " \
+           f"({format_flops((row.get('model_tflops_s') or 0) * 1e12)}, MFU {format_mfu(row.get('mfu'), row.get('mfu_precision'))}); " \
+           f"{p['timer']} {p['ms_per_step']:.2f} ms/step"
     if p.get("busy") is not None:
         head += f" (GPU busy {100 * p['busy']:.0f}%, {p['kernels_per_step']:.0f} kernels/step)"
         head += "\n  by kind: " + ", ".join(f"{k} {100 * v['share']:.0f}%" for k, v in p["by_kind"].items())
     lines = [head] + [f"  {100 * e['share']:5.1f}%  {e['ms_per_step']:7.3f} ms  x{e['calls_per_step']:<5.0f} {e['name'][:90]}"
                       for e in p["top"]]
+    if p.get("copies"):
+        lines.append("  copies by source (launching operators):")
+        lines += [f"          {c['ms_per_step']:7.3f} ms  x{c['calls_per_step']:<5.0f} {c['source'][:150]}" for c in p["copies"]]
     return "\n".join(lines)
 
 
+def device_label(device: torch.device) -> str:
+    """The GPU's name (what `mfu.gpu_family` reads), or the CPU's."""
+    import platform
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or "cpu"
+
+
 def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int, warmup: int,
-              device: torch.device, tcfg=None, profile: int = 0) -> dict:
-    """profile: also profile this many steps after the timed ones (`profile_steps`)."""
+              device: torch.device, tcfg=None, profile: int = 0, round_channels: int = 1, cache=None) -> dict:
+    """profile: also profile this many steps after the timed ones (`profile_steps`). round_channels:
+    the ticket's surviving channels rounded to multiples of it (`early_bird.round_channels`). cache: the
+    compile cache (`compile_cache.CompileCache`): compiled rows load and save it, and every row records
+    its measured step (and compile) seconds there, which `train.compile=auto` reads."""
     from .config import TrainConfig
+    from .mfu import compute_mfu, step_precision
 
     tcfg = tcfg or TrainConfig()
-    model = make_ticket(preset, ratio, device).train()
+    model = make_ticket(preset, ratio, device, round_channels).train()
     macs, params = count_macs_params(model)
     prepare_model(model, fast)
     opt = make_optimizer(model.parameters(), tcfg, fast)
     ema = EMA.from_config(model, tcfg)
     objective = DiffusionLoss(Schedule.linear(), device=device)
-    step = TrainStep(model, model, opt, ema, objective, tcfg.grad_clip, fast)
+    step = TrainStep(model, model, opt, ema, objective, tcfg.grad_clip, fast, cache=cache, measure=False)
     c, s = model.config.in_channels, model.config.sample_size
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch, c, s, s, device=device, generator=g) * 2 - 1
@@ -135,11 +186,17 @@ def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int,
         loss = step(x0, t, noise)
     _sync(device)
     dt = time.perf_counter() - t0
+    compile_s = max(0.0, warm_s - warmup * dt / steps) if fast.compile != "none" else None
+    step.record_timing(x0, dt / steps, compile_s)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     row = {"preset": preset, "ratio": ratio, "mode": fast.describe(), "fast_path": fast.to_dict(),
            "batch": batch, "params": params, "macs": macs, "it_s": steps / dt, "images_s": steps * batch / dt,
            "ms_step": dt / steps * 1e3, "warmup_s": warm_s, "warmup_steps": warmup, "steps": steps,
-           "peak_mem_bytes": peak, "final_loss": float(loss), "device": str(device)}
+           "peak_mem_bytes": peak, "final_loss": float(loss), "device": str(device), "round_channels": round_channels,
+           "compile_s": compile_s, "compile_cache_hit": step.cache_hit if fast.compile != "none" else None}
+    m = compute_mfu(macs, batch, dt / steps, device_label(device), step_precision(fast.bf16, device.type))
+    row.update({"model_tflops_s": m.flops_per_s / 1e12, "mfu": m.mfu, "mfu_precision": m.precision,
+                "peak_tflops": None if m.peak_flops_per_s is None else m.peak_flops_per_s / 1e12})
     if profile > 0:
         row["profile"] = profile_steps(lambda: step(x0, t, noise), profile, device, row["ms_step"])
     del step, opt, ema, model
@@ -151,13 +208,15 @@ def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int,
 
 
 def run_bench(preset: str, ratios: list[float], modes: dict[str, FastPath], batch: int, steps: int, warmup: int,
-              device: torch.device, progress: bool = True, profile: int = 0, on_row=None) -> list[dict]:
+              device: torch.device, progress: bool = True, profile: int = 0, on_row=None,
+              round_channels: int = 1, cache=None) -> list[dict]:
     """on_row(rows): called after every row (the CLI saves partial JSON, so a run cut short keeps its rows)."""
     rows = []
     for name, fast in modes.items():
         dense_its = None
         for r in ratios:
-            row = bench_one(preset, r, fast, batch, steps, warmup, device, profile=profile)
+            row = bench_one(preset, r, fast, batch, steps, warmup, device, profile=profile,
+                            round_channels=round_channels, cache=cache)
             row["mode_name"] = name
             if r == 0:
                 dense_its, dense_macs = row["it_s"], row["macs"]
@@ -169,7 +228,8 @@ def run_bench(preset: str, ratios: list[float], modes: dict[str, FastPath], batc
                 on_row(rows)
             if progress:
                 print(f"  {name:<10} ratio {r:.2f}: {row['it_s']:.1f} it/s ({row['ms_step']:.2f} ms/step, "
-                      f"warm-up {row['warmup_s']:.1f} s)", flush=True)
+                      f"{format_flops(row['model_tflops_s'] * 1e12)}, MFU {format_mfu(row.get('mfu'))}, "
+                      f"warm-up {row['warmup_s']:.1f} s{format_compile(row)})", flush=True)
     ref = {r["ratio"]: r["it_s"] for r in rows if r["mode_name"] == "eager"}
     for r in rows:
         if r["ratio"] in ref:
@@ -187,8 +247,10 @@ def available_modes(device: torch.device, compile_mode: str | None = None) -> di
     `fast-nograph` (compiled without CUDA graphs: the graphs' share) and `fast-nobench` (without
     cuDNN autotuning); and the whole-step CUDA graph (`train.cuda_graph`): `graph` (eager kernels,
     nothing to compile), `graph-nocl` (the same in NCHW: eager GroupNorm on a GPU makes channels_last
-    input contiguous, a copy each way) and `fast-graph` (inductor's kernels). CPU: `eager`, `cl` (channels_last)
-    and `compiled` (torch.compile, `--compile default` unless given)."""
+    input contiguous, a copy each way) and `fast-graph` (inductor's kernels). Against cuDNN's layout copies
+    (issue 14): `fast-layout` and `fast-graph-layout` (inductor's channels-last layout optimisation forced,
+    `train.layout_opt`) and `fast-nocl` (compiled in NCHW). CPU: `eager`, `cl` (channels_last), `compiled`
+    (torch.compile, `--compile default` unless given) and `compiled-layout` (the same, layout forced)."""
     if device.type == "cuda":
         fast = FastPath(bf16=True, channels_last=True, compile=compile_mode or "reduce-overhead",
                         fused_optimizer=True, cudnn_benchmark=True)
@@ -197,9 +259,14 @@ def available_modes(device: torch.device, compile_mode: str | None = None) -> di
                 "fast-nobench": replace(fast, cudnn_benchmark=False),
                 "graph": replace(fast, compile="none", cuda_graph=True),
                 "graph-nocl": replace(fast, compile="none", cuda_graph=True, channels_last=False),
-                "fast-graph": replace(fast, compile="default", cuda_graph=True)}
+                "fast-graph": replace(fast, compile="default", cuda_graph=True),
+                "fast-layout": replace(fast, layout_opt=True),
+                "fast-nocl": replace(fast, channels_last=False),
+                "fast-graph-layout": replace(fast, compile="default", cuda_graph=True, layout_opt=True)}
     return {"eager": EAGER_FP32, "cl": replace(EAGER_FP32, channels_last=True),
-            "compiled": replace(EAGER_FP32, compile=compile_mode or "default")}
+            "compiled": replace(EAGER_FP32, compile=compile_mode or "default"),
+            "compiled-layout": replace(EAGER_FP32, channels_last=True, compile=compile_mode or "default",
+                                       layout_opt=True)}
 
 
 def default_mode_names(device: torch.device, compile_mode: str | None = None) -> list[str]:
@@ -208,9 +275,26 @@ def default_mode_names(device: torch.device, compile_mode: str | None = None) ->
     return ["eager", "cl"] + (["compiled"] if compile_mode and compile_mode != "none" else [])
 
 
+def format_compile(row: dict) -> str:
+    """", compile 12.3 s (cache hit)" for a compiled row, "" otherwise."""
+    if row.get("compile_s") is None:
+        return ""
+    hit = {True: "cache hit", False: "cache miss", None: "no cache"}[row.get("compile_cache_hit")]
+    return f", compile {row['compile_s']:.1f} s ({hit})"
+
+
+def format_mfu(mfu: float | None, precision: str | None = None) -> str:
+    """"9.4%" (or "9.4% bf16" with the peak's number format); "-" where the device's peak is unknown."""
+    if mfu is None:
+        return "-"
+    return f"{100 * mfu:.1f}%" + (f" {precision}" if precision else "")
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| mode | ratio | params | MACs | it/s | images/s | ms/step | peak mem | MACs ratio | speed-up vs dense (same mode) | vs eager dense | warm-up s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """One line per row; TFLOP/s are model FLOPs (6 x MACs x batch per step), MFU their share of the
+    device's dense peak in the row's number format (`ebdiff.mfu`; "-" where the peak is unknown)."""
+    lines = ["| mode | ratio | params | MACs | it/s | images/s | ms/step | model FLOP/s | MFU | peak mem | MACs ratio | speed-up vs dense (same mode) | vs eager dense | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, nd=2):
         return "-" if x is None else f"{x:.{nd}f}"
@@ -218,7 +302,9 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**30:.2f} GiB"
         lines.append(f"| {r['mode']} | {r['ratio']:.2f} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.2f}G | "
-                     f"{f(r['it_s'], 1)} | {f(r['images_s'], 0)} | {f(r['ms_step'])} | {mem} | "
+                     f"{f(r['it_s'], 1)} | {f(r['images_s'], 0)} | {f(r['ms_step'])} | "
+                     f"{format_flops(None if r.get('model_tflops_s') is None else r['model_tflops_s'] * 1e12)} | "
+                     f"{format_mfu(r.get('mfu'), r.get('mfu_precision'))} | {mem} | "
                      f"{f(r.get('macs_ratio'))}x | {f(r.get('speedup_vs_dense'))}x | "
                      f"{f(r.get('speedup_vs_eager_dense'))}x | {f(r['warmup_s'], 1)} |")
     return "\n".join(lines)

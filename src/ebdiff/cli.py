@@ -218,6 +218,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .models import PRESETS, build_model, count_macs_params
 
     presets = [args.preset] if args.preset else list(PRESETS)
+    if args.round < 1:
+        raise ConfigError("--round must be >= 1 (1 = the paper's ticket sizes)")
     rows = []
     for name in presets:
         model = build_model(name)
@@ -227,12 +229,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         for r in args.ratio or []:
             if not 0 < r < 1:
                 raise ConfigError(f"--ratio must be in (0, 1); got {r}")
-            from .pruning import PruningEngine, extract
+            from .pruning import ticket_of
 
-            eng = PruningEngine(model)
-            small = extract(model, eng.plan(eng.mask("magnitude", r)))
-            m2, p2 = count_macs_params(small)
-            rows.append({"preset": name, "params": p2, "macs": m2, "ratio": r,
+            m2, p2 = count_macs_params(ticket_of(model, r, args.round))
+            rows.append({"preset": name, "params": p2, "macs": m2, "ratio": r, "round_channels": args.round,
                          "params_ratio": p2 / params, "macs_ratio": m2 / macs})
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -247,11 +247,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
-    import platform
-
     import torch
 
-    from .bench import available_modes, default_mode_names, format_profile, format_table, run_bench
+    from .bench import available_modes, default_mode_names, device_label, format_profile, format_table, run_bench
     from .distributed import resolve_device
 
     try:
@@ -274,6 +272,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{k} must be positive")
     if args.profile < 0:
         raise ConfigError("--profile must be 0 (off) or a number of steps")
+    if args.round < 1:
+        raise ConfigError("--round must be >= 1 (1 = the paper's ticket sizes)")
     device = torch.device(resolve_device(args.device))
     available = available_modes(device, args.compile)
     names = args.modes.split(",") if args.modes else default_mode_names(device, args.compile)
@@ -282,7 +282,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--modes: unknown {', '.join(unknown)} (available on {device.type}: "
                           f"{', '.join(available)})")
     modes = {n: available[n] for n in names}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = device_label(device)
     print(f"ebdiff bench: {args.preset}, batch {args.batch}, {args.steps} timed steps after {args.warmup} "
           f"warm-up, on {name} (torch {torch.__version__})")
     from .checkpoint import atomic_write_json
@@ -292,8 +292,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             atomic_write_json(Path(args.json), {"device": name, "torch": torch.__version__, "rows": rows, "taeb": taeb,
                                                 "partial": partial, "command": " ".join(sys.argv)})
 
+    from .compile_cache import CompileCache
+
     rows = run_bench(args.preset, ratios, modes, args.batch, args.steps, args.warmup, device, profile=args.profile,
-                     on_row=save)
+                     on_row=save, round_channels=args.round, cache=CompileCache.from_setting(args.compile_cache, device))
     table = format_table(rows)
     print(table)
     if args.profile:
@@ -436,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="parameters and MACs of presets (and of pruned tickets with --ratio)")
     i.add_argument("--preset", help="one preset (default: all)")
     i.add_argument("--ratio", type=float, action="append", help="pruning ratio to size (repeatable)")
+    i.add_argument("--round", type=int, default=1, metavar="N",
+                   help="round the tickets' surviving channels to multiples of N (early_bird.round_channels)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
 
@@ -449,12 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", default=None, help="compile mode of the fast path (GPU default reduce-overhead; "
                    "on CPU adds a compiled row)")
     b.add_argument("--modes", help="modes to run, in order: GPU eager,fast (default),bf16,fast-nograph,"
-                   "fast-nobench,graph,graph-nocl,fast-graph; CPU eager,cl (default),compiled")
+                   "fast-nobench,graph,graph-nocl,fast-graph,fast-layout,fast-nocl,fast-graph-layout; CPU eager,cl "
+                   "(default),compiled,compiled-layout")
     b.add_argument("--taeb", metavar="CONFIG", help="also bench the region tickets of this TA-EB config "
                    "(e.g. configs/cifar10_taeb.yaml) and name the slowest branch")
     b.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N steps per row: GPU kernel time, busy share, kernels/step, time by kernel "
                    "kind and the top kernels (CPU: top operators)")
+    b.add_argument("--round", type=int, default=1, metavar="N",
+                   help="round every ticket group's surviving channels to a multiple of N (early_bird.round_channels; "
+                   "1 = the paper's sizes)")
+    b.add_argument("--compile-cache", default="auto", metavar="DIR",
+                   help="compile cache folder (train.compile_cache: auto = ~/.cache/ebdiff/compile, none = off); rows "
+                   "record their step and compile seconds there for train.compile=auto")
     b.add_argument("--json", help="write the rows as JSON here")
     b.set_defaults(fn=cmd_bench)
 

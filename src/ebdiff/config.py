@@ -86,7 +86,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     mixed_precision: str = "auto"  # auto (bf16 on a GPU, fp32 on the CPU) | bf16 | no
     channels_last: Union[bool, str] = "auto"  # auto = on a GPU
-    compile: str = "auto"  # auto (reduce-overhead on one GPU, default on several, none on CPU) | none | default | ...
+    # auto: on one GPU reduce-overhead when the planned iterations repay the compilation (ebdiff.autocompile),
+    # default on several GPUs, none on the CPU | none | default | reduce-overhead | ...
+    compile: str = "auto"
+    compile_cache: str = "auto"  # folder of the compile cache (auto = $EBDIFF_COMPILE_CACHE or ~/.cache/ebdiff/compile) | none
+    layout_opt: bool = False  # compiled steps: force inductor's channels-last layout optimisation (fewer cuDNN layout copies)
     fused_optimizer: Union[bool, str] = "auto"  # auto = fused Adam on a GPU
     cudnn_benchmark: Union[bool, str] = "auto"  # auto = on a GPU: cuDNN times its conv algorithms once per shape
     cuda_graph: bool = False  # GPU, one process: the whole step as one CUDA graph (compile=auto becomes default)
@@ -128,6 +132,9 @@ class EarlyBirdConfig:
     taylor_timesteps: int = 32  # timesteps per taylor/diff-pruning score (reference: all 1000)
     taylor_batch: int = 16
     diff_threshold: float = 0.05
+    # round every group's surviving channels to a multiple of this (8 or 16: tensor-core friendly widths);
+    # 1 = the paper's ticket sizes. Also used by prune.from_run and `ebdiff bench --round`.
+    round_channels: int = 1
 
 
 @dataclass
@@ -466,6 +473,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'early_bird.check_every' must be positive; got {eb.check_every}")
     if eb.max_search_iters is not None and eb.max_search_iters <= 0:
         raise ConfigError(f"config key 'early_bird.max_search_iters' must be positive; got {eb.max_search_iters}")
+    if eb.round_channels < 1:
+        raise ConfigError(f"config key 'early_bird.round_channels' must be >= 1 (1 = no rounding); got {eb.round_channels}")
     if eb.taylor_timesteps <= 0 or eb.taylor_batch <= 0:
         raise ConfigError("config keys 'early_bird.taylor_timesteps' and 'early_bird.taylor_batch' must be positive")
     pr = cfg.prune

@@ -32,6 +32,11 @@ class AccelerateDist:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
+        """DDP over the world; one process trains the module itself: accelerate would keep every model it
+        prepared (the dense model after its ticket, with the gradients a CUDA graph left on it) and may
+        wrap its forward from accelerate's environment settings."""
+        if self.world == 1:
+            return model
         return self.acc.prepare_model(model)
 
     def barrier(self) -> None:

@@ -142,11 +142,25 @@ def compile_eps(fn, mode: str):
 def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool = True, route: str | None = None,
                       **overrides) -> tuple[torch.Tensor, dict]:
     """Images in [-1, 1] from a run/checkpoint/TA-EB run with its own sampler settings (overridable)."""
-    dcfg, scfg = run_sample_config(run_config(path), **overrides)
+    cfg = run_config(path)
+    dcfg, scfg = run_sample_config(cfg, **overrides)
     fn, meta, size_fn, model = load_for_sampling(path, device, ema, route)
     dev_type = torch.device(device).type
     compile_mode = sample_compile_mode(scfg, dev_type)
     bf16 = scfg.mixed_precision == "bf16" or (scfg.mixed_precision == "auto" and dev_type == "cuda")
+    shape = tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
+                                              model.config.sample_size))
+    cache, key = None, None
+    if compile_mode != "none":  # the run's compile cache serves sampling too (train.compile_cache)
+        from .compile_cache import CompileCache, cache_key
+        from .regions import RegionRouter
+
+        cache = CompileCache.from_setting(cfg.train.compile_cache, device)
+        if cache is not None and cache.activate():
+            models = [m.model for m in fn.models] if isinstance(fn, RegionRouter) else [fn.model]
+            key = cache_key(models, {"job": "sample", "compile": compile_mode, "bf16": bf16}, device,
+                            {"batch": min(scfg.batch_size, scfg.n), "shape": list(shape)})
+            cache.load_artifacts(key)
 
     def fast(m):  # the compiled UNet inside, bf16 autocast around it, padding to one shape outermost
         if compile_mode != "none":
@@ -158,8 +172,6 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
         return m
 
     fn = per_model(fn, fast)
-    shape = tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
-                                              model.config.sample_size))
     t0 = time.perf_counter()
     x = generate(fn, scfg.n, shape, Schedule.from_config(dcfg), sampler=scfg.sampler, steps=scfg.steps,
                  spacing=scfg.spacing, batch_size=scfg.batch_size, seed=scfg.seed, device=device, progress=progress,
@@ -167,6 +179,8 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    if key is not None:
+        cache.save_artifacts(key)
     info = {"sampler": asdict(scfg), "precision": "bf16" if bf16 else "fp32", "compile": compile_mode,
             "seconds": dt, "images_per_s": scfg.n / dt,
             "checkpoint": meta["checkpoint"], "weights": meta["weights"],

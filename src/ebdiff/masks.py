@@ -6,12 +6,13 @@ A `ChannelMask` has one entry per channel of every prunable group, concatenated 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 
-def channels_to_prune(size: int, ratio: float, gn_groups: int = 1) -> int:
+def channels_to_prune(size: int, ratio: float, gn_groups: int = 1, multiple: int = 1) -> int:
     """How many channels a group of `size` loses at `ratio`.
 
     The paper's models come from the reference's rule: n = size - int(size * (1 - ratio)) channels
@@ -19,23 +20,42 @@ def channels_to_prune(size: int, ratio: float, gn_groups: int = 1) -> int:
     its G norm groups (so GroupNorm stays valid and every norm group shrinks alike). For the cifar10
     preset this gives 19.8M / 3.4G at ratio 0.3 and 9.0M / 1.5G at 0.5, and the count never falls as
     the ratio rises, so params and MACs fall monotonically. At least one channel always survives.
+
+    `multiple` > 1 (`early_bird.round_channels`, for the tensor cores) then rounds the surviving
+    count to the nearest multiple of `multiple` (of lcm(multiple, G) for a GroupNorm-coupled group,
+    so that every norm group keeps the same count), never below one such multiple and never above
+    the group; a group that cannot keep a whole multiple, or that loses nothing, is left as it is.
+    `multiple` = 1 is the reference's rule unchanged.
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1); got {ratio}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1; got {multiple}")
     n = size - int(size * (1.0 - ratio) + 1e-9)
-    if gn_groups > 1 and size % gn_groups == 0:
+    gn = gn_groups > 1 and size % gn_groups == 0
+    if gn:
         per = size // gn_groups
-        return min(n // gn_groups, per - 1) * gn_groups
-    return min(n, size - 1)
+        n = min(n // gn_groups, per - 1) * gn_groups
+    else:
+        n = min(n, size - 1)
+    if multiple == 1 or n == 0:
+        return n
+    unit = math.lcm(multiple, gn_groups) if gn else multiple
+    top = size // unit * unit  # the largest multiple the group can keep
+    if top == 0:
+        return n
+    keep = int((size - n) / unit + 0.5) * unit  # nearest multiple, a tie keeps more
+    return size - max(unit, min(keep, top))
 
 
-def select_pruned(scores: torch.Tensor, ratio: float, gn_groups: int = 1) -> torch.Tensor:
+def select_pruned(scores: torch.Tensor, ratio: float, gn_groups: int = 1, multiple: int = 1) -> torch.Tensor:
     """Sorted indices of the channels to prune: the lowest scores, ranked inside each norm group.
 
     Ties break towards the lower index (stable sort), so equal scores give the same mask every time.
+    `multiple`: see `channels_to_prune`.
     """
     size = scores.numel()
-    n = channels_to_prune(size, ratio, gn_groups)
+    n = channels_to_prune(size, ratio, gn_groups, multiple)
     if n == 0:
         return torch.empty(0, dtype=torch.long)
     scores = scores.detach().float().cpu()

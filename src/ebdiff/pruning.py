@@ -162,13 +162,15 @@ class PruningEngine:
                 out.append(s.float())
         return out
 
-    def mask_from_scores(self, scores: list[torch.Tensor], ratio: float) -> ChannelMask:
-        pruned = [select_pruned(s, ratio, i.gn_groups) for s, i in zip(scores, self.info)]
+    def mask_from_scores(self, scores: list[torch.Tensor], ratio: float, multiple: int = 1) -> ChannelMask:
+        """multiple: round every group's surviving channels to a multiple of it (`masks.channels_to_prune`;
+        `early_bird.round_channels`); 1 = the reference's ticket sizes."""
+        pruned = [select_pruned(s, ratio, i.gn_groups, multiple) for s, i in zip(scores, self.info)]
         return ChannelMask.from_indices(self.sizes, pruned)
 
     def mask(self, criterion: "str | Criterion", ratio: float, probe: "ScoreProbe | None" = None,
-             seed: int = 0) -> ChannelMask:
-        return self.mask_from_scores(self.scores(criterion, probe, seed), ratio)
+             seed: int = 0, multiple: int = 1) -> ChannelMask:
+        return self.mask_from_scores(self.scores(criterion, probe, seed), ratio, multiple)
 
     def plan(self, mask: ChannelMask) -> Plan:
         return [(i.name, idx.tolist()) for i, idx in zip(self.info, mask.indices())]
@@ -364,6 +366,13 @@ def extract(model: nn.Module, plan: Plan, reinit: bool = False,
         fresh = apply_plan(init_fn().to(next(model.parameters()).device), plan)
         small.load_state_dict(fresh.state_dict())
     return small
+
+
+def ticket_of(model: nn.Module, ratio: float, multiple: int = 1, criterion: str = "magnitude") -> nn.Module:
+    """The ticket a criterion cuts from `model` at `ratio` (its current weights, surviving channels rounded
+    to `multiple`): what `ebdiff info --ratio` sizes and `ebdiff bench` times."""
+    eng = PruningEngine(model)
+    return extract(model, eng.plan(eng.mask(criterion, ratio, multiple=multiple)))
 
 
 def channel_zero_mask_(model: nn.Module, engine: PruningEngine, mask: ChannelMask) -> None:

@@ -29,7 +29,7 @@ SEARCHING, DRAWN, MISSED = "searching", "drawn", "missed"
 class EarlyBirdSearch:
     def __init__(self, criterion: Criterion, ratio: float, detector: EarlyBirdDetector, check_every: int,
                  mask_source: str = "online", max_search_iters: int | None = None,
-                 on_miss: str = "continue-dense", probe: ScoreProbe | None = None):
+                 on_miss: str = "continue-dense", probe: ScoreProbe | None = None, round_channels: int = 1):
         if mask_source not in ("online", "ema"):
             raise ValueError(f"unknown mask source '{mask_source}' (online or ema)")
         if criterion.needs_probe and probe is None:
@@ -37,6 +37,7 @@ class EarlyBirdSearch:
         self.criterion, self.ratio, self.detector = criterion, ratio, detector
         self.check_every, self.mask_source = int(check_every), mask_source
         self.max_search_iters, self.on_miss, self.probe = max_search_iters, on_miss, probe
+        self.round_channels = int(round_channels)
         self.masks: list[ChannelMask] = []
         self.iterations: list[int] = []
         self.check_seconds: list[float] = []
@@ -51,7 +52,7 @@ class EarlyBirdSearch:
         if crit.needs_probe and callable(probe):
             probe = probe()
         return cls(crit, eb.ratio, EarlyBirdDetector(eta=eb.eta, queue=eb.queue), check_every, eb.mask_source,
-                   eb.max_search_iters, eb.on_miss, probe if crit.needs_probe else None)
+                   eb.max_search_iters, eb.on_miss, probe if crit.needs_probe else None, eb.round_channels)
 
     # ------------------------------------------------------------------ checks
     def due(self, iteration: int) -> bool:
@@ -64,7 +65,7 @@ class EarlyBirdSearch:
         return self._engine
 
     def mask_of(self, model: nn.Module) -> ChannelMask:
-        return self.engine_for(model).mask(self.criterion, self.ratio, self.probe)
+        return self.engine_for(model).mask(self.criterion, self.ratio, self.probe, multiple=self.round_channels)
 
     def check(self, iteration: int, model: nn.Module, ema: nn.Module | None = None) -> Ticket | None:
         source = ema if self.mask_source == "ema" else model
@@ -171,7 +172,7 @@ class EarlyBirdHook(Hook):
         info = {"found": ticket.found, "check": ticket.check, "iteration": ticket.iteration,
                 "max_distance": ticket.max_distance, "ratio": s.ratio, "criterion": s.criterion.name,
                 "eta": s.detector.eta, "queue": s.detector.queue, "check_every": s.check_every,
-                "mask_source": s.mask_source, "reinit": eb.reinit,
+                "mask_source": s.mask_source, "reinit": eb.reinit, "round_channels": s.round_channels,
                 "search_seconds": st.timing.dense_s + st.timing.check_s, **s.cost_summary(),
                 "extract_seconds": st.timing.extract_s, "dense": dense, "ticket": size,
                 "pruned_channel_fraction": ticket.mask.pruned_fraction}

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 
+from . import autocompile
 from .diffusion import DiffusionLoss
 from .errors import ConfigError
 
@@ -27,13 +29,21 @@ class FastPath:
     fused_optimizer: bool = False
     cudnn_benchmark: bool = False
     cuda_graph: bool = False  # the whole step (forward, backward, clip, Adam, EMA) replayed as one CUDA graph
+    # train.compile=auto: `compile` is the mode to use if the planned iterations repay it (autocompile);
+    # the step decides at its start and then runs with compile_auto off and compile set or "none"
+    compile_auto: bool = False
+    # inductor's channels-last layout optimisation forced on (train.layout_opt): its heuristic turns it off
+    # for a UNet (convolutions with in >= 2 x out channels), and cuDNN then copies activations to NHWC
+    layout_opt: bool = False
 
     def describe(self) -> str:
         parts = ["bf16" if self.bf16 else "fp32"]
         if self.channels_last:
             parts.append("channels_last")
         if self.compile != "none":
-            parts.append(f"compile={self.compile}")
+            parts.append(f"compile={self.compile}" + ("?" if self.compile_auto else ""))
+        if self.layout_opt and self.compile != "none":
+            parts.append("layout-opt")
         if self.fused_optimizer:
             parts.append("fused-adam")
         if self.cudnn_benchmark:
@@ -64,6 +74,7 @@ def resolve_fast_path(tcfg, device: torch.device, world: int = 1) -> FastPath:
     cl = tcfg.channels_last
     cl = cuda if cl == "auto" else bool(cl)
     comp = tcfg.compile
+    auto = comp == "auto" and cuda and world == 1  # several processes: each would decide alone; keep today's
     if comp == "auto":
         comp = ("reduce-overhead" if world == 1 else "default") if cuda else "none"
     fused = tcfg.fused_optimizer
@@ -87,7 +98,7 @@ def resolve_fast_path(tcfg, device: torch.device, world: int = 1) -> FastPath:
             raise ConfigError(f"train.cuda_graph=true with train.compile={comp}: both make CUDA graphs; use "
                               "train.compile=default (or none) with the whole-step graph")
     return FastPath(bf16=bf16, channels_last=cl, compile=comp, fused_optimizer=fused, cudnn_benchmark=bench,
-                    cuda_graph=graph)
+                    cuda_graph=graph, compile_auto=auto, layout_opt=bool(tcfg.layout_opt))
 
 
 def make_optimizer(params, tcfg, fast: FastPath) -> torch.optim.Optimizer:
@@ -183,12 +194,58 @@ def prepare_model(model: nn.Module, fast: FastPath) -> nn.Module:
     return model
 
 
+def compile_options(fast: FastPath) -> dict:
+    """torch.compile's inductor options for a fast path: its mode's options (torch.compile takes a mode
+    or options, not both) plus the forced layout optimisation. Applied to the backward compile too."""
+    from torch._inductor import list_mode_options
+
+    opts = dict(list_mode_options(fast.compile))
+    if fast.layout_opt:
+        opts["force_layout_optimization"] = True
+    return opts
+
+
+class StepClock:
+    """Seconds of a step function from the outside: the first call (compilation) and a steady step
+    (`window` calls after `settle` untimed ones). Synchronises a GPU only at the edges of what it times."""
+
+    def __init__(self, device_type: str, settle: int, window: int):
+        self.cuda, self.settle, self.window = device_type == "cuda", settle, window
+        self.calls, self.first_s, self.step_s, self._t0 = 0, None, None, None
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def before(self) -> None:
+        if self.calls == 0 or self.calls == self.settle:
+            self._t0 = self._now()
+
+    def after(self) -> bool:
+        """True when this call completed the measurement of the steady step."""
+        self.calls += 1
+        if self.calls == 1:
+            self.first_s = self._now() - self._t0
+        elif self.calls == self.settle + self.window and self._t0 is not None and self.settle > 0:
+            self.step_s = (self._now() - self._t0) / self.window
+            return True
+        return False
+
+
 class TrainStep:
-    """step(x0, t, noise) -> detached loss. `model` may be DDP-wrapped; `raw` is the module itself."""
+    """step(x0, t, noise) -> detached loss. `model` may be DDP-wrapped; `raw` is the module itself.
+
+    cache: the compile cache (`compile_cache.CompileCache`): its artifacts are loaded before this shape's
+    first compiled step and saved after it, and the measured step and compile seconds are recorded.
+    planned_iters(): the iterations this shape will still train (train.compile=auto). on_decision(d):
+    called once with the auto decision (a dict with its one-line `reason`); default: printed."""
+
+    COMPILED_SETTLE, COMPILED_WINDOW = 4, 10  # reduce-overhead records its CUDA graphs in the first calls
 
     def __init__(self, model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
                  loss: DiffusionLoss, grad_clip: float, fast: FastPath, skip_nonfinite: bool = False,
-                 accum: int = 1):
+                 accum: int = 1, *, cache=None, planned_iters=None, on_decision=None, measure: bool = True):
         """loss: the objective (schedule, weights, reduction) with its tensors on the training device.
         skip_nonfinite: a step whose loss or gradient norm is not finite changes nothing and returns None
         (one host read of the norm per step). accum: the batch is split into `accum` micro-batches whose
@@ -201,16 +258,112 @@ class TrainStep:
         self._graph, self._warm = None, 0  # the whole-step CUDA graph (fast.cuda_graph), once captured
         if self.device_type == "cuda":  # a process-wide switch: each step sets the one its mode asks for
             torch.backends.cudnn.benchmark = fast.cudnn_benchmark
-        fn = self._forward_loss
-        if fast.compile != "none":
-            # A new compiled step replaces the previous one (the dense model's, an earlier run's in
-            # `ebdiff experiment`): dropping dynamo's caches frees that step's CUDA-graph memory, and
-            # keeps `_forward_loss` under dynamo's recompile limit (8 entries per function), past
-            # which later model shapes would silently run eager.
-            torch._dynamo.reset()
-            fn = torch.compile(fn, mode=None if fast.compile == "default" else fast.compile)
-        self.forward_loss = fn
+        # the cache's folder is used by compiled steps, and on a GPU to record uncompiled step times too
+        used = cache is not None and (fast.compile != "none" or self.device_type == "cuda")
+        self.cache = cache if used and cache.activate() else None
+        self.planned_iters, self.measure, self._started = planned_iters, measure, False
+        self.on_decision = on_decision or (lambda d: print(d["reason"], flush=True))
+        self.decision: dict | None = None
+        self.keys: dict[str, str] = {}
+        self.forward_loss = self._forward_loss
+        self._clock: StepClock | None = None
+        self._counters, self._save_pending = None, False
+        self.cache_hit: bool | None = None  # whether the compile cache served this step's compilation
+        if fast.compile != "none" and not fast.compile_auto:
+            self._compile()
 
+    # ------------------------------------------------------------------ compilation
+    def _compile(self) -> None:
+        # A new compiled step replaces the previous one (the dense model's, an earlier run's in
+        # `ebdiff experiment`): dropping dynamo's caches frees that step's CUDA-graph memory, and keeps
+        # `_forward_loss` under dynamo's recompile limit (8 entries per function), past which later model
+        # shapes would silently run eager.
+        torch._dynamo.reset()
+        self.forward_loss = torch.compile(self._forward_loss, options=compile_options(self.fast))
+
+    def key(self, compile_mode: str, x0: torch.Tensor) -> str:
+        """The compile cache's key of this step's shape with `compile_mode` (`none`: the uncompiled step)."""
+        if compile_mode not in self.keys:
+            from .compile_cache import cache_key
+
+            settings = dict(self.fast.to_dict(), compile=compile_mode)
+            settings.pop("compile_auto")
+            extra = {"x0": list(x0.shape), "dropout": getattr(getattr(self.raw, "config", None), "dropout", None),
+                     "reduction": self.loss.reduction, "weighted": self.loss.weights is not None}
+            self.keys[compile_mode] = cache_key(self.raw, settings, self.loss.sqrt_ab.device, extra)
+        return self.keys[compile_mode]
+
+    def _start(self, x0: torch.Tensor) -> None:
+        """Before the first step: the auto decision when the records already allow it, the cache's artifacts,
+        and what this step measures."""
+        if self.fast.compile_auto:
+            self._decide(x0, None)
+        if self.fast.compile_auto:  # not decided yet: measure the uncompiled step first
+            self._clock = StepClock(self.device_type, autocompile.EAGER_SETTLE, autocompile.EAGER_WINDOW)
+            return
+        self._begin_phase(x0)
+
+    def _begin_phase(self, x0: torch.Tensor) -> None:
+        compiled = self.fast.compile != "none"
+        if compiled and self.cache is not None:
+            from .compile_cache import compile_counters
+
+            self.cache.load_artifacts(self.key(self.fast.compile, x0))
+            self._counters = compile_counters()
+            self._save_pending = True
+        if self.measure and (compiled or self.device_type == "cuda"):
+            settle = self.COMPILED_SETTLE if compiled else autocompile.EAGER_SETTLE
+            self._clock = StepClock(self.device_type, settle, self.COMPILED_WINDOW)
+        else:
+            self._clock = None
+
+    def _decide(self, x0: torch.Tensor, measured_s: float | None) -> None:
+        """train.compile=auto: decide from the measured uncompiled step (or a recorded one) and the records;
+        where a number is missing, keep today's behaviour (compile on a GPU)."""
+        f, mode, cache = self.fast, self.fast.compile, self.cache
+        rec_e = cache.timings(self.key("none", x0)) if cache is not None else {}
+        rec_c = cache.timings(self.key(mode, x0)) if cache is not None else {}
+        eager_s = measured_s if measured_s is not None else rec_e.get("step_s")
+        if eager_s is None and not f.cuda_graph:
+            return  # measure it in this run's first steps
+        cached = cache is not None and (cache.has_artifacts(self.key(mode, x0)) or "compile_miss_s" in rec_c
+                                        or "compile_hit_s" in rec_c)
+        step_c, comp_s, src = autocompile.estimate(eager_s, rec_c, self.device_type == "cuda", cached, f.cuda_graph)
+        planned = max(0, int(self.planned_iters())) if self.planned_iters is not None else None
+        src = f"uncompiled step {'measured' if measured_s is not None else 'recorded'}" + (f", {src}" if src else "")
+        if planned is None or eager_s is None or step_c is None or comp_s is None:
+            go = self.device_type == "cuda"
+            d = {"compile": go, "reason": f"not enough measured timings for this shape ({src}): today's default"}
+        else:
+            d = autocompile.decide_compile(planned, eager_s, step_c, comp_s, sources=src).to_dict()
+            go = d["compile"]
+        d["mode"] = mode if go else "none"
+        d["reason"] = f"train.compile=auto: {'compiling (' + mode + ')' if go else 'not compiling'}: {d['reason']}"
+        self.decision = d
+        self.fast = replace(f, compile=mode if go else "none", compile_auto=False)
+        if go:
+            self._compile()
+        self.on_decision(d)
+
+    def record_timing(self, x0: torch.Tensor, step_s: float, compile_s: float | None = None,
+                      mode: str | None = None) -> None:
+        """Record a steady step time (and the compile overhead of the first steps) for this shape and
+        `mode` (default: the step's compile mode)."""
+        cache = self.cache
+        if cache is None:
+            return
+        from .compile_cache import compile_counters, was_hit
+
+        mode = self.fast.compile if mode is None else mode
+        vals = {"step_s": step_s}
+        if mode != "none" and self._counters is not None:
+            hit = was_hit(self._counters, compile_counters())
+            self.cache_hit = hit
+            if compile_s is not None and hit is not None:
+                vals["compile_hit_s" if hit else "compile_miss_s"] = max(0.0, compile_s)
+        cache.record(self.key(mode, x0), **vals)
+
+    # ------------------------------------------------------------------ the step
     def _eps(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # autocast's weight cache must be off under graph capture (PyTorch's CUDA graphs notes)
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.fast.bf16,
@@ -247,11 +400,33 @@ class TrainStep:
         if self.fast.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
             noise = noise.contiguous(memory_format=torch.channels_last)
+        if not self._started:
+            self._started = True
+            self._start(x0)
+        clock = self._clock
+        if clock is not None:
+            clock.before()
         if self.fast.cuda_graph:
-            return self._graph_step(x0, t, noise)
-        loss = self._update(x0, t, noise)
-        self.opt.zero_grad(set_to_none=True)
+            loss = self._graph_step(x0, t, noise)
+        else:
+            loss = self._update(x0, t, noise)
+            self.opt.zero_grad(set_to_none=True)
+        if self._save_pending:  # after the shape's first full compiled step (forward and backward)
+            self._save_pending = False
+            self.cache.save_artifacts(self.key(self.fast.compile, x0))
+        if clock is not None and clock.after():
+            self._measured(clock, x0)
         return loss
+
+    def _measured(self, clock: StepClock, x0: torch.Tensor) -> None:
+        if self.fast.compile_auto:  # the uncompiled steps are measured: decide, then time the chosen step
+            self.record_timing(x0, clock.step_s, mode="none")
+            self._decide(x0, clock.step_s)
+            self._begin_phase(x0)
+            return
+        self._clock = None
+        compiled = self.fast.compile != "none"
+        self.record_timing(x0, clock.step_s, (clock.first_s - clock.step_s) if compiled else None)
 
     GRAPH_WARMUP = 3  # eager steps before the capture (lazy cuBLAS/cuDNN/autograd set-up, compilation)
 

@@ -58,6 +58,9 @@ class Trainer:
             self.hooks.append(SampleGridHook(cfg.train.sample_every))
         self.state: ck.TrainState | None = None
         self.tracker = None
+        from .compile_cache import CompileCache
+
+        self.compile_cache = CompileCache.from_setting(cfg.train.compile_cache, self.device)
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -124,8 +127,18 @@ class Trainer:
             st = self.state
             st.model, st.ema, st.optimizer, st.phase, st.plan, st.search = model, ema, opt, phase, plan, None
         self.step = TrainStep(self.model_p, model, opt, ema, self.loss, tc.grad_clip, self.fast,
-                              skip_nonfinite=tc.nonfinite == "skip", accum=tc.grad_accum)
+                              skip_nonfinite=tc.nonfinite == "skip", accum=tc.grad_accum,
+                              cache=self.compile_cache, planned_iters=lambda: tc.iters - self.state.iteration,
+                              on_decision=self._compile_decision)
         self.noise_gen = torch.Generator(device=self.device)
+
+    def _compile_decision(self, d: dict) -> None:
+        """train.compile=auto decided for the current model shape: one line, a metrics event, a fact."""
+        st = self.state
+        rec = {"iter": st.iteration, "phase": st.phase, **d}
+        self.print(d["reason"])
+        self.log({"event": "compile_decision", **rec})
+        st.facts.setdefault("compile_decisions", []).append(rec)
 
     def score_probe(self, timesteps: int, batch: int):
         """The fixed batch gradient criteria score on (so that masks differ only through the weights)."""
@@ -268,7 +281,8 @@ class Trainer:
         return run_summary(run_dir=str(self.run_dir), iteration=st.iteration, phase=st.phase, timing=st.timing,
                            dense_size=st.facts.get("dense_size"), size=size, ticket=st.facts.get("ticket"),
                            pruned_from=st.facts.get("pruned_from"), device=str(self.device), processes=self.world,
-                           fast_path=self.fast.to_dict(), skipped_steps=st.facts.get("skipped_steps") or 0)
+                           fast_path=self.step.fast.to_dict(), skipped_steps=st.facts.get("skipped_steps") or 0,
+                           compile_decisions=st.facts.get("compile_decisions"))
 
 
 @contextlib.contextmanager
