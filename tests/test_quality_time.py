@@ -183,6 +183,12 @@ def test_training_time_excludes_evaluation_and_wall_clock_budget(tmp_path, has_f
     assert [p["train_s"] for p in pts] == [0.0] * 3 and [r["wall_s"] for r in logs] == [0.0] * 3
     t = s["time_s"]
     assert t["eval_s"] == 300.0 and t["own_total"] == 0.0 and t["wall_s"] == 0.0 and t["train_total"] == 0.0
+    # a run that died before its first checkpoint starts again: its stale records go
+    shutil.rmtree(run / "checkpoints")
+    with monkeypatch.context() as m:
+        m.setattr(training_eval, "make_scorer", lambda *a, **k: SlowScorer())
+        Trainer(load_config(None, over), run).run()
+    assert [p["iter"] for p in evals(run)] == [2, 4, 6]
     # a wall-clock budget, on a clock that moves 1/8 s at every reading (a step is one: exactly 0.125 s):
     # it stops with a checkpoint, a final point and a finished summary; points every 0.5 s of training
     clock.now, tick = 0.0, 0.125

@@ -35,10 +35,11 @@ class Timing:
 
     def budget_reached(self, iteration: int, iters: int, max_seconds: float | None) -> str | None:
         """Why a run is finished: "iters" (train.iters done), "max_seconds" (its own training time reached
-        train.max_seconds), or None (not finished)."""
+        train.max_seconds, after at least one iteration: a prune-from-run baseline whose pruning alone
+        took longer still trains one), or None (not finished)."""
         if iteration >= iters:
             return "iters"
-        if max_seconds is not None and self.own_total >= max_seconds:
+        if max_seconds is not None and iteration > 0 and self.own_total >= max_seconds:
             return "max_seconds"
         return None
 

@@ -190,7 +190,10 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["wd"])
     steps = epochs * (len(train_x) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=steps, pct_start=0.25)
+    # one-cycle needs a few steps per phase (it divides by their lengths); a few-step classifier (tests, a tiny
+    # data.limit) trains at the constant peak rate
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=steps, pct_start=0.25)
+             if steps >= 8 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     g = torch.Generator().manual_seed(seed)
     bar = tqdm(total=steps, desc=f"training feature classifier ({arch})", disable=not progress)
     for _ in range(epochs):

@@ -61,8 +61,6 @@ class Trainer:
             ckpt, model, meta, saved = ck.read_for_resume(self.run_dir)
             phase, plan = meta.get("phase", "dense"), meta.get("plan")
             facts.update({k: meta.get(k) for k in ("ticket", "dense_size", "pruned_from")})
-            if self.main:  # what was logged after that checkpoint is trained again: no duplicate records
-                ck.truncate_log(self.run_dir / ck.METRICS_FILE, int(meta["iteration"]))
         elif self.spec.kind == "prune-from-run":
             from .baselines import prune_from_run
 
@@ -71,6 +69,9 @@ class Trainer:
             phase, extract_s = "pruned", time.perf_counter() - t0
         else:
             model = build_model(cfg.model.preset, cfg.model.dropout)
+        if self.main:  # records past the state training continues from (a resume's checkpoint, or 0: a run
+            # restarted after dying before its first checkpoint) are trained and logged again: no duplicates
+            ck.truncate_log(self.run_dir / ck.METRICS_FILE, int(meta["iteration"]) if self.resume else 0)
         self.adopt(model.to(self.device), phase, plan)
         st = self.state
         st.facts.update(facts)
@@ -186,7 +187,10 @@ class Trainer:
             self.print(f"{self.run_dir}: already trained to {st.iteration} iterations" + (
                 f" ({st.timing.own_total:.0f} s of training, train.max_seconds={tc.max_seconds:g})"
                 if done == "max_seconds" else ""))
-            return self.summary(done)
+            summary = self.summary(done)
+            if self.main:  # a crash between the last checkpoint and the summary leaves none
+                ck.atomic_write_json(self.run_dir / "summary.json", summary)
+            return summary
         batches = BatchStream(self.data, self.local_batch, tc.seed, self.device, self.rank, self.world,
                               self.cfg.data.num_workers)(st.iteration)
         self.model_p.train()
