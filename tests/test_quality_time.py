@@ -116,12 +116,11 @@ def test_eval_points_resume_without_gaps_and_report(tmp_path, has_fmnist, monkey
     assert main(["train", *tiny_args(c, "train.iters=6", "train.ckpt_every=2")]) == 0
     assert (a / "checkpoints/ckpt-000000006/model.safetensors").read_bytes() == \
         (c / "checkpoints/ckpt-000000006/model.safetensors").read_bytes()
-    # a crash after the point at iteration 5 was logged but before its checkpoint: the resume drops the
+    # a crash after the point at iteration 6 was logged but before its checkpoint: the resume drops the
     # records past iteration 4 and continues the curve exactly (no gap, no duplicate)
-    assert main(["train", *tiny_args(b, "train.iters=5", *ev)]) == 0
-    assert [p["iter"] for p in evals(b)] == [2, 4, 5]
-    shutil.rmtree(b / "checkpoints" / "ckpt-000000005")
-    assert main(["train", "--resume", str(b), "train.iters=6"]) == 0
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "ckpt-000000006")
+    assert main(["train", "--resume", str(b)]) == 0
     pb = evals(b)
     assert [p["iter"] for p in pb] == [2, 4, 6] and [p["value"] for p in pb] == [p["value"] for p in pa]
     losses = [r["iter"] for r in read_records(b / "metrics.jsonl") if "loss" in r]
@@ -202,15 +201,48 @@ def test_training_time_excludes_evaluation_and_wall_clock_budget(tmp_path, has_f
         "name": "FD-TEST", "extractor": "none", "value": 1.0, "kid": 0.0}))
     monkeypatch.setattr(trainer_module, "time", Ticking())
     monkeypatch.setattr(training_eval, "time", Ticking())
-    cfg = load_config(None, tiny_args(tmp_path, "train.iters=100000", "train.max_seconds=2",
-                                      "train.eval_every=0.5s", "train.eval_n=4", "train.eval_steps=2")[2:])
+    cfg = load_config(None, tiny_args(tmp_path, "train.iters=100000", "train.max_seconds=1",
+                                      "train.eval_every=0.25s", "train.eval_n=4", "train.eval_steps=2")[2:])
     run = tmp_path / "budget"
     s = Trainer(cfg, run).run()
-    assert s["stopped"] == "max_seconds" and s["iterations"] == 16 and s["time_s"]["own_total"] == 2.0
-    assert [p["iter"] for p in evals(run)] == [4, 8, 12, 16] and (run / "checkpoints/ckpt-000000016").is_dir()
+    assert s["stopped"] == "max_seconds" and s["iterations"] == 8 and s["time_s"]["own_total"] == 1.0
+    assert [p["iter"] for p in evals(run)] == [2, 4, 6, 8] and (run / "checkpoints/ckpt-000000008").is_dir()
     assert run_status(run, cfg) == "done"
-    assert Trainer(cfg, run, resume=True).run()["iterations"] == 16  # nothing left to train
-    cfg.train.max_seconds = 2.5  # a larger budget continues it, and its curve
+    assert Trainer(cfg, run, resume=True).run()["iterations"] == 8  # nothing left to train
+    cfg.train.max_seconds = 1.25  # a larger budget continues it, and its curve
     assert run_status(run, cfg) == "resume"
-    assert Trainer(cfg, run, resume=True).run()["iterations"] == 20
-    assert [p["iter"] for p in evals(run)] == [4, 8, 12, 16, 20]
+    assert Trainer(cfg, run, resume=True).run()["iterations"] == 10
+    assert [p["iter"] for p in evals(run)] == [2, 4, 6, 8, 10]
+
+
+def test_demo_compare_same_time_both_grids_and_a_verdict(tmp_path, has_fmnist, monkeypatch, capsys):
+    """`ebdiff demo --compare` on a clock that moves 1/8 s per reading (fast and exact), with a stand-in
+    scorer: both runs stop on the same time budget, the report has the curves and both grids, and one
+    line says which reached the better quality."""
+    from ebdiff import trainer as trainer_module
+    from ebdiff import training_eval
+
+    class Ticking:
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 0.125
+            return self.now
+
+    monkeypatch.setattr(trainer_module, "time", Ticking())
+    monkeypatch.setattr(training_eval, "time", Ticking())
+    monkeypatch.setattr(training_eval, "make_scorer", lambda *a, **k: (lambda x: {
+        "name": "FD-TEST", "extractor": "none", "value": float(x.std()), "kid": 0.0}))
+    out = tmp_path / "cmp"
+    assert main(["demo", "--compare", "--seconds", "1", "--out", str(out), "data.limit=256", "train.batch_size=8",
+                 "train.eval_n=4", "train.eval_steps=2", "early_bird.check_every=2", "early_bird.queue=2",
+                 "early_bird.eta=0.9"]) == 0
+    text = capsys.readouterr().out
+    line = text.strip().splitlines()[-1]
+    assert "in the same training time:" in line and "EB magnitude 50%" in line and "dense" in line
+    for name in ("dense", "eb-magnitude-50"):
+        s = json.loads((out / name / "summary.json").read_text())
+        assert s["stopped"] == "max_seconds" and s["time_s"]["own_total"] >= 1.0
+        assert len(evals(out / name)) >= 2
+    assert (out / "report" / "quality_curves.png").is_file() and (out / "report" / "samples.png").is_file()
+    assert main(["demo", "--seconds", "5", "--out", str(tmp_path / "x")]) == 2  # --seconds belongs to --compare

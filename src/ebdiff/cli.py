@@ -330,7 +330,7 @@ def _demo_compare(args: argparse.Namespace) -> int:
     from .experiment import load_experiment, run_experiment
     from .quality_curves import verdict
 
-    seconds = 90.0 if args.seconds is None else args.seconds
+    seconds = 60.0 if args.seconds is None else args.seconds
     if not seconds > 0:
         raise ConfigError(f"--seconds must be positive; got {seconds}")
     extra = [f"train.max_seconds={seconds:g}", f"train.eval_every={seconds / 4:g}s", *args.overrides]
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "if it exists)")
     d.add_argument("--compare", action="store_true", help="dense and Early-Bird trained for the same time each, "
                    "evaluated during training: quality-vs-time curves, both grids, which is better")
-    d.add_argument("--seconds", type=float, help="--compare: training seconds per run (default 90)")
+    d.add_argument("--seconds", type=float, help="--compare: training seconds per run (default 60)")
     d.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/demo.yaml")
     d.set_defaults(fn=cmd_demo)
     return p

@@ -32,8 +32,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from . import checkpoint as ck
 from .config import Config, parse_every
 from .hooks import Hook
