@@ -160,6 +160,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     md = write_report(runs, Path(args.out), Path(args.reference) if args.reference else None, args.target,
                       args.interpolate)
     _print_tables(md)
+    if args.target is not None and "## Time to quality" not in md.read_text():
+        print(f"--target {args.target:g}: no run has evaluation points during training (train.eval_every), "
+              "so there is no time to measure")
     print(f"report: {md}")
     return 0
 
