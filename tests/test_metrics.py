@@ -71,6 +71,10 @@ def test_classifier_learns_and_features_are_deterministic(tmp_path):
     again = ClassifierFeatures.load_or_train("toy", tr, te, epochs=2, progress=False, root=tmp_path)
     assert np.array_equal(again(te[0]), a)  # cached weights give the same features
     assert json.loads(next((tmp_path / "classifiers").glob("*.json")).read_text())["test_accuracy"] > 0.95
+    # another number of epochs than the recipe's (3) is another classifier, keying other reference features
+    recipe = ClassifierFeatures.load_or_train("toy", tr, te, progress=False, root=tmp_path)
+    assert clf.name == recipe.name + "-e2" and len(list((tmp_path / "classifiers").glob("*.json"))) == 2
+    assert not np.array_equal(recipe(te[0]), a)
 
 
 def test_inception_offline_without_weights(tmp_path, monkeypatch):

@@ -12,10 +12,17 @@ def test_three_process_gloo_run_resume_and_ensemble_sampling(tmp_path, has_fmnis
     monkeypatch.setenv("EBDIFF_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "ta"
     args = tiny_args(run, "train.iters=8", "early_bird.check_every=2", "early_bird.queue=2",
-                     "early_bird.eta=0.9", "train.ckpt_every=4")
+                     "early_bird.eta=0.9", "train.ckpt_every=4", "train.eval_every=4", "train.eval_n=16",
+                     "train.eval_steps=3", "train.eval_classifier_epochs=1")
     assert main(["ta-eb", "--config", "configs/demo_taeb.yaml", *args]) == 0
     out = capsys.readouterr().out
     assert "weighted over the 5 sampling steps" in out and "longest branch" in out
+    assert "weighted over all 1000 timesteps (240/200/560 per region, the paper's Table 4)" in out
+    # evaluation during training: each branch snapshots its EMA, the ensemble is scored after training
+    assert "TA-EB ensemble scored at 2 points (2 new)" in out
+    curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [c["iters"] for c in curve] == [[4, 4, 4], [8, 8, 8]] and all(c["ensemble"] for c in curve)
+    assert all(c["train_s"] == max(c["branch_train_s"]) for c in curve)
     a = json.loads((run / "taeb.json").read_text())
     assert len(a["branches"]) == 3 and sum(a["steps_per_region"]) == 5
     assert all(b["ticket_found"] and b["dense_iterations"] + b["ticket_iterations"] == 8 for b in a["branches"])
@@ -29,8 +36,13 @@ def test_three_process_gloo_run_resume_and_ensemble_sampling(tmp_path, has_fmnis
         assert f"t_min: {lo}" in cfg and f"t_max: {hi}" in cfg
     # a finished run resumes to a longer budget branch by branch
     assert main(["ta-eb", "--resume", str(run), "train.iters=10"]) == 0
+    assert "TA-EB ensemble scored at 3 points (1 new)" in capsys.readouterr().out
+    curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [c["iters"] for c in curve] == [[4, 4, 4], [8, 8, 8], [10, 10, 10]]
     a2 = json.loads((run / "taeb.json").read_text())
     assert all(b["dense_iterations"] + b["ticket_iterations"] == 10 for b in a2["branches"])
+    w = a2["weightings"]
+    assert w["sampling_steps"]["params"] == a2["weighted_params"] and w["timesteps"]["timesteps_per_region"] == [240, 200, 560]
     # the ensemble samples with DDIM and DDPM like a single model
     assert main(["sample", str(run), "--n", "4", "--steps", "5", "--out", str(tmp_path / "d.png")]) == 0
     imgs = np.load(tmp_path / "d.npz")["images"]
@@ -42,8 +54,11 @@ def test_three_process_gloo_run_resume_and_ensemble_sampling(tmp_path, has_fmnis
     e = json.loads((run / "eval.json").read_text())
     assert e["phase"] == "ta-eb" and abs(e["params"] - a2["weighted_params"]) < 1e-6 * e["params"]
     assert len(e["size_per_region"]) == 3 and e["training_time_s"]["train_total"] == a2["taeb_train_s"]
+    assert e["size_by_timesteps"]["params"] == w["timesteps"]["params"]
     assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
-    assert "TA-EB 30/60/80%" in (tmp_path / "rep" / "report.md").read_text()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "TA-EB 30/60/80%" in md and "uniform over T" in md and "the ensemble is scored after training" in md
+    assert (tmp_path / "rep" / "quality_curves.png").is_file()
     # a second ta-eb into the same folder is refused
     assert main(["ta-eb", "--config", "configs/demo_taeb.yaml", *args]) == 2
 

@@ -17,7 +17,8 @@ class Timing:
     check_s: float = 0.0  # Early-Bird checks (mask computation)
     extract_s: float = 0.0  # extraction / pruning, rebuilding optimizer, EMA and step
     search_s: float = 0.0  # dense_s when the ticket was drawn
-    wall_s: float = 0.0  # wall clock of the training calls (resumes added up)
+    wall_s: float = 0.0  # wall clock of the training calls (resumes added up), evaluation during training excluded
+    eval_s: float = 0.0  # evaluation during training (train.eval_every): never counted as training
 
     def add_step(self, phase: str, seconds: float) -> None:
         if phase == "dense":
@@ -32,6 +33,16 @@ class Timing:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def budget_reached(self, iteration: int, iters: int, max_seconds: float | None) -> str | None:
+        """Why a run is finished: "iters" (train.iters done), "max_seconds" (its own training time reached
+        train.max_seconds, after at least one iteration: a prune-from-run baseline whose pruning alone
+        took longer still trains one), or None (not finished)."""
+        if iteration >= iters:
+            return "iters"
+        if max_seconds is not None and iteration > 0 and self.own_total >= max_seconds:
+            return "max_seconds"
+        return None
+
     @classmethod
     def from_dict(cls, d: dict) -> "Timing":
         known = {f.name for f in fields(cls)}
@@ -40,10 +51,12 @@ class Timing:
 
 def run_summary(*, run_dir: str, iteration: int, phase: str, timing: Timing, dense_size: dict | None,
                 size: dict | None, ticket: dict | None, pruned_from: dict | None, device: str, processes: int,
-                fast_path: dict, skipped_steps: int = 0, compile_decisions: list | None = None) -> dict:
+                fast_path: dict, skipped_steps: int = 0, compile_decisions: list | None = None,
+                stopped: str | None = None) -> dict:
     """summary.json of a run. size: the trained model's params/MACs when it is not the dense one.
     skipped_steps: steps dropped for a non-finite loss or gradient (train.nonfinite=skip).
-    compile_decisions: train.compile=auto's choice per model shape (none when it did not decide)."""
+    compile_decisions: train.compile=auto's choice per model shape (none when it did not decide).
+    stopped: which budget ended it ("iters" or "max_seconds"; None while unfinished)."""
     search_iters = ticket["iteration"] if ticket and phase == "ticket" else None
     if pruned_from is not None:  # dense-then-prune: the dense run it started from is part of its cost
         dense_its, sparse_its = pruned_from["iteration"], iteration
@@ -55,6 +68,7 @@ def run_summary(*, run_dir: str, iteration: int, phase: str, timing: Timing, den
     return {
         "run_dir": run_dir,
         "iterations": iteration,
+        "stopped": stopped,
         "phase": phase,
         "dense_iterations": dense_its,
         "ticket_iterations": sparse_its,
@@ -66,3 +80,12 @@ def run_summary(*, run_dir: str, iteration: int, phase: str, timing: Timing, den
         "device": device, "processes": processes, "fast_path": fast_path, "skipped_steps": skipped_steps,
         "compile_decisions": compile_decisions,
     }
+
+
+def summary_finished(summary: dict | None, iters: int, max_seconds: float | None) -> bool:
+    """Whether a run whose summary.json is `summary` has reached one of its budgets (train.iters or
+    train.max_seconds): `ebdiff experiment` skips it then."""
+    if not summary:
+        return False
+    timing = Timing.from_dict(summary.get("time_s") or {})
+    return timing.budget_reached(int(summary.get("iterations", 0)), iters, max_seconds) is not None

@@ -30,6 +30,7 @@ from .accounting import Timing
 from .errors import CheckpointError
 
 FORMAT = 1
+METRICS_FILE = "metrics.jsonl"  # the run's log: one JSON record per line, each with the iteration it belongs to
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -63,6 +64,11 @@ def atomic_save(path: Path, save_fn) -> None:
             os.unlink(tmp)
 
 
+def json_line(rec: dict) -> str:
+    """One record of a metrics.jsonl, newline included."""
+    return json.dumps(rec, default=json_default) + "\n"
+
+
 def json_default(o):
     """json.dumps(default=...) for tensors and numpy scalars."""
     if isinstance(o, torch.Tensor):
@@ -93,41 +99,88 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return cks[-1] if cks else None
 
 
-def save_checkpoint(run_dir: Path, iteration: int, model: nn.Module, ema: nn.Module | None,
-                    meta: dict[str, Any], state: dict[str, Any] | None, keep_last: int = 2,
-                    extra_files: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder atomically, then drop all but the newest `keep_last`."""
+def write_model_folder(final: Path, iteration: int, meta: dict[str, Any], weights: dict[str, nn.Module],
+                       state: dict[str, Any] | None = None) -> Path:
+    """A folder of safetensors weights (name -> module), meta.json and an optional weights-only state.pt,
+    written under a temporary name and renamed into place (a checkpoint, or an evaluation snapshot)."""
     from safetensors.torch import save_file
 
-    final = ckpt_dir(run_dir, iteration)
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(".ckpt-*"):  # left by a write that was killed (one writer: ours)
+    for stale in final.parent.glob(f".{final.name.rstrip('0123456789')}*"):  # left by a killed write (one writer)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
-        save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"))
-        if ema is not None:
-            save_file(_state_dict_for_save(ema), str(tmp / "ema.safetensors"))
+        for name, module in weights.items():
+            save_file(_state_dict_for_save(module), str(tmp / name))
         if state is not None:
             torch.save(state, tmp / "state.pt")
-        for name, writer in (extra_files or {}).items():
-            writer(tmp / name)
         (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "iteration": iteration, **meta},
                                                   indent=2, default=json_default))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except OSError as exc:
-        kept = latest_checkpoint(run_dir)
+        kept = latest_checkpoint(final.parent.parent) if final.parent.name == "checkpoints" else None
         raise CheckpointError(f"cannot write checkpoint {final.name} in {final.parent} ({exc.strerror or exc}); "
                               f"{'the previous checkpoint ' + kept.name + ' is kept' if kept else 'no checkpoint was written'}"
                               ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def save_checkpoint(run_dir: Path, iteration: int, model: nn.Module, ema: nn.Module | None,
+                    meta: dict[str, Any], state: dict[str, Any] | None, keep_last: int = 2) -> Path:
+    """Write a checkpoint folder atomically, then drop all but the newest `keep_last`."""
+    weights = {"model.safetensors": model, **({"ema.safetensors": ema} if ema is not None else {})}
+    final = write_model_folder(ckpt_dir(run_dir, iteration), iteration, meta, weights, state)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def records_upto(lines: list[str], iteration: int) -> list[str]:
+    """The log lines of a run that a resume from `iteration` keeps: records of later iterations are
+    trained (and logged) again, so they go; lines without an iteration stay."""
+    keep = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            it = json.loads(line).get("iter")
+        except ValueError:
+            continue  # a line cut by a crash
+        if it is None or int(it) <= iteration:
+            keep.append(line)
+    return keep
+
+
+def truncate_log(path: Path, iteration: int) -> None:
+    """Drop the records of `path` (a metrics.jsonl) past `iteration`, atomically (a resume's first step)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = records_upto(lines, iteration)
+    if keep != lines:
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON records of a metrics.jsonl (none if it is missing); a line cut by a crash is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip():
+                out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def read_json(path: Path) -> dict | None:
@@ -204,25 +257,6 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not {"iteration", "optimizer", "rng"} <= set(state):
         raise CheckpointError(f"training state {path} lacks iteration/optimizer/rng: not an ebdiff state")
     return state
-
-
-def truncate_log(path: Path, iteration: int) -> None:
-    """Drop the records of a JSONL log written after `iteration` (by a run that stopped before its next
-    checkpoint): a resumed run logs those iterations again, with no gap and no duplicate."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    keep = []
-    for line in lines:
-        try:
-            it = json.loads(line).get("iter")
-        except (ValueError, AttributeError):
-            continue  # a line cut short by the crash
-        if it is None or it <= iteration:
-            keep.append(line)
-    if len(keep) != len(lines):
-        atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
 def nonfinite_tensor(*modules: nn.Module) -> str | None:

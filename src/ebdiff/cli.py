@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import ConfigError, EbdiffError
 
 DEMO_CONFIG = "demo.yaml"  # bundled (config.bundled_configs)
+DEMO_COMPARE = "demo_compare.yaml"  # bundled, in experiments/
 
 
 def _fmt(x: float | None) -> str:
@@ -78,6 +79,11 @@ def _print_train_summary(s: dict) -> None:
     else:
         print(f"training time      {t['train_total']:.1f} s (dense {t['dense_s']:.1f}, checks {t['check_s']:.1f}, "
               f"extract {t['extract_s']:.1f}, ticket {t['sparse_s']:.1f}); wall {t['wall_s']:.1f} s")
+    if s.get("stopped") == "max_seconds":
+        print(f"stopped by         train.max_seconds (its own training time, {t['own_total']:.1f} s)")
+    if t.get("eval_s"):
+        print(f"evaluation         {t['eval_s']:.1f} s during training (not counted as training; points in "
+              f"metrics.jsonl)")
     print(f"device             {s['device']} x {s['processes']}")
 
 
@@ -182,22 +188,40 @@ def cmd_report(args: argparse.Namespace) -> int:
     for r in runs:
         if not ((r / "summary.json").is_file() or (r / "taeb.json").is_file()):
             raise ConfigError(f"{r} has no summary.json or taeb.json: not a finished ebdiff run")
-    md = write_report(runs, Path(args.out), Path(args.reference) if args.reference else None)
-    print(md.read_text().split("\n\n")[2] if md.read_text().count("\n\n") > 2 else md.read_text())
+    md = write_report(runs, Path(args.out), Path(args.reference) if args.reference else None, args.target,
+                      args.interpolate)
+    _print_tables(md)
+    if args.target is not None and "## Time to quality" not in md.read_text():
+        print(f"--target {args.target:g}: no run has evaluation points during training (train.eval_every), "
+              "so there is no time to measure")
     print(f"report: {md}")
     return 0
+
+
+def _print_tables(md: Path) -> None:
+    """The report's tables (the paper-style table, time to quality) with their headings."""
+    for block in md.read_text().split("\n\n"):
+        if block.startswith("|") or block.startswith("## "):
+            print(block + "\n")
 
 
 # ---------------------------------------------------------------------- experiment
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import load_experiment, plan, run_experiment
 
-    exp = load_experiment(args.file, out=args.out, scale=args.scale)
+    for k in ("eval_n", "eval_steps"):
+        if getattr(args, k) is not None and getattr(args, k) < (2 if k == "eval_n" else 1):
+            raise ConfigError(f"--{k.replace('_', '-')} must be {'at least 2' if k == 'eval_n' else 'positive'}")
+    exp = load_experiment(args.file, out=args.out, scale=args.scale, target=args.target,
+                          interpolate=args.interpolate or None, extra=args.overrides, eval_n=args.eval_n,
+                          eval_steps=args.eval_steps)
     only = [x for x in args.only.split(",") if x] if args.only else None
     rows = plan(exp)
     print(f"ebdiff experiment {exp.name}: {len(rows)} methods, scale {exp.scale}, out {exp.out}")
     for r in rows:
-        print(f"  {r['name']:<28} {r['kind']:<15} iters {r['iters']!s:<18} {r['status']}")
+        budget = f"iters {r['iters']!s}" + (f", <= {r['max_seconds']:g} s" if r["max_seconds"] else "")
+        ev = f"eval every {r['eval_every']}" if r["eval_every"] is not None else ""
+        print(f"  {r['name']:<28} {r['kind']:<15} {budget:<30} {ev:<18} {r['status']}")
     if args.dry_run:
         return 0
     from .checkpoint import RunLock
@@ -206,8 +230,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         rec = run_experiment(exp, only=only, evaluate=not args.no_eval, device=args.device)
     print(f"\n== ebdiff experiment summary ({rec['seconds']:.0f} s) ==")
     if rec["report"]:
-        text = Path(rec["report"]).read_text().split("\n\n")
-        print(text[2] if len(text) > 2 else text[-1])
+        _print_tables(Path(rec["report"]))
         print(f"report: {rec['report']}")
     print(f"record: {exp.out / 'experiment.json'}")
     return 0
@@ -318,6 +341,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     """EB-Diff-Train on Fashion-MNIST at demo scale: search, extract, train the ticket, sample."""
+    if args.compare:
+        return _demo_compare(args)
+    if args.seconds is not None:
+        raise ConfigError("--seconds is the budget of `ebdiff demo --compare`; the plain demo trains train.iters")
     from .checkpoint import latest_checkpoint
     from .config import bundled_configs, load_config
     from .distributed import resolve_device
@@ -335,6 +362,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_compare(args: argparse.Namespace) -> int:
+    """Dense and Early-Bird for the same training time each, evaluated during training: the curves, both
+    grids, and one line saying which reached the better quality in that time."""
+    from .checkpoint import read_json
+    from .config import bundled_configs
+    from .experiment import load_experiment, run_experiment
+    from .quality_curves import verdict
+
+    seconds = 60.0 if args.seconds is None else args.seconds
+    if not seconds > 0:
+        raise ConfigError(f"--seconds must be positive; got {seconds}")
+    extra = [f"train.max_seconds={seconds:g}", f"train.eval_every={seconds / 4:g}s", *args.overrides]
+    exp = load_experiment(bundled_configs() / "experiments" / DEMO_COMPARE, out=args.out, extra=extra)
+    print(f"ebdiff demo --compare: dense and Early-Bird (magnitude 50%), {seconds:g} s of training each, "
+          f"evaluated every {seconds / 4:g} s of training -> {exp.out}")
+    rec = run_experiment(exp, device="auto")
+    rep = read_json(Path(rec["report"]).parent / "report.json") if rec["report"] else None
+    ttq = (rep or {}).get("time_to_quality")
+    if not ttq:
+        raise ConfigError(f"{exp.out}: no evaluation points were written (train.eval_every)")
+    names = [m.name for m in exp.methods]
+    methods = {r["name"]: r["method"] for r in rep["runs"]}
+    _print_tables(Path(rec["report"]))
+    print(f"report: {rec['report']} (quality_curves.png: quality vs training time; samples.png: both grids)")
+    print(verdict(ttq, names[0], names[1], rep["metric"], {n: methods.get(n, n) for n in names}))
+    return 0
+
+
 def _sampling_speed_args(p: argparse.ArgumentParser) -> None:
     """--precision and --compile of `sample` and `eval` (default: the run's sample.* settings)."""
     from .config import choices
@@ -345,6 +400,14 @@ def _sampling_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=choices()["sample.compile"],
                    help="torch.compile the eps model (default: the run's sample.compile: auto = reduce-overhead "
                    "with CUDA graphs on a GPU for jobs of 2000+ model calls); compile time counts in images/s")
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    """--target and --interpolate of `report` and `experiment` (time to quality)."""
+    p.add_argument("--target", type=float, help="a quality value (e.g. 150 for FD-FMNIST; lower is better): each "
+                   "run's training time to reach it, from its evaluation points during training")
+    p.add_argument("--interpolate", action="store_true", help="time to a target by linear interpolation between "
+                   "the two evaluation points around the crossing (default: the first point at or below it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,14 +488,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--scale", type=float, help="iteration scale factor (default: the file's 'scale')")
     x.add_argument("--only", help="comma-separated method names to run (their dense sources must be finished)")
     x.add_argument("--dry-run", action="store_true", help="print the plan and each method's status, train nothing")
-    x.add_argument("--no-eval", action="store_true", help="skip evaluation (the report has no quality column)")
+    x.add_argument("--no-eval", action="store_true", help="skip the final evaluation (eval.json; the report's "
+                   "quality column then shows each run's last evaluation point during training, if any)")
+    x.add_argument("--eval-n", type=int, help="samples of the final evaluation (default: the file's eval.n)")
+    x.add_argument("--eval-steps", type=int, help="sampling steps of the final evaluation (default: the file's)")
     x.add_argument("--device", default="auto", help="device for evaluation")
+    _target_args(x)
+    x.add_argument("overrides", nargs="*", help="section.key=value applied to every method after the file's "
+                   "(e.g. model.preset=tiny for a dry run)")
     x.set_defaults(fn=cmd_experiment)
 
     r = sub.add_parser("report", help="Markdown report with the paper-style table and figures")
     r.add_argument("runs", nargs="+", help="run folders (eval them first for the quality column)")
     r.add_argument("--out", default="report", help="output folder (report.md + PNGs)")
     r.add_argument("--reference", help="dense run whose training time defines speed-up 1.0x (default: the first dense run)")
+    _target_args(r)
     r.set_defaults(fn=cmd_report)
 
     i = sub.add_parser("info", help="parameters and MACs of presets (and of pruned tickets with --ratio)")
@@ -470,7 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("demo", help="EB-Diff-Train on Fashion-MNIST at demo scale (minutes on a CPU)")
-    d.add_argument("--out", help="run folder (default runs/demo; resumed if it exists)")
+    d.add_argument("--out", help="run folder (default runs/demo, or runs/demo-compare with --compare; resumed "
+                   "if it exists)")
+    d.add_argument("--compare", action="store_true", help="dense and Early-Bird trained for the same time each, "
+                   "evaluated during training: quality-vs-time curves, both grids, which is better")
+    d.add_argument("--seconds", type=float, help="--compare: training seconds per run (default 60)")
     d.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/demo.yaml")
     d.set_defaults(fn=cmd_demo)
     return p

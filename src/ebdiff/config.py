@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,6 +99,17 @@ class TrainConfig:
     log_with: str = "none"  # none | tensorboard | wandb (accelerate's trackers; metrics.jsonl is always written)
     sample_every: int = 0  # every N iterations: a 16-image grid of the EMA model in RUN/samples/ (and the tracker)
     progress: bool = True
+    # a wall-clock budget: stop after this many seconds of the run's own training (evaluation excluded),
+    # with a checkpoint and a finished summary; None = train.iters only
+    max_seconds: float | None = None
+    # evaluation during training (training_eval.EvalHook): every N iterations (500) or N seconds of training
+    # time ("120s"); None = off. Each point samples the EMA model and scores it -> metrics.jsonl
+    eval_every: Union[int, str, None] = None
+    eval_n: int = 1000  # images per evaluation point
+    eval_steps: int | None = None  # sampling steps of those points (None = sample.steps)
+    eval_metric: str = "fd"  # fd (FD-<dataset>, ebdiff's classifier features, offline) | fid (Inception)
+    eval_inception_weights: str | None = None  # pt_inception-2015-12-05-6726825d.pth for eval_metric=fid
+    eval_classifier_epochs: int | None = None  # epochs of the feature classifier if it is not cached yet
 
 
 @dataclass
@@ -244,6 +256,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.nonfinite": ("stop", "skip"),
     "train.lr_schedule": ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"),
     "train.log_with": ("none", "tensorboard", "wandb"),
+    "train.eval_metric": ("fd", "fid"),
     "sample.variance": ("fixedlarge", "fixedsmall"),
     "sample.mixed_precision": ("auto", "bf16", "no"),
     "sample.compile": COMPILE_CHOICES,
@@ -438,6 +451,15 @@ def validate(cfg: Config) -> Config:
     for key in ("channels_last", "fused_optimizer", "cudnn_benchmark"):
         if isinstance(getattr(t, key), str) and getattr(t, key) != "auto":
             raise ConfigError(f"config key 'train.{key}' must be auto, true or false; got {getattr(t, key)!r}")
+    if t.max_seconds is not None and t.max_seconds <= 0:
+        raise ConfigError(f"config key 'train.max_seconds' must be positive (seconds of training); got {t.max_seconds}")
+    parse_every(t.eval_every, "train.eval_every")
+    if t.eval_n < 2:
+        raise ConfigError(f"config key 'train.eval_n' must be at least 2; got {t.eval_n}")
+    if t.eval_steps is not None and not 0 < t.eval_steps <= cfg.diffusion.timesteps:
+        raise ConfigError(f"config key 'train.eval_steps' must be in 1..{cfg.diffusion.timesteps}; got {t.eval_steps}")
+    if t.eval_classifier_epochs is not None and t.eval_classifier_epochs <= 0:
+        raise ConfigError(f"config key 'train.eval_classifier_epochs' must be positive; got {t.eval_classifier_epochs}")
     if cfg.sample.steps > cfg.diffusion.timesteps:
         raise ConfigError(
             f"config key 'sample.steps' ({cfg.sample.steps}) exceeds diffusion.timesteps ({cfg.diffusion.timesteps})"
@@ -485,6 +507,23 @@ def validate(cfg: Config) -> Config:
             raise ConfigError("prune.from_run (a dense-then-prune baseline) and early_bird.ratio (Early-Bird "
                               "search) exclude each other: set one")
     return cfg
+
+
+EVERY_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*s\s*$")
+
+
+def parse_every(value: Any, key: str = "train.eval_every") -> tuple[str, float] | None:
+    """A cadence: a positive integer is a number of iterations -> ("iters", n); a string "<number>s" is
+    seconds of training time -> ("seconds", x); None is off. Anything else stops with one line."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return "iters", value
+    m = EVERY_RE.match(value) if isinstance(value, str) else None
+    if m and float(m.group(1)) > 0:
+        return "seconds", float(m.group(1))
+    raise ConfigError(f"config key '{key}' must be a positive number of iterations (e.g. 500) or of training "
+                      f"seconds with an s (e.g. 120s); got {value!r}")
 
 
 def read_yaml(path: Path, kind: str = "config") -> Any:

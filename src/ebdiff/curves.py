@@ -12,7 +12,6 @@ one from a run's metrics.jsonl).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,9 @@ TOLERANCE = 1.5  # the two distances estimate one quantity when only randomness 
 
 def read_curve(run: str | Path) -> dict[int, float]:
     """{iteration: loss} from a run folder's metrics.jsonl (empty if it has none)."""
-    p = Path(run) / "metrics.jsonl"
-    if not p.is_file():
-        return {}
-    recs = (json.loads(line) for line in p.read_text().splitlines() if line.strip())
-    return {int(r["iter"]): float(r["loss"]) for r in recs if "loss" in r}
+    from .checkpoint import METRICS_FILE, read_records
+
+    return {int(r["iter"]): float(r["loss"]) for r in read_records(Path(run) / METRICS_FILE) if "loss" in r}
 
 
 def distance(ref: dict[int, float], other: dict[int, float], after: int = 0) -> dict:

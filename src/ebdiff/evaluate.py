@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import atomic_write_json
 from .config import Config, DiffusionConfig, SampleConfig, load_config
+from .data import load_dataset
 from .diffusion import Schedule
 from .errors import ConfigError
 from .models import autocast_eps, count_macs_params, eps_fn, fixed_batch_eps, preset_shape
@@ -139,23 +140,21 @@ def compile_eps(fn, mode: str):
     return eps_fn(torch.compile(fn.model, mode=None if mode == "default" else mode))
 
 
-def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool = True, route: str | None = None,
-                      **overrides) -> tuple[torch.Tensor, dict]:
-    """Images in [-1, 1] from a run/checkpoint/TA-EB run with its own sampler settings (overridable)."""
-    cfg = run_config(path)
-    dcfg, scfg = run_sample_config(cfg, **overrides)
-    fn, meta, size_fn, model = load_for_sampling(path, device, ema, route)
+def sample_model(fn, shape: tuple[int, int, int], dcfg: DiffusionConfig, scfg: SampleConfig, device,
+                 progress: bool = True, compile_cache: str | None = None) -> tuple[torch.Tensor, dict]:
+    """Images in [-1, 1] from an eps callable (a model's `eps_fn`, or a RegionRouter) with the sampler
+    settings `scfg`: bf16 autocast and compilation as `scfg` resolves them on this device. Returns the
+    images and {precision, compile, seconds, images_per_s}. compile_cache: the run's train.compile_cache
+    (a compiled sampler loads and saves its artifacts there; None: not used)."""
     dev_type = torch.device(device).type
     compile_mode = sample_compile_mode(scfg, dev_type)
     bf16 = scfg.mixed_precision == "bf16" or (scfg.mixed_precision == "auto" and dev_type == "cuda")
-    shape = tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
-                                              model.config.sample_size))
     cache, key = None, None
-    if compile_mode != "none":  # the run's compile cache serves sampling too (train.compile_cache)
+    if compile_mode != "none" and compile_cache is not None:  # the run's compile cache serves sampling too
         from .compile_cache import CompileCache, cache_key
         from .regions import RegionRouter
 
-        cache = CompileCache.from_setting(cfg.train.compile_cache, device)
+        cache = CompileCache.from_setting(compile_cache, device)
         if cache is not None and cache.activate():
             models = [m.model for m in fn.models] if isinstance(fn, RegionRouter) else [fn.model]
             key = cache_key(models, {"job": "sample", "compile": compile_mode, "bf16": bf16}, device,
@@ -176,67 +175,114 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
     x = generate(fn, scfg.n, shape, Schedule.from_config(dcfg), sampler=scfg.sampler, steps=scfg.steps,
                  spacing=scfg.spacing, batch_size=scfg.batch_size, seed=scfg.seed, device=device, progress=progress,
                  eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0)
-    if str(device).startswith("cuda"):
+    if dev_type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     if key is not None:
         cache.save_artifacts(key)
-    info = {"sampler": asdict(scfg), "precision": "bf16" if bf16 else "fp32", "compile": compile_mode,
-            "seconds": dt, "images_per_s": scfg.n / dt,
-            "checkpoint": meta["checkpoint"], "weights": meta["weights"],
+    return x, {"precision": "bf16" if bf16 else "fp32", "compile": compile_mode, "seconds": dt,
+               "images_per_s": scfg.n / dt}
+
+
+def model_shape(meta: dict, model) -> tuple[int, int, int]:
+    return tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
+                                             model.config.sample_size))
+
+
+def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool = True, route: str | None = None,
+                      **overrides) -> tuple[torch.Tensor, dict]:
+    """Images in [-1, 1] from a run/checkpoint/TA-EB run with its own sampler settings (overridable)."""
+    cfg = run_config(path)
+    dcfg, scfg = run_sample_config(cfg, **overrides)
+    fn, meta, size_fn, model = load_for_sampling(path, device, ema, route)
+    x, speed = sample_model(fn, model_shape(meta, model), dcfg, scfg, device, progress, cfg.train.compile_cache)
+    info = {"sampler": asdict(scfg), **speed, "checkpoint": meta["checkpoint"], "weights": meta["weights"],
             "size": size_fn(scfg, dcfg), "meta": meta}
     return x, info
+
+
+class Scorer:
+    """One quality metric of a run, ready to score images: FD-<dataset> on the features of ebdiff's cached
+    dataset classifier, or Inception FID, against the data the run trained on (its data.limit too).
+    The reference features are computed once (and cached on disk), so scoring many points of a
+    training curve costs only the samples' features. `kind`: "fd" or "fid"."""
+
+    def __init__(self, cfg: Config, kind: str = "fd", device: str = "cpu", inception_weights: str | None = None,
+                 classifier_epochs: int | None = None, progress: bool = True, train=None, test=None):
+        from .metrics import ClassifierFeatures, InceptionFeatures, reference_stats
+
+        if kind == "fd" and cfg.data.name not in LABELLED:
+            raise ConfigError(f"--metric fd needs a labelled dataset ({', '.join(LABELLED)}); "
+                              f"{cfg.data.name} has none: use --metric fid")
+        self.cfg, self.kind, self.progress = cfg, kind, progress
+        size = cfg.data.image_size or preset_shape(cfg.model.preset)[1]
+        self.train = train or load_dataset(replace(cfg.data, split="train"), size, progress=progress)
+        if self.train.images is None:
+            raise ConfigError("eval needs an in-memory reference dataset (fashion-mnist, cifar10)")
+        self.test = test
+        if kind == "fd":
+            self.test = test or load_dataset(replace(cfg.data, split="test"), size, progress=progress)
+            self.extractor = ClassifierFeatures.load_or_train(
+                cfg.data.name, (self.train.images, self.train.labels), (self.test.images, self.test.labels),
+                device=device, epochs=classifier_epochs, progress=progress)
+        else:
+            self.extractor = InceptionFeatures(inception_weights, device=device)
+        self.reference = f"{cfg.data.name} train ({len(self.train.images)} images)"
+        _, _, self.ref_features = reference_stats(self.extractor, self.extractor.name, self.train.images,
+                                                  f"{cfg.data.name}-train", progress=progress)
+
+    @property
+    def name(self) -> str:
+        return self.extractor.metric
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        """{name, extractor, value, kid, kid_std} of images x (float in [-1, 1] or uint8)."""
+        from .metrics import fd_from_features, kid
+
+        feats = self.extractor(x, progress=self.progress)
+        k_mean, k_std = kid(feats, self.ref_features, subsets=50, subset_size=min(1000, len(feats)))
+        return {"name": self.extractor.metric, "extractor": self.extractor.name,
+                "value": fd_from_features(feats, self.ref_features), "kid": k_mean, "kid_std": k_std,
+                "reference": self.reference}
+
+    def floor(self) -> dict:
+        """FD and KID of the test split against the training split: the best a model can score (FD only)."""
+        from .metrics import fd_from_features, kid, reference_stats
+
+        _, _, test_feats = reference_stats(self.extractor, self.extractor.name, self.test.images,
+                                           f"{self.cfg.data.name}-test", progress=self.progress)
+        return {"floor_train_vs_test": fd_from_features(test_feats, self.ref_features),
+                "floor_kid": kid(test_feats, self.ref_features, subsets=50,
+                                 subset_size=min(1000, len(test_feats)))[0]}
 
 
 def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int | None = None,
                  batch_size: int | None = None, device: str = "cpu", inception_weights: str | None = None,
                  data_root: str | None = None, classifier_epochs: int | None = None, seed: int | None = None,
                  mixed_precision: str | None = None, compile: str | None = None, progress: bool = True) -> dict:
-    from .data import load_dataset
-    from .metrics import ClassifierFeatures, InceptionFeatures, fd_from_features, kid, reference_stats
-
     run = Path(run)
     cfg = run_config(run)
     require_checkpoints(run)  # before the classifier and the reference statistics
     if data_root:
         cfg.data.root = data_root
-    if metric in ("fd", "both") and cfg.data.name not in LABELLED:
-        raise ConfigError(f"--metric fd needs a labelled dataset ({', '.join(LABELLED)}); "
-                          f"{cfg.data.name} has none: use --metric fid")
-    extractors = []
-    test = None
-    size = cfg.data.image_size or preset_shape(cfg.model.preset)[1]
-    # the reference is the data the run trained on (its data.limit too), the floor its test split
-    train = load_dataset(replace(cfg.data, split="train"), size, progress=progress)
-    if metric in ("fd", "both"):
-        test = load_dataset(replace(cfg.data, split="test"), size, progress=progress)
-        clf = ClassifierFeatures.load_or_train(cfg.data.name, (train.images, train.labels),
-                                               (test.images, test.labels), device=device,
-                                               epochs=classifier_epochs, progress=progress)
-        extractors.append(("fd", clf))
-    if metric in ("fid", "both"):
-        extractors.append(("fid", InceptionFeatures(inception_weights, device=device)))
+    kinds = ("fd", "fid") if metric == "both" else (metric,)
+    scorers, train, test = [], None, None
+    for kind in kinds:  # the FD check (a labelled dataset) comes first, before anything is loaded
+        sc = Scorer(cfg, kind, device, inception_weights, classifier_epochs, progress, train=train, test=test)
+        train, test = sc.train, sc.test
+        scorers.append(sc)
     x, info = sample_checkpoint(run, device, progress=progress, n=n, steps=steps, batch_size=batch_size, seed=seed,
                                 mixed_precision=mixed_precision, compile=compile)
     meta, size = info.pop("meta"), info["size"]
-    ref_images = train.images if train.images is not None else None
-    if ref_images is None:
-        raise ConfigError("eval needs an in-memory reference dataset (fashion-mnist, cifar10)")
     result = {"run": str(run), "checkpoint": meta["checkpoint"], "iteration": meta["iteration"],
-              "phase": meta.get("phase"), "params": size["params"], "macs": size["macs"], "n_samples": n, "sampling": info, "metrics": {}}
-    for kind, ext in extractors:
-        _, _, ref_feats = reference_stats(ext, ext.name, ref_images, f"{cfg.data.name}-train", progress=progress)
-        feats = ext(x, progress=progress)
-        m = {"name": ext.metric, "extractor": ext.name, "value": fd_from_features(feats, ref_feats),
-             "reference": f"{cfg.data.name} train ({len(ref_images)} images)"}
-        k_mean, k_std = kid(feats, ref_feats, subsets=50, subset_size=min(1000, n))
-        m["kid"], m["kid_std"] = k_mean, k_std
+              "phase": meta.get("phase"), "params": size["params"], "macs": size["macs"], "n_samples": n,
+              "sampling": info, "metrics": {}}
+    for kind, sc in zip(kinds, scorers):
+        m = sc(x)
         if kind == "fd":
-            m["classifier_test_accuracy"] = ext.info["test_accuracy"]
-            _, _, test_feats = reference_stats(ext, ext.name, test.images, f"{cfg.data.name}-test", progress=progress)
-            m["floor_train_vs_test"] = fd_from_features(test_feats, ref_feats)
-            m["floor_kid"] = kid(test_feats, ref_feats, subsets=50, subset_size=min(1000, len(test_feats)))[0]
-            m["note"] = f"{ext.metric} uses ebdiff's own {cfg.data.name} classifier features; it is not Inception FID"
+            m["classifier_test_accuracy"] = sc.extractor.info["test_accuracy"]
+            m.update(sc.floor())
+            m["note"] = f"{sc.name} uses ebdiff's own {cfg.data.name} classifier features; it is not Inception FID"
         result["metrics"][kind] = m
     from .report import save_grid
     from .sampling import to_uint8
@@ -247,6 +293,7 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
         a = json.loads((run / "taeb.json").read_text())
         result["training_time_s"] = {"train_total": a["taeb_train_s"], "branches": [b["train_s"] for b in a["branches"]]}
         result["size_per_region"] = size.get("per_region")
+        result["size_by_timesteps"] = (a.get("weightings") or {}).get("timesteps")
     elif summ.is_file():
         s = json.loads(summ.read_text())
         result["training_time_s"] = s.get("time_s")

@@ -5,11 +5,14 @@ is an ordinary ebdiff run in `OUT/<name>/` (dense, Scratch / prune+finetune from
 method, EB, TA-EB, each optionally with SpeeD or Min-SNR through its overrides). The runner trains
 what is missing, resumes what was interrupted, skips what is finished, evaluates every run that
 lacks a current `eval.json`, and writes the report (`OUT/report/report.md`) with speed-ups
-against the reference method. Everything it did is recorded in `OUT/experiment.json`.
+against the reference method and, when the runs evaluate during training (`train.eval_every`), each
+method's time to the reference's final quality and to `target`. Everything it did is recorded in
+`OUT/experiment.json`.
 
     name: fmnist_table4
     base: ../demo.yaml            # relative to this file
-    scale: 1.0                    # multiplies every iteration count of every method
+    scale: 1.0                    # multiplies every budget: iteration counts, train.max_seconds, eval cadence
+    target: 150                   # optional: report each method's time to this quality (lower is better)
     out: runs/experiments/fmnist_table4
     overrides: [early_bird.ratio=null]   # applied to every method, before its own
     reference: dense              # the speed-up reference (default: the first method)
@@ -33,10 +36,12 @@ from typing import Any
 import yaml
 
 from . import checkpoint as ck
+from .accounting import summary_finished
 from .config import Config, RunSpec, apply_overrides, find_config, load_config, read_yaml, validate
 from .errors import ConfigError
 
-TOP_KEYS = {"name", "base", "scale", "out", "overrides", "reference", "eval", "methods", "description"}
+TOP_KEYS = {"name", "base", "scale", "out", "overrides", "reference", "eval", "methods", "description", "target",
+            "interpolate"}
 METHOD_KEYS = {"name", "base", "overrides", "from", "description"}
 EVAL_KEYS = {"metric", "n", "steps", "batch_size", "seed", "classifier_epochs"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -62,6 +67,9 @@ class Experiment:
     reference: str
     eval: dict | None
     methods: list[Method]
+    target: float | None = None  # a quality every method's time to reach is reported (time to quality)
+    interpolate: bool = False  # time to a target by linear interpolation between evaluation points
+    extra: list[str] = field(default_factory=list)  # overrides from the command line, applied last
 
 
 def _str_list(value: Any, where: str) -> list[str]:
@@ -72,7 +80,12 @@ def _str_list(value: Any, where: str) -> list[str]:
     return list(value)
 
 
-def load_experiment(path: str | Path, out: str | Path | None = None, scale: float | None = None) -> Experiment:
+def load_experiment(path: str | Path, out: str | Path | None = None, scale: float | None = None,
+                    target: float | None = None, interpolate: bool | None = None,
+                    extra: list[str] | None = None, eval_n: int | None = None,
+                    eval_steps: int | None = None) -> Experiment:
+    """An experiment file; out, scale, target, interpolate, eval_n, eval_steps: the command line's (None =
+    the file's); extra: overrides applied to every method after the file's."""
     path = find_config(path, "experiment")
     data = read_yaml(path, "experiment")
     if not isinstance(data, dict):
@@ -98,6 +111,7 @@ def load_experiment(path: str | Path, out: str | Path | None = None, scale: floa
     if ev is not None:
         if not isinstance(ev, dict) or set(ev) - EVAL_KEYS:
             raise ConfigError(f"{path}: 'eval' must be null or a mapping of {', '.join(sorted(EVAL_KEYS))}")
+        ev = dict(ev, **{k: v for k, v in (("n", eval_n), ("steps", eval_steps)) if v is not None})
     methods, seen = [], set()
     raw = data.get("methods")
     if not isinstance(raw, list) or not raw:
@@ -123,8 +137,14 @@ def load_experiment(path: str | Path, out: str | Path | None = None, scale: floa
     if reference not in seen:
         raise ConfigError(f"{path}: reference {reference!r} is not one of the methods")
     out_dir = Path(out or data.get("out") or f"runs/experiments/{name}")
+    target = data.get("target") if target is None else target
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
+        raise ConfigError(f"{path}: 'target' must be a number (a quality value, e.g. 150 for FD); got {target!r}")
+    interp = data.get("interpolate", False) if interpolate is None else interpolate
+    if not isinstance(interp, bool):
+        raise ConfigError(f"{path}: 'interpolate' must be true or false; got {interp!r}")
     return Experiment(path, name, base, scale, out_dir, _str_list(data.get("overrides"), str(path)), reference,
-                      ev, methods)
+                      ev, methods, None if target is None else float(target), interp, list(extra or []))
 
 
 def _scaled(n: int, s: float) -> int:
@@ -132,11 +152,19 @@ def _scaled(n: int, s: float) -> int:
 
 
 def scale_config(cfg: Config, s: float) -> Config:
-    """Every iteration count times s (at least 1): iterations, checkpoints, logs, checks, regions."""
+    """Every budget times s: iteration counts (at least 1: iterations, checkpoints, logs, checks, evaluation
+    points, regions) and seconds (train.max_seconds, an evaluation cadence in seconds)."""
     if s == 1.0:
         return cfg
+    from .config import parse_every
+
     t, eb = cfg.train, cfg.early_bird
     t.iters, t.ckpt_every, t.log_every = _scaled(t.iters, s), _scaled(t.ckpt_every, s), _scaled(t.log_every, s)
+    if t.max_seconds is not None:
+        t.max_seconds = t.max_seconds * s
+    every = parse_every(t.eval_every)
+    if every is not None:
+        t.eval_every = _scaled(int(every[1]), s) if every[0] == "iters" else f"{every[1] * s:g}s"
     if isinstance(eb.check_every, int):
         eb.check_every = _scaled(eb.check_every, s)
     if eb.max_search_iters is not None:
@@ -149,7 +177,7 @@ def scale_config(cfg: Config, s: float) -> Config:
 
 def method_config(exp: Experiment, m: Method) -> Config:
     cfg = load_config(m.base)
-    apply_overrides(cfg, exp.overrides + m.overrides)
+    apply_overrides(cfg, exp.overrides + m.overrides + exp.extra)
     scale_config(cfg, exp.scale)
     if m.source is not None:
         cfg.prune.from_run = str(exp.out / m.source)
@@ -176,17 +204,15 @@ def run_status(run: Path, cfg: Config) -> str:
         regions = region_set(cfg)
         states = []
         for k in range(len(regions)):
-            d = branch_dir(run, k)
-            s = ck.read_json(d / "summary.json")
-            if s and s.get("iterations", 0) >= branch_config(cfg, regions[k]).train.iters:
+            d, bt = branch_dir(run, k), branch_config(cfg, regions[k]).train
+            if summary_finished(ck.read_json(d / "summary.json"), bt.iters, bt.max_seconds):
                 states.append("done")
             else:
                 states.append("resume" if ck.latest_checkpoint(d) is not None else "new")
         if all(x == "done" for x in states):
             return "done" if (run / "taeb.json").is_file() else "resume"
         return "new" if all(x == "new" for x in states) else "resume"
-    s = ck.read_json(run / "summary.json")
-    if s and s.get("iterations", 0) >= cfg.train.iters:
+    if summary_finished(ck.read_json(run / "summary.json"), cfg.train.iters, cfg.train.max_seconds):
         return "done"
     return "resume" if ck.latest_checkpoint(run) is not None else "new"
 
@@ -236,6 +262,7 @@ def plan(exp: Experiment) -> list[dict]:
         kind = method_kind(cfg)
         iters = ([r.get("iters") or cfg.train.iters for r in cfg.regions] if is_taeb(cfg) else cfg.train.iters)
         rows.append({"name": m.name, "kind": kind, "run": str(run), "iters": iters,
+                     "max_seconds": cfg.train.max_seconds, "eval_every": cfg.train.eval_every,
                      "status": run_status(run, cfg), "cfg": cfg})
     return rows
 
@@ -269,6 +296,10 @@ def run_experiment(exp: Experiment, only: list[str] | None = None, evaluate: boo
         if status == "done":
             log(f"[{i + 1}/{len(rows)}] {name} ({row['kind']}): finished earlier, skipped")
             row["action"] = "skipped"
+            if is_taeb(cfg) and cfg.train.eval_every is not None:  # a curve cut short after training
+                from .training_eval import score_taeb_curve
+
+                score_taeb_curve(run, resolve_device(cfg.train.device), progress=progress, log=log)
         else:
             if m.source is not None and run_status(exp.out / m.source, cfgs[m.source]) != "done":
                 raise ConfigError(f"{name}: its dense run {exp.out / m.source} is not finished "
@@ -295,8 +326,10 @@ def run_experiment(exp: Experiment, only: list[str] | None = None, evaluate: boo
     runs = [exp.out / r["name"] for r in rows if (exp.out / r["name"] / "summary.json").is_file()
             or (exp.out / r["name"] / "taeb.json").is_file()]
     ref = exp.out / exp.reference
-    md = write_report(runs, exp.out / "report", ref if ref in runs else None) if runs else None
+    md = (write_report(runs, exp.out / "report", ref if ref in runs else None, exp.target, exp.interpolate)
+          if runs else None)
     record["report"] = str(md) if md else None
+    record["time_to_quality"] = (ck.read_json(md.parent / "report.json") or {}).get("time_to_quality") if md else None
     record["seconds"] = time.perf_counter() - t_all
     ck.atomic_write_json(exp.out / "experiment.json", record)
     return record

@@ -190,7 +190,10 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["wd"])
     steps = epochs * (len(train_x) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=steps, pct_start=0.25)
+    # one-cycle needs a few steps per phase (it divides by their lengths); a few-step classifier (tests, a tiny
+    # data.limit) trains at the constant peak rate
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=steps, pct_start=0.25)
+             if steps >= 8 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     g = torch.Generator().manual_seed(seed)
     bar = tqdm(total=steps, desc=f"training feature classifier ({arch})", disable=not progress)
     for _ in range(epochs):
@@ -239,7 +242,10 @@ class ClassifierFeatures:
         # one memory format for fresh and reloaded weights, so that their features agree bit for bit
         self.model = model.to(device).to(memory_format=torch.channels_last).eval()
         self.info, self.device = info, device
-        self.name = f"classifier-{info['dataset']}-{info.get('arch', 'cnn-small')}-{info['hash']}"
+        arch = info.get("arch", "cnn-small")
+        epochs = "" if info.get("epochs", CLASSIFIERS[arch]["epochs"]) == CLASSIFIERS[arch]["epochs"] else \
+            f"-e{info['epochs']}"
+        self.name = f"classifier-{info['dataset']}-{arch}-{info['hash']}{epochs}"  # keys the reference features
         self.metric = f"FD-{info['dataset'].upper().replace('FASHION-MNIST', 'FMNIST')}"
 
     @classmethod
@@ -256,7 +262,8 @@ class ClassifierFeatures:
         epochs = epochs or CLASSIFIERS[arch]["epochs"]
         h = _data_hash(train[0])
         root = (root or cache_dir()) / "classifiers"
-        stem = root / f"{dataset}-{arch}-{h}"
+        # a classifier trained for other than its recipe's epochs is cached apart, never served as the recipe's
+        stem = root / (f"{dataset}-{arch}-{h}" + ("" if epochs == CLASSIFIERS[arch]["epochs"] else f"-e{epochs}"))
         meta_path = stem.with_suffix(".json")
         model = CLASSIFIERS[arch]["build"](train[0].shape[1], int(train[1].max()) + 1)
         if meta_path.is_file() and stem.with_suffix(".safetensors").is_file():

@@ -1,4 +1,5 @@
-"""Figures: Hamming-distance heatmaps (the paper's Figures 2 and 4) and sample grids."""
+"""Figures and run reports: Hamming-distance heatmaps (the paper's Figures 2 and 4), sample grids, and
+`ebdiff report`: the paper-style table, time to quality (quality-vs-training-time curves), loss curves."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import read_json
+from .checkpoint import atomic_write_json, read_json
 from .curves import read_curve
+from .quality_curves import read_quality_curve, time_to_quality
 
 
 def pyplot():
@@ -88,14 +90,19 @@ def save_grid(images_u8: np.ndarray, path: Path, nrow: int | None = None) -> Non
 
 
 # ---------------------------------------------------------------------- run reports
-def _timestep_tricks(run: Path) -> str:
-    """'SpeeD', 'SpeeD-dual', 'Min-SNR' (or a combination) from a run's config.yaml; '' for neither."""
+def _config_section(run: Path, section: str) -> dict:
+    """One section of a run's config.yaml as a plain dict ({} if unreadable)."""
     import yaml
 
     try:
-        d = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("diffusion", {})
+        return (yaml.safe_load((run / "config.yaml").read_text()) or {}).get(section) or {}
     except (OSError, yaml.YAMLError):
-        return ""
+        return {}
+
+
+def _timestep_tricks(run: Path) -> str:
+    """'SpeeD', 'SpeeD-dual', 'Min-SNR' (or a combination) from a run's config.yaml; '' for neither."""
+    d = _config_section(run, "diffusion")
     parts = []
     if str(d.get("timestep_sampler", "")).startswith("speed") or d.get("loss_weighting") == "speed":
         parts.append("SpeeD-dual" if d.get("timestep_sampler") == "speed-dual" else "SpeeD")
@@ -104,10 +111,17 @@ def _timestep_tricks(run: Path) -> str:
     return " + ".join(parts)
 
 
-def _metric_fields(e: dict) -> dict:
-    """The first metric of an eval.json (FD-<dataset> or FID) and its KID."""
+def _metric_fields(e: dict, run: Path) -> dict:
+    """The first metric of an eval.json (FD-<dataset> or FID) and its KID; without an eval.json, the
+    run's last evaluation point during training (`metric_source` says which)."""
     m = next(iter(e.get("metrics", {}).values()), None) or {}
-    return {"metric_name": m.get("name"), "metric": m.get("value"), "kid": m.get("kid")}
+    if m:
+        return {"metric_name": m.get("name"), "metric": m.get("value"), "kid": m.get("kid"), "metric_source": "eval"}
+    pts, name = read_quality_curve(run)
+    if pts:
+        last = max(pts, key=lambda p: p.train_s)
+        return {"metric_name": name, "metric": last.value, "kid": None, "metric_source": "curve"}
+    return {"metric_name": None, "metric": None, "kid": None, "metric_source": None}
 
 
 def describe_run(run: Path) -> dict:
@@ -119,8 +133,10 @@ def describe_run(run: Path) -> dict:
         b = a["branches"]
         ratios = "/".join(str(int(round(x["region"]["ratio"] * 100))) for x in b)
         tricks = _timestep_tricks(run)
+        by_t = (a.get("weightings") or {}).get("timesteps") or {}
         return {"run": str(run), "name": run.name, "method": f"TA-EB {ratios}%" + (f" + {tricks}" if tricks else ""),
-                "params": a["weighted_params"], "macs": a["weighted_macs"], **_metric_fields(e),
+                "params": a["weighted_params"], "macs": a["weighted_macs"], **_metric_fields(e, run),
+                "params_by_timesteps": by_t.get("params"), "macs_by_timesteps": by_t.get("macs"),
                 "iterations": max(x["dense_iterations"] + x["ticket_iterations"] for x in b),
                 "dense_iterations": "/".join(str(x["dense_iterations"]) for x in b),
                 "ticket_iterations": "/".join(str(x["ticket_iterations"]) for x in b),
@@ -136,6 +152,9 @@ def describe_run(run: Path) -> dict:
     elif t:
         method = (f"EB {t['criterion']} {int(round(t['ratio'] * 100))}%" if t.get("found", True)
                   else f"EB {int(round(t['ratio'] * 100))}% (no ticket)")
+    elif _config_section(run, "early_bird").get("ratio") is not None:  # an Early-Bird run still searching
+        eb = _config_section(run, "early_bird")
+        method = f"EB {eb.get('criterion', 'magnitude')} {int(round(eb['ratio'] * 100))}% (no ticket yet)"
     else:
         method = "dense"
     speed = _timestep_tricks(run)
@@ -143,14 +162,87 @@ def describe_run(run: Path) -> dict:
         method += f" + {speed}"
     return {"run": str(run), "name": run.name, "method": method,
             "params": e.get("params", size.get("params")), "macs": e.get("macs", size.get("macs")),
-            **_metric_fields(e), "iterations": s.get("iterations"), "dense_iterations": s.get("dense_iterations"),
+            **_metric_fields(e, run), "iterations": s.get("iterations"), "dense_iterations": s.get("dense_iterations"),
             "ticket_iterations": s.get("ticket_iterations"),
             "train_s": (s.get("time_s") or {}).get("train_total"),
             "ticket_iter": t.get("iteration") if t else None}
 
 
-def write_report(runs: list[Path], out: Path, reference: Path | None = None) -> Path:
-    """Markdown report + PNG figures: table, metric vs relative time, heatmaps, loss curves, grids."""
+def _size(x, unit: float, suffix: str, nd: int) -> str:
+    return "-" if x is None else f"{x / unit:.{nd}f}{suffix}"
+
+
+def _reached(t: float | None, best) -> str:
+    if t is not None:
+        return f"{t:.1f} s"
+    return "not reached" + (f" (best {best['value']:.2f})" if best else "")
+
+
+def _time_to_quality(rows: list[dict], ref: dict | None, out: Path, plt, target: float | None,
+                     interpolate: bool) -> tuple[list[str], dict | None]:
+    """The report's time-to-quality section and figure (quality_curves.png) from the runs' evaluation
+    points during training; ([], None) when no run has any."""
+    curves, metric = {}, None
+    for r in rows:
+        pts, name = read_quality_curve(Path(r["run"]))
+        if pts:
+            curves[r["name"]], metric = pts, metric or name
+    if not curves:
+        return [], None
+    ref_name = ref["name"] if ref and ref["name"] in curves else next(iter(curves))
+    ttq = time_to_quality(curves, ref_name, target, interpolate, {r["name"]: r["train_s"] for r in rows})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, pts in curves.items():
+        ax.plot([p.train_s for p in pts], [p.value for p in pts], marker="o", ms=3, lw=1.2, label=name)
+    goals = [(ttq["reference_final"], f"{ref_name} final")] + ([(target, "target")] if target is not None else [])
+    for value, label in goals:
+        ax.axhline(value, ls="--", lw=0.8, color="grey")
+        ax.annotate(label, (ax.get_xlim()[0], value), fontsize=7, va="bottom", color="grey")
+    ax.set_xlabel("training time, s (evaluation excluded)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    ax.set_title("quality during training", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "quality_curves.png", dpi=120)
+    plt.close(fig)
+    how = ("linear interpolation between the two evaluated points around the crossing" if interpolate
+           else "the first evaluated point at or below it")
+    f = lambda x, nd=2: "-" if x is None else f"{x:.{nd}f}"  # noqa: E731
+    head = f"time to {ref_name}'s final {metric} {ttq['reference_final']:.2f}"
+    cols = ["run", "points", f"final {metric} (at s)", "best (at s)", head, "speed-up at equal quality"]
+    if target is not None:
+        cols += [f"time to {metric} {target:g}", f"speed-up at {target:g}"]
+    cols += ["train time s", "paper's speed-up (train time ratio)"]
+    lines = ["## Time to quality", "",
+             f"{metric} during training (`train.eval_every`; training time excludes evaluation). A run reaches a "
+             f"target at {how}; nothing is extrapolated. Speed-up at equal quality = {ref_name}'s time to the "
+             f"target / the run's. The paper's speed-up compares whole training times (equal iteration budgets, "
+             f"whatever quality each ends at).", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in ttq["rows"]:
+        fin, best = row["final"], row["best"]
+        cells = [row["name"], str(row["points"]), f"{fin['value']:.2f} ({fin['train_s']:.1f})",
+                 f"{best['value']:.2f} ({best['train_s']:.1f})", _reached(row["to_reference_s"], best),
+                 f(row["speedup_at_reference"]) + ("x" if row["speedup_at_reference"] else "")]
+        if target is not None:
+            cells += [_reached(row["to_target_s"], best),
+                      f(row["speedup_at_target"]) + ("x" if row["speedup_at_target"] else "")]
+        cells += [f(row["train_s"], 1), f(row["paper_speedup"]) + ("x" if row["paper_speedup"] else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    taeb = [r["name"] for r in rows if r.get("taeb") and r["name"] in curves]
+    if taeb:
+        lines += ["", f"TA-EB ({', '.join(taeb)}): the ensemble is scored after training at each evaluation point of "
+                  "its branches (point k routes each branch's k-th snapshot; a finished branch gives its last); its "
+                  "time is the longest of those branches' times."]
+    lines += ["", "![quality during training](quality_curves.png)", ""]
+    return lines, ttq
+
+
+def write_report(runs: list[Path], out: Path, reference: Path | None = None, target: float | None = None,
+                 interpolate: bool = False) -> Path:
+    """Markdown report + PNG figures: the table, time to quality (curves, time to the reference's final
+    quality and to `target`), metric vs relative time, heatmaps, loss curves, sample grids; and
+    report.json with the same numbers."""
     plt = pyplot()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,14 +257,25 @@ def write_report(runs: list[Path], out: Path, reference: Path | None = None) -> 
              f"| run | method | params | MACs | {mname} | KID | iterations (dense + ticket) | ticket at | train time s | speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        p = "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
-        m = "-" if r["macs"] is None else f"{r['macs'] / 1e9:.3f}G"
+        p, m = _size(r["params"], 1e6, "M", 2), _size(r["macs"], 1e9, "G", 3)
+        if r.get("params_by_timesteps") is not None:  # TA-EB: both weightings
+            p += f" / {_size(r['params_by_timesteps'], 1e6, 'M', 2)}"
+            m += f" / {_size(r['macs_by_timesteps'], 1e9, 'G', 3)}"
         its = f"{r['dense_iterations']} + {r['ticket_iterations']}" if r["iterations"] is not None else "-"
         at = r["ticket_iter"] if r["ticket_iter"] is not None else "/".join(map(str, r.get("ticket_iters") or [])) or "-"
-        lines.append(f"| {r['name']} | {r['method']} | {p} | {m} | {f(r['metric'], 3)} | {f(r['kid'], 4)} | {its} | "
+        q = f(r["metric"], 3) + ("*" if r["metric_source"] == "curve" else "")
+        lines.append(f"| {r['name']} | {r['method']} | {p} | {m} | {q} | {f(r['kid'], 4)} | {its} | "
                      f"{at} | {f(r['train_s'], 1)} | "
                      f"{f(r['speedup'])}x |")
     lines.append("")
+    if any(r.get("params_by_timesteps") is not None for r in rows):
+        lines += ["TA-EB params / MACs: `A / B` = A weighted by the sampling steps the run's sampler visits "
+                  "(`taeb.json` weighted_params), B weighted by the timesteps each region serves, uniform over T "
+                  "(what the paper's Table 4 reports).", ""]
+    if any(r["metric_source"] == "curve" for r in rows):
+        lines += [f"`*`: no eval.json; the {mname} of the run's last evaluation point during training.", ""]
+    ttq_lines, ttq = _time_to_quality(rows, ref, out, plt, target, interpolate)
+    lines += ttq_lines
     # metric vs relative training time (the paper's Figure 1)
     pts = [r for r in rows if r["metric"] is not None and r["speedup"]]
     if pts:
@@ -226,4 +329,6 @@ def write_report(runs: list[Path], out: Path, reference: Path | None = None) -> 
         lines += [f"![{kind}]({kind}.png)", ""]
     md = out / "report.md"
     md.write_text("\n".join(lines) + "\n")
+    atomic_write_json(out / "report.json", {"reference": ref["name"] if ref else None, "metric": mname,
+                                            "runs": rows, "time_to_quality": ttq})
     return md

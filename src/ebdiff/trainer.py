@@ -10,12 +10,12 @@ every batch, timestep draw and noise draw is a function of the seed and the iter
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,9 @@ class Trainer:
             phase, extract_s = "pruned", time.perf_counter() - t0
         else:
             model = build_model(cfg.model.preset, cfg.model.dropout)
+        if self.main:  # records past the state training continues from (a resume's checkpoint, or 0: a run
+            # restarted after dying before its first checkpoint) are trained and logged again: no duplicates
+            ck.truncate_log(self.run_dir / ck.METRICS_FILE, int(meta["iteration"]) if self.resume else 0)
         self.adopt(model.to(self.device), phase, plan)
         st = self.state
         st.facts.update(facts)
@@ -98,12 +101,14 @@ class Trainer:
             hook = EarlyBirdHook(self)
             st.search = hook.search
             self.hooks.append(hook)
+        if cfg.train.eval_every is not None:
+            from .training_eval import EvalHook
+
+            self.hooks.append(EvalHook(self))
         if saved is not None:
             st.restore(ckpt, saved)
             for change in apply_hparams(st.optimizer, cfg.train, cfg.train.lr * self.lr_at(st.iteration)):
                 self.print(f"resume: {change}")
-            if self.main:
-                ck.truncate_log(self.run_dir / "metrics.jsonl", st.iteration)
         elif self.spec.kind == "prune-from-run":
             st.timing.extract_s += extract_s
         if not st.facts.get("dense_size"):
@@ -111,6 +116,37 @@ class Trainer:
         st.facts["identity"] = run_identity(cfg)
         if self.main:
             ck.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+
+    @property
+    def dependency_s(self) -> float:
+        """Training time this run depends on but did not spend itself: the dense run a prune-from-run
+        baseline was cut from (0 otherwise)."""
+        pf = self.state.facts.get("pruned_from") or {}
+        return float(pf.get("train_s") or 0.0)
+
+    @property
+    def train_s(self) -> float:
+        """Training seconds so far, as the speed-up counts them: own training plus the dependency."""
+        return self.state.timing.own_total + self.dependency_s
+
+    @contextmanager
+    def paused(self):
+        """Work inside that is not training (evaluation during training): the device first finishes the
+        training work queued so far, which counts as training; the time inside counts as
+        `timing.eval_s` and is kept out of the training time, the wall clock and the images/s."""
+        st = self.state
+        if self.device.type == "cuda":
+            t0 = time.perf_counter()
+            torch.cuda.synchronize(self.device)
+            st.timing.add_step(st.phase, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            st.timing.eval_s += dt
+            self._wall0 += dt
+            self._t_log += dt
 
     def adopt(self, model: nn.Module, phase: str, plan: list | None) -> None:
         """Train `model` from here on (the dense preset, a ticket, a pruned model): its fast-path layout,
@@ -156,8 +192,8 @@ class Trainer:
     def log(self, rec: dict) -> None:
         """One record to metrics.jsonl (the source of truth), mirrored to the tracker (train.log_with)."""
         if self.main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec, default=ck.json_default) + "\n")
+            with open(self.run_dir / ck.METRICS_FILE, "a") as f:
+                f.write(ck.json_line(rec))
             if self.tracker is not None:
                 self.tracker.log(rec, rec.get("iter", self.state.iteration))
 
@@ -211,20 +247,27 @@ class Trainer:
         from tqdm.auto import tqdm
 
         tc, st = self.cfg.train, self.state
-        if st.iteration >= tc.iters:
-            self.print(f"{self.run_dir}: already trained to {st.iteration} iterations")
-            return self.summary()
+        done = st.timing.budget_reached(st.iteration, tc.iters, tc.max_seconds)
+        if done:
+            self.print(f"{self.run_dir}: already trained to {st.iteration} iterations" + (
+                f" ({st.timing.own_total:.0f} s of training, train.max_seconds={tc.max_seconds:g})"
+                if done == "max_seconds" else ""))
+            summary = self.summary(done)
+            if self.main:  # a crash between the last checkpoint and the summary leaves none
+                ck.atomic_write_json(self.run_dir / "summary.json", summary)
+            return summary
         batches = BatchStream(self.data, self.local_batch, tc.seed, self.device, self.rank, self.world,
                               self.cfg.data.num_workers)(st.iteration)
         self.model_p.train()
         bar = tqdm(total=tc.iters, initial=st.iteration, disable=not (self.main and tc.progress), desc=st.phase,
                    dynamic_ncols=True)
+        self._wall0 = time.perf_counter() - st.timing.wall_s
+        self._t_log, self.stopping = time.perf_counter(), None
         for h in self.hooks:
             h.on_start(self)
         loss_sum = torch.zeros((), device=self.device)
-        n_loss, skipped, t_log, it_log = 0, 0, time.perf_counter(), st.iteration
-        self._wall0 = time.perf_counter() - st.timing.wall_s
-        while st.iteration < tc.iters:
+        n_loss, skipped, it_log = 0, 0, st.iteration
+        while self.stopping is None:
             t_step = time.perf_counter()
             if tc.lr_schedule != "constant" or tc.lr_warmup:
                 for g in st.optimizer.param_groups:
@@ -240,11 +283,13 @@ class Trainer:
                 torch.cuda.synchronize()
             st.timing.add_step(st.phase, time.perf_counter() - t_step)
             bar.update(1)
-            if st.iteration % tc.log_every == 0 or st.iteration == tc.iters:
+            # the last iteration of this call: the hooks see it (a final evaluation point), then it is saved
+            self.stopping = self._stop_reason()
+            if st.iteration % tc.log_every == 0 or self.stopping:
                 loss = float(self.dist.mean(loss_sum)) / max(n_loss, 1)
                 if not math.isfinite(loss):
                     self._nonfinite(f"the training loss is {loss} (not finite)")
-                dt = time.perf_counter() - t_log
+                dt = time.perf_counter() - self._t_log
                 ips = (st.iteration - it_log) * tc.batch_size / max(dt, 1e-9)
                 rec = {"iter": st.iteration, "loss": loss, "images_per_s": ips, "wall_s": time.perf_counter() - self._wall0,
                        "lr": st.optimizer.param_groups[0]["lr"], "phase": st.phase}
@@ -256,11 +301,12 @@ class Trainer:
                 self.log(rec)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
                 loss_sum.zero_()
-                n_loss, skipped, t_log, it_log = 0, 0, time.perf_counter(), st.iteration
+                n_loss, skipped, it_log = 0, 0, st.iteration
+                self._t_log = time.perf_counter()
             for h in self.hooks:
                 h.after_step(self)
             bar.set_description(st.phase)
-            if st.iteration % tc.ckpt_every == 0 or st.iteration == tc.iters or stop:
+            if st.iteration % tc.ckpt_every == 0 or self.stopping or stop:
                 self.save()
             if stop:
                 bar.close()
@@ -268,17 +314,33 @@ class Trainer:
                 raise Interrupted(f"stopped by {name} at iteration {st.iteration}; its checkpoint is saved: continue "
                                   f"with --resume {self.run_dir}", code=128 + stop[0])
         bar.close()
+        if self.stopping == "max_seconds":
+            self.print(f"{self.run_dir}: stopped at iteration {st.iteration} after {st.timing.own_total:.1f} s of "
+                       f"training (train.max_seconds={tc.max_seconds:g})")
         for h in self.hooks:
             h.on_end(self)
-        summary = self.summary()
+        summary = self.summary(self.stopping)
         if self.main:
             ck.atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
 
-    def summary(self) -> dict:
+    def _stop_reason(self) -> str | None:
+        """"iters" / "max_seconds" when this iteration is the last one, else None. Data-parallel ranks time
+        themselves, so with several processes they agree on train.max_seconds at log points (one collective,
+        the same iteration on every rank): any rank past the budget stops them all."""
+        st, tc = self.state, self.cfg.train
+        if self.world == 1 or tc.max_seconds is None or st.iteration >= tc.iters:
+            return st.timing.budget_reached(st.iteration, tc.iters, tc.max_seconds)
+        if st.iteration % tc.log_every:
+            return None
+        over = torch.tensor(float(st.timing.own_total >= tc.max_seconds), device=self.device)
+        return "max_seconds" if float(self.dist.mean(over)) > 0 else None
+
+    def summary(self, stopped: str | None = None) -> dict:
         st = self.state
         size = None if st.phase == "dense" else size_of(st.model)
-        return run_summary(run_dir=str(self.run_dir), iteration=st.iteration, phase=st.phase, timing=st.timing,
+        return run_summary(run_dir=str(self.run_dir), iteration=st.iteration, stopped=stopped, phase=st.phase,
+                           timing=st.timing,
                            dense_size=st.facts.get("dense_size"), size=size, ticket=st.facts.get("ticket"),
                            pruned_from=st.facts.get("pruned_from"), device=str(self.device), processes=self.world,
                            fast_path=self.step.fast.to_dict(), skipped_steps=st.facts.get("skipped_steps") or 0,
