@@ -14,7 +14,7 @@ from .checkpoint import atomic_write_json
 from .config import Config, DiffusionConfig, SampleConfig, load_config
 from .diffusion import Schedule
 from .errors import ConfigError
-from .models import autocast_eps, count_macs_params, eps_fn, fixed_batch_eps, preset_shape
+from .models import autocast_eps, count_macs_params, eps_fn, fixed_batch_eps, model_classes, preset_shape
 from .regions import RegionRouter
 from .sampling import generate, sampler_timesteps
 
@@ -32,7 +32,8 @@ def sample_compile_mode(scfg: SampleConfig, device_type: str) -> str:
 
 
 SAMPLE_OPTIONS = ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size", "clip_x0", "mixed_precision",
-                  "compile")  # the sample.* settings a command may override
+                  "compile", "guidance", "classes")  # the sample.* settings a command may override
+REFERENCE_MAX = 50_000  # reference images of a dataset streamed from files (balanced over its classes)
 
 
 def sample_run(path: Path, out: Path | None = None, device: str = "cpu", ema: bool = True, route: str | None = None,
@@ -48,7 +49,7 @@ def sample_run(path: Path, out: Path | None = None, device: str = "cpu", ema: bo
     s = info["sampler"]
     imgs = to_uint8(x)
     grid = Path(out) if out else Path(path) / f"samples_{s['sampler']}{s['steps']}.png"
-    save_grid(imgs, grid)
+    save_grid(imgs, grid, nrow=info.pop("row", None))  # a class-conditional run: one row per class
 
     def _write(p):
         with open(p, "wb") as f:
@@ -153,25 +154,65 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
             m = compile_eps(m, compile_mode)
         if bf16:
             m = autocast_eps(m, dev_type)
-        if compile_mode != "none":
-            m = fixed_batch_eps(m, min(scfg.batch_size, scfg.n))
+        if compile_mode != "none":  # classifier-free guidance doubles the batch the model sees
+            m = fixed_batch_eps(m, min(scfg.batch_size, scfg.n) * (1 if scfg.guidance is None else 2))
         return m
 
+    labels, row = sample_labels(model_classes(model), scfg, path)
     fn = per_model(fn, fast)
     shape = tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
                                               model.config.sample_size))
+    latent = meta.get("latent")
+    decode = None if latent is None else latent_decoder(latent, device, meta.get("preset", ""))
     t0 = time.perf_counter()
     x = generate(fn, scfg.n, shape, Schedule.from_config(dcfg), sampler=scfg.sampler, steps=scfg.steps,
                  spacing=scfg.spacing, batch_size=scfg.batch_size, seed=scfg.seed, device=device, progress=progress,
-                 eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0)
+                 eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0, labels=labels, guidance=scfg.guidance,
+                 null_class=model_classes(model), clamp=latent is None)
+    if decode is not None:
+        x = decode(x, scfg.batch_size)  # latents -> images in [-1, 1]
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     info = {"sampler": asdict(scfg), "precision": "bf16" if bf16 else "fp32", "compile": compile_mode,
             "seconds": dt, "images_per_s": scfg.n / dt,
             "checkpoint": meta["checkpoint"], "weights": meta["weights"],
-            "size": size_fn(scfg, dcfg), "meta": meta}
+            "size": size_fn(scfg, dcfg), "meta": meta, "row": row}
+    if labels is not None:
+        info["labels"] = labels.tolist()
     return x, info
+
+
+def sample_labels(classes: int | None, scfg: SampleConfig, path: Path) -> tuple[torch.Tensor | None, int | None]:
+    """(class labels of the n samples, grid row length) of a class-conditional model: `sample.classes` (or
+    all) in turn, one row per class; (None, None) for an unconditional one, which refuses classes and guidance."""
+    from .sampling import class_rows
+
+    if classes is None:
+        if scfg.classes or scfg.guidance is not None:
+            raise ConfigError(f"--class / --guidance: {path} is an unconditional model (trained without "
+                              "model.num_classes)")
+        return None, None
+    bad = [k for k in scfg.classes or [] if not 0 <= k < classes]
+    if bad:
+        raise ConfigError(f"--class {bad[0]}: {path} has classes 0..{classes - 1}")
+    return class_rows(classes, scfg.n, scfg.classes)
+
+
+def latent_decoder(latent: dict, device: str, preset: str):
+    """The decoder of a latent run's samples (its autoencoder and scale, recorded in its checkpoints)."""
+    from .latents import LatentDecoder
+
+    return LatentDecoder(latent, device, preset)
+
+
+def reference_rows(data, n: int):
+    """The reference images of a dataset streamed from files: n of them, the same number from each class
+    (as Diff-Pruning's FID script), decoded batch by batch (`data.ImageRows`)."""
+    from .data import ImageRows, balanced_indices
+
+    labels = data.labels if data.labels is not None else torch.full((len(data),), -1, dtype=torch.long)
+    return ImageRows(data.files_dataset, balanced_indices(labels, n))
 
 
 def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int | None = None,
@@ -205,9 +246,9 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
     x, info = sample_checkpoint(run, device, progress=progress, n=n, steps=steps, batch_size=batch_size, seed=seed,
                                 mixed_precision=mixed_precision, compile=compile)
     meta, size = info.pop("meta"), info["size"]
-    ref_images = train.images if train.images is not None else None
-    if ref_images is None:
-        raise ConfigError("eval needs an in-memory reference dataset (fashion-mnist, cifar10)")
+    info.pop("labels", None)
+    info.pop("row", None)
+    ref_images = train.images if train.images is not None else reference_rows(train, cfg.data.limit or REFERENCE_MAX)
     result = {"run": str(run), "checkpoint": meta["checkpoint"], "iteration": meta["iteration"],
               "phase": meta.get("phase"), "params": size["params"], "macs": size["macs"], "n_samples": n, "sampling": info, "metrics": {}}
     for kind, ext in extractors:

@@ -30,7 +30,7 @@ from .diffusion import DiffusionLoss
 from .distributed import make_dist
 from .errors import ConfigError, DataError, Interrupted, NonFiniteError
 from .hooks import CallbackHook, Hook
-from .models import build_model, size_of
+from .models import build_from_config, model_classes, size_of
 from .step import EMA, TrainStep, apply_hparams, lr_factor, make_optimizer, prepare_model, resolve_fast_path
 from .tracking import SampleGridHook
 
@@ -62,7 +62,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         cfg = self.cfg
-        self.data = load_training_data(cfg.data, cfg.model.preset, self.device, self.main and cfg.train.progress)
+        self.data = load_training_data(cfg.data, cfg.model.preset, self.device, self.main and cfg.train.progress,
+                                       model=cfg.model)
         if len(self.data) < cfg.train.batch_size:
             raise DataError(f"dataset of {len(self.data)} images is smaller than one batch (train.batch_size="
                             f"{cfg.train.batch_size})")
@@ -70,6 +71,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.rank)
         np.random.seed((cfg.train.seed + self.rank) % 2**32)
         facts, saved, plan, phase = {"image_shape": list(self.data.shape)}, None, None, "dense"
+        if self.data.latent is not None:  # what decodes this run's samples: autoencoder, scale
+            facts["latent"] = self.data.latent
         if self.resume:
             ckpt, model, meta, saved = ck.read_for_resume(self.run_dir)
             changes = identity_changes(meta.get("identity") or {"model.preset": meta["preset"]}, run_identity(cfg))
@@ -85,7 +88,10 @@ class Trainer:
             model, plan, facts["pruned_from"] = prune_from_run(cfg, self.device, self.score_probe, self.print)
             phase, extract_s = "pruned", time.perf_counter() - t0
         else:
-            model = build_model(cfg.model.preset, cfg.model.dropout)
+            model = build_from_config(cfg.model)
+        self.classes = model_classes(model)  # None: unconditional
+        if self.classes is not None:
+            self.data.check_labels(self.classes)
         self.adopt(model.to(self.device), phase, plan)
         st = self.state
         st.facts.update(facts)
@@ -104,7 +110,7 @@ class Trainer:
         elif self.spec.kind == "prune-from-run":
             st.timing.extract_s += extract_s
         if not st.facts.get("dense_size"):
-            st.facts["dense_size"] = size_of(model if plan is None else build_model(cfg.model.preset))
+            st.facts["dense_size"] = size_of(model if plan is None else build_from_config(cfg.model))
         st.facts["identity"] = run_identity(cfg)
         if self.main:
             ck.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
@@ -131,7 +137,8 @@ class Trainer:
         """The fixed batch gradient criteria score on (so that masks differ only through the weights)."""
         from .pruning import ScoreProbe
 
-        return ScoreProbe.of(self.data, batch, self.loss, timesteps, self.cfg.train.seed, self.device)
+        return ScoreProbe.of(self.data, batch, self.loss, timesteps, self.cfg.train.seed, self.device,
+                             labels=self.classes is not None)
 
     # ------------------------------------------------------------------ output
     def print(self, msg: str) -> None:
@@ -156,7 +163,8 @@ class Trainer:
         if self.main:
             self.state.timing.wall_s = time.perf_counter() - self._wall0
             self.state.save(self.run_dir, self.cfg.train.keep_last,
-                            {"preset": self.cfg.model.preset, "dropout": self.cfg.model.dropout})
+                            {"preset": self.cfg.model.preset, "dropout": self.cfg.model.dropout,
+                             "num_classes": self.classes})
 
     def _nonfinite(self, what: str) -> None:
         last = ck.latest_checkpoint(self.run_dir)
@@ -166,12 +174,15 @@ class Trainer:
                "or train.nonfinite=skip" if last else "No checkpoint was written: lower train.lr or set train.grad_clip > 0"))
 
     # ------------------------------------------------------------------ loop
-    def _step(self, x0: torch.Tensor) -> torch.Tensor:
+    def _step(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         # every random draw of an iteration is a function of (seed, iteration, rank): exact resume
         seed = (self.cfg.train.seed * 1_000_003 + self.state.iteration) * 64 + self.rank
         t = to_device(self.loss.timesteps(x0.shape[0], generator=torch.Generator().manual_seed(seed)), self.device)
         self.noise_gen.manual_seed(seed)
-        return self.step(x0, t, torch.randn(x0.shape, generator=self.noise_gen, device=self.device))
+        noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
+        if labels is None:
+            return self.step(x0, t, noise)
+        return self.step(x0, t, noise, class_dropout(labels, self.cfg.model.class_dropout, self.classes, seed))
 
     def run(self) -> dict:
         """Train to train.iters under the run folder's lock; SIGINT/SIGTERM/SIGHUP save a checkpoint and stop."""
@@ -202,7 +213,7 @@ class Trainer:
             self.print(f"{self.run_dir}: already trained to {st.iteration} iterations")
             return self.summary()
         batches = BatchStream(self.data, self.local_batch, tc.seed, self.device, self.rank, self.world,
-                              self.cfg.data.num_workers)(st.iteration)
+                              self.cfg.data.num_workers, labels=self.classes is not None)(st.iteration)
         self.model_p.train()
         bar = tqdm(total=tc.iters, initial=st.iteration, disable=not (self.main and tc.progress), desc=st.phase,
                    dynamic_ncols=True)
@@ -216,7 +227,8 @@ class Trainer:
             if tc.lr_schedule != "constant" or tc.lr_warmup:
                 for g in st.optimizer.param_groups:
                     g["lr"] = tc.lr * self.lr_at(st.iteration)
-            loss = self._step(next(batches))
+            batch = next(batches)
+            loss = self._step(*batch) if isinstance(batch, tuple) else self._step(batch)
             if loss is None:  # train.nonfinite=skip dropped this step
                 skipped += 1
             else:
@@ -269,6 +281,15 @@ class Trainer:
                            dense_size=st.facts.get("dense_size"), size=size, ticket=st.facts.get("ticket"),
                            pruned_from=st.facts.get("pruned_from"), device=str(self.device), processes=self.world,
                            fast_path=self.fast.to_dict(), skipped_steps=st.facts.get("skipped_steps") or 0)
+
+
+def class_dropout(labels: torch.Tensor, p: float, null: int, seed: int) -> torch.Tensor:
+    """Labels with each replaced by the null class with probability p (classifier-free guidance training);
+    the draw is a function of `seed` (the iteration's) and of nothing else: exact resume."""
+    if p <= 0:
+        return labels
+    drop = torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(seed + 7_777_777)) < p
+    return torch.where(to_device(drop, labels.device), torch.full_like(labels, null), labels)
 
 
 @contextlib.contextmanager
