@@ -11,7 +11,7 @@ import torch
 from . import checkpoint as ck
 from .config import Config
 from .errors import CheckpointError, ConfigError
-from .models import build_model, count_macs_params, format_count
+from .models import build_from_config, count_macs_params, format_count, preset_classes
 
 
 def prune_from_run(cfg: Config, device: torch.device, probe_fn, say=print) -> tuple[torch.nn.Module, list, dict]:
@@ -31,6 +31,9 @@ def prune_from_run(cfg: Config, device: torch.device, probe_fn, say=print) -> tu
     if meta["preset"] != mc.preset:
         raise ConfigError(f"prune.from_run={src} is a model.preset={meta['preset']} run; this run has "
                           f"model.preset={mc.preset}")
+    if meta.get("num_classes") != preset_classes(mc.preset, mc.num_classes):
+        raise ConfigError(f"prune.from_run={src} has model.num_classes={meta.get('num_classes')}; this run has "
+                          f"model.num_classes={preset_classes(mc.preset, mc.num_classes)}")
     summary = ck.read_json(src / "summary.json")
     if summary is None or summary.get("iterations") != meta["iteration"]:
         say(f"warning: {src} has no finished summary for its latest checkpoint (iteration {meta['iteration']}); "
@@ -46,7 +49,7 @@ def prune_from_run(cfg: Config, device: torch.device, probe_fn, say=print) -> tu
     probe = probe_fn(eb.taylor_timesteps, eb.taylor_batch) if crit.needs_probe else None
     mask = engine.mask(crit, pc.ratio, probe, multiple=eb.round_channels)
     plan = engine.plan(mask)
-    small = extract(dense, plan, reinit=pc.reinit, init_fn=lambda: build_model(mc.preset, mc.dropout)).train()
+    small = extract(dense, plan, reinit=pc.reinit, init_fn=lambda: build_from_config(mc)).train()
     facts = {"run": str(src), "checkpoint": ckpt.name, "iteration": int(meta["iteration"]), "train_s": src_time,
              "criterion": pc.criterion, "ratio": pc.ratio, "weights": pc.weights, "reinit": pc.reinit,
              "method": "scratch" if pc.reinit else "prune-finetune", "pruned_channel_fraction": mask.pruned_fraction,

@@ -206,7 +206,7 @@ def build_from_meta(meta: dict[str, Any]) -> nn.Module:
     from .models import build_model
     from .pruning import apply_plan
 
-    model = build_model(meta["preset"], meta.get("dropout", 0.1))
+    model = build_model(meta["preset"], meta.get("dropout", 0.1), meta.get("num_classes"))
     if meta.get("plan"):
         apply_plan(model, [(n, list(i)) for n, i in meta["plan"]])
     return model

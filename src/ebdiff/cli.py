@@ -15,6 +15,8 @@ from .errors import ConfigError, EbdiffError
 
 DEMO_CONFIG = "demo.yaml"  # bundled (config.bundled_configs)
 DEMO_COMPARE = "demo_compare.yaml"  # bundled, in experiments/
+DEMO_LATENT_CONFIG = "demo_latent.yaml"
+DEMO_AUTOENCODER_STEPS = 600
 
 
 def _fmt(x: float | None) -> str:
@@ -103,6 +105,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                       **{k: getattr(args, k) for k in SAMPLE_OPTIONS})
     s = info["sampler"]
     comp = "" if info["compile"] == "none" else f", compile={info['compile']} (included)"
+    if info.get("labels") is not None:
+        guide = "no guidance" if s["guidance"] is None else f"guidance {s['guidance']}"
+        print(f"classes {', '.join(str(k) for k in sorted(set(info['labels'])))} ({guide}; one grid row per class)")
     print(f"{s['n']} samples ({s['sampler']}, {s['steps']} steps, "
           f"{'all' if s['sampler'] == 'ddpm' else s['spacing']} spacing, {info['weights']} weights of "
           f"{info['checkpoint']}, {info['precision']}{comp}) in {info['seconds']:.1f} s = "
@@ -238,33 +243,91 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
-    from .models import PRESETS, build_model, count_macs_params
+    from .models import build_model, is_latent_preset, preset_names
 
-    presets = [args.preset] if args.preset else list(PRESETS)
+    presets = [args.preset] if args.preset else list(preset_names())
+    for r in args.ratio or []:
+        if not 0 < r < 1:
+            raise ConfigError(f"--ratio must be in (0, 1); got {r}")
+    if args.preset and args.preset not in preset_names():
+        raise ConfigError(f"unknown model preset '{args.preset}' (known: {', '.join(preset_names())})")
+    import torch
+
     if args.round < 1:
         raise ConfigError("--round must be >= 1 (1 = the paper's ticket sizes)")
     rows = []
     for name in presets:
-        model = build_model(name)
-        macs, params = count_macs_params(model)
-        row = {"preset": name, "params": params, "macs": macs, "ratio": None}
-        rows.append(row)
-        for r in args.ratio or []:
-            if not 0 < r < 1:
-                raise ConfigError(f"--ratio must be in (0, 1); got {r}")
-            from .pruning import ticket_of
+        # on the meta device: shapes without memory or arithmetic (the 400M-parameter LDM in seconds). The
+        # counts are exact, and so are a ticket's: how many channels each group loses (the ratio rule) fixes
+        # its size, whichever channels they are
+        with torch.device("meta"):
+            model = build_model(name)
+        dense = size_row(name, None, model, None)
+        rows.append(dense)
+        if args.ratio:
+            from .pruning import PruningEngine, extract
 
-            m2, p2 = count_macs_params(ticket_of(model, r, args.round))
-            rows.append({"preset": name, "params": p2, "macs": m2, "ratio": r, "round_channels": args.round,
-                         "params_ratio": p2 / params, "macs_ratio": m2 / macs})
+            eng = PruningEngine(model)
+            for r in args.ratio:
+                mask = eng.mask_from_scores([torch.zeros(i.size) for i in eng.info], r, args.round)
+                rows.append({**size_row(name, r, extract(model, eng.plan(mask)), dense), "round_channels": args.round})
+        del model
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'preset':<10} {'ratio':>6} {'params':>10} {'MACs':>10} {'MACs x':>8}")
+    print(f"{'preset':<16} {'ratio':>6} {'params':>10} {'MACs':>10} {'MACs x':>8}")
     for r in rows:
-        ratio = "dense" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        ratio = "dense" if r["ratio"] is None else f"{r['ratio']:.3f}".rstrip("0")
         mx = "" if r["ratio"] is None else f"{1 / r['macs_ratio']:.2f}x"
-        print(f"{r['preset']:<10} {ratio:>6} {_fmt(r['params']):>10} {_fmt(r['macs']):>10} {mx:>8}")
+        print(f"{r['preset']:<16} {ratio:>6} {_fmt(r['params']):>10} {_fmt(r['macs']):>10} {mx:>8}")
+    latent = [r for r in rows if is_latent_preset(r["preset"])]
+    if latent:
+        print("\nLatent presets, the paper's convention (Table 6): the UNet's parameters without the class-embedding "
+              "table, and the MACs of a batch of 6 latents, as Diff-Pruning's prune_ldm.py counts them:")
+        print(f"{'preset':<16} {'ratio':>6} {'UNet params':>12} {'MACs/latent':>12} {'MACs x 6':>10}")
+        for r in latent:
+            ratio = "dense" if r["ratio"] is None else f"{r['ratio']:.3f}".rstrip("0")
+            print(f"{r['preset']:<16} {ratio:>6} {_fmt(r['unet_params']):>12} {_fmt(r['macs']):>12} "
+                  f"{_fmt(r['macs_batch6']):>10}")
+        print("(one latent of the preset's size with its class; torch-pruning 1.6 counts GroupNorm and LayerNorm "
+              "MACs, the paper's older counter did not: ldm-imagenet256's 599.17G here vs the paper's 598.8G)")
+    return 0
+
+
+def size_row(name: str, ratio: float | None, model, dense: dict | None) -> dict:
+    """`ebdiff info`'s row of a model: params and MACs (one image, or one latent with its class); for a latent
+    preset also the paper's convention (UNet params without the class table, MACs of 6 latents)."""
+    from .models import count_macs_params, is_latent_preset
+
+    macs, params = count_macs_params(model)
+    row = {"preset": name, "params": params, "macs": macs, "ratio": ratio}
+    if is_latent_preset(name):
+        row["unet_params"] = sum(p.numel() for p in model.unet.parameters())
+        row["macs_batch6"] = 6 * macs  # the counter's total for a batch is linear in it
+    if dense is not None:
+        row.update(params_ratio=params / dense["params"], macs_ratio=macs / dense["macs"])
+    return row
+
+
+# ---------------------------------------------------------------------- encode
+def cmd_encode(args: argparse.Namespace) -> int:
+    """Encode a latent preset's dataset once into its latent cache (what `train` would do first)."""
+    from .config import load_config
+    from .distributed import resolve_device
+    from .latents import latent_training_data
+    from .models import is_latent_preset
+
+    cfg = load_config(args.config, args.overrides)
+    if not is_latent_preset(cfg.model.preset):
+        raise ConfigError(f"model.preset={cfg.model.preset} trains on pixels: encode is for latent presets (ldm-*)")
+    t0 = time.perf_counter()
+    data = latent_training_data(cfg.data, cfg.model, resolve_device(args.device), progress=True)
+    lat, rows = data.latent, data.rows
+    n_classes = len(set(data.labels.tolist()) - {-1})
+    print(f"latent cache {lat['cache']}: {len(rows)} latents of {'x'.join(map(str, rows.shape))} "
+          f"({len(rows.shards)} shards, float16), {n_classes} classes; {lat['kind']} autoencoder {lat['autoencoder']}")
+    print(f"latent std {rows.manifest['std']:.4f} (first shard); scale {lat['scale']:.5g} "
+          f"(model.latent_scale={cfg.model.latent_scale}); {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -340,8 +403,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    """EB-Diff-Train on Fashion-MNIST at demo scale: search, extract, train the ticket, sample."""
+    """EB-Diff-Train on Fashion-MNIST at demo scale: search, extract, train the ticket, sample (--latent: in the
+    latent space of a small autoencoder, class-conditional; --compare: dense and Early-Bird for equal time)."""
     if args.compare:
+        if args.latent:
+            raise ConfigError("--compare and --latent are separate demos: choose one")
         return _demo_compare(args)
     if args.seconds is not None:
         raise ConfigError("--seconds is the budget of `ebdiff demo --compare`; the plain demo trains train.iters")
@@ -351,12 +417,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .evaluate import sample_run
     from .trainer import train
 
-    out = Path(args.out or "runs/demo")
+    out = Path(args.out or ("runs/demo-latent" if args.latent else "runs/demo"))
     resume = latest_checkpoint(out) is not None
-    cfg = load_config(out / "config.yaml" if resume else bundled_configs() / DEMO_CONFIG, args.overrides)
+    config = bundled_configs() / (DEMO_LATENT_CONFIG if args.latent else DEMO_CONFIG)
+    cfg = load_config(out / "config.yaml" if resume else config, args.overrides)
+    if args.latent and cfg.model.autoencoder is None:
+        cfg.model.autoencoder = str(out / "autoencoder")
+        _demo_autoencoder(cfg, Path(cfg.model.autoencoder))
     _print_train_summary(train(cfg, out, resume=resume))
-    info = sample_run(out, None, resolve_device("auto"), n=64)
-    print(f"{info['sampler']['n']} samples in {info['seconds']:.1f} s: {info['grid']}")
+    info = sample_run(out, None, resolve_device("auto"), n=cfg.sample.n)
+    print(f"{info['sampler']['n']} samples in {info['seconds']:.1f} s: {info['grid']}"
+          + (" (one row per class)" if args.latent else ""))
     print(f"\nDemo outputs in {out}/: samples_*.png (grid), hamming.png (mask distances), ticket.json, "
           "metrics.jsonl, checkpoints/")
     return 0
@@ -388,6 +459,20 @@ def _demo_compare(args: argparse.Namespace) -> int:
     print(f"report: {rec['report']} (quality_curves.png: quality vs training time; samples.png: both grids)")
     print(verdict(ttq, names[0], names[1], rep["metric"], {n: methods.get(n, n) for n in names}))
     return 0
+
+
+def _demo_autoencoder(cfg, folder: Path) -> None:
+    """The latent demo's autoencoder: a small VQ model trained on the demo's images, once (OUT/autoencoder)."""
+    if (folder / "config.json").is_file():
+        return
+    from .data import load_dataset
+    from .latents import train_autoencoder
+    from .models import preset_shape
+
+    data = load_dataset(cfg.data, preset_shape(cfg.model.preset)[1])
+    print(f"training the demo's VQ autoencoder (1x32x32 -> 3x8x8) on {len(data)} images -> {folder}")
+    r = train_autoencoder(data.images, folder, steps=DEMO_AUTOENCODER_STEPS)
+    print(f"autoencoder: {r['steps']} steps in {r['seconds']:.0f} s, reconstruction MSE {r['reconstruction_mse']:.4f}")
 
 
 def _sampling_speed_args(p: argparse.ArgumentParser) -> None:
@@ -447,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
     s.add_argument("--out", help="PNG path (default RUN/samples_<sampler><steps>.png)")
     s.add_argument("--route", choices=allowed["taeb.route"], help="TA-EB runs: overlap routing rule")
+    s.add_argument("--class", dest="classes", type=int, action="append", metavar="K",
+                   help="class-conditional runs: sample class K (repeatable; default: the run's sample.classes, "
+                   "else every class, one grid row each)")
+    s.add_argument("--guidance", type=float, metavar="S",
+                   help="class-conditional runs: classifier-free guidance scale (1 = the conditional model; "
+                   "default: the run's sample.guidance)")
     s.set_defaults(fn=cmd_sample)
 
     ta = sub.add_parser("ta-eb", help="EB-Diff-Train (TA-EB): one ticket per timestep region, branches in parallel")
@@ -513,6 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
 
+    en = sub.add_parser("encode", help="latent presets: encode the dataset once into the latent cache (train does it "
+                                      "too, if missing)")
+    en.add_argument("--config", help="YAML config of a latent preset (e.g. imagenet_ldm, demo_latent)")
+    en.add_argument("--device", default="auto")
+    en.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.autoencoder=PATH data.root=DIR")
+    en.set_defaults(fn=cmd_encode)
+
     b = sub.add_parser("bench", help="training-step throughput: dense vs tickets, reference mode vs fast path")
     b.add_argument("--preset", default="cifar10")
     b.add_argument("--ratios", default="0,0.3,0.5", help="comma-separated pruning ratios; 0 = dense")
@@ -540,11 +638,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("demo", help="EB-Diff-Train on Fashion-MNIST at demo scale (minutes on a CPU)")
-    d.add_argument("--out", help="run folder (default runs/demo, or runs/demo-compare with --compare; resumed "
-                   "if it exists)")
+    d.add_argument("--out", help="run folder (default runs/demo, runs/demo-latent with --latent, runs/demo-compare "
+                   "with --compare; resumed if it exists)")
     d.add_argument("--compare", action="store_true", help="dense and Early-Bird trained for the same time each, "
                    "evaluated during training: quality-vs-time curves, both grids, which is better")
     d.add_argument("--seconds", type=float, help="--compare: training seconds per run (default 60)")
+    d.add_argument("--latent", action="store_true", help="the class-conditional latent demo (configs/demo_latent.yaml: "
+                   "a small VQ autoencoder, then ldm-tiny with classifier-free guidance, one grid row per class)")
     d.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/demo.yaml")
     d.set_defaults(fn=cmd_demo)
     return p

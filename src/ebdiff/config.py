@@ -23,8 +23,12 @@ from .errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # cifar10 | celeba64 | lsun256 | fmnist | tiny
+    preset: str = "tiny"  # cifar10 | celeba64 | lsun256 | fmnist | tiny | ldm-imagenet256 | ldm-tiny (latent)
     dropout: float = 0.1
+    num_classes: int | None = None  # class-conditional on that many classes; None = the preset's (pixel: unconditional)
+    class_dropout: float = 0.0  # fraction of training labels replaced by the null class (classifier-free guidance)
+    autoencoder: str | None = None  # latent presets: a local diffusers VQModel / AutoencoderKL folder
+    latent_scale: Union[float, str] = "auto"  # auto (VQ: 1.0, KL: its scaling_factor) | std (1 / std of the latents) | a number
 
 
 @dataclass
@@ -41,12 +45,14 @@ class DataConfig:
     cache_dir: str | None = None  # decoded-image cache for JPEG datasets; None = ~/.cache/ebdiff
     download: bool = True  # fashion-mnist only: try a torchvision download when it is nowhere on disk
     bad_images: str = "error"  # an unreadable image file: error (one line naming it) | skip (left out, counted)
+    latent_cache: str | None = None  # latent presets: where encoded latents are cached; None = ~/.cache/ebdiff/latents
+    latent_shard_size: int = 10_000  # latents per cache shard (float16 files read through memory maps)
 
 
 @dataclass
 class DiffusionConfig:
     timesteps: int = 1000
-    beta_schedule: str = "linear"  # linear | cosine
+    beta_schedule: str = "linear"  # linear | cosine | scaled_linear (LDM's: linspace of sqrt(beta), squared)
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction: str = "epsilon"
@@ -128,6 +134,8 @@ class SampleConfig:
     batch_size: int = 256
     use_ema: bool = True
     seed: int = 0
+    guidance: float | None = None  # class-conditional models: classifier-free guidance scale (None: plain conditional)
+    classes: list[int] | None = None  # class-conditional models: the classes to sample (None: all, evenly)
 
 
 @dataclass
@@ -217,7 +225,8 @@ class RunSpec:
 # Settings that define what a run's weights are (the model, the data, the diffusion process, and once a
 # model is pruned, how): they must match the checkpoint on --resume. Everything else (iterations, lr,
 # logging, evaluation, sampling) may change on resume and takes effect.
-IDENTITY_KEYS = ("model.preset", "data.name", "data.image_size", "data.resize", "data.limit", "diffusion.timesteps",
+IDENTITY_KEYS = ("model.preset", "model.num_classes", "model.autoencoder", "model.latent_scale", "data.name",
+                 "data.image_size", "data.resize", "data.limit", "diffusion.timesteps",
                  "diffusion.beta_schedule", "diffusion.beta_start", "diffusion.beta_end", "diffusion.prediction",
                  "diffusion.t_min", "diffusion.t_max")
 SEARCH_IDENTITY_KEYS = ("early_bird.ratio", "early_bird.criterion", "early_bird.mask_source", "early_bird.reinit")
@@ -242,11 +251,10 @@ def identity_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 COMPILE_CHOICES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.preset": ("cifar10", "celeba64", "lsun256", "fmnist", "tiny"),
     "data.name": ("fashion-mnist", "cifar10", "celeba", "lsun", "imagefolder"),
     "data.resize": ("pad", "resize"),
     "data.bad_images": ("error", "skip"),
-    "diffusion.beta_schedule": ("linear", "cosine"),
+    "diffusion.beta_schedule": ("linear", "cosine", "scaled_linear"),
     "diffusion.prediction": ("epsilon",),
     "diffusion.loss_reduction": ("mean", "sum"),
     "diffusion.timestep_sampler": ("antithetic", "uniform", "speed", "speed-dual"),
@@ -269,15 +277,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every string choice; those naming a paper concept come from its registry
-    (pruning criteria, samplers and spacings, TA-EB routing rules), so a registered criterion or sampler
+    (model presets, pruning criteria, samplers and spacings, TA-EB routing rules), so a registered criterion or sampler
     is a valid setting at once."""
+    from .models import preset_names
     from .pruning import criterion_names
     from .regions import ROUTES
     from .sampling import SAMPLERS, SPACINGS
 
     crits = criterion_names()
-    return {**CHOICES, "early_bird.criterion": crits, "prune.criterion": crits, "sample.sampler": tuple(SAMPLERS),
-            "sample.spacing": SPACINGS, "taeb.route": ROUTES}
+    return {**CHOICES, "model.preset": preset_names(), "early_bird.criterion": crits, "prune.criterion": crits,
+            "sample.sampler": tuple(SAMPLERS), "sample.spacing": SPACINGS, "taeb.route": ROUTES}
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -422,6 +431,28 @@ def validate(cfg: Config) -> Config:
                           f"are out of range: {t.adam_eps}, {t.weight_decay}, {t.grad_clip}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1); got {cfg.model.dropout}")
+    mc = cfg.model
+    if mc.num_classes is not None and mc.num_classes < 1:
+        raise ConfigError(f"config key 'model.num_classes' must be at least 1; got {mc.num_classes}")
+    if not 0.0 <= mc.class_dropout < 1.0:
+        raise ConfigError(f"config key 'model.class_dropout' must be in [0, 1); got {mc.class_dropout}")
+    from .models import is_latent_preset
+
+    latent = is_latent_preset(mc.preset)
+    if mc.class_dropout and mc.num_classes is None and not latent:
+        raise ConfigError("model.class_dropout needs a class-conditional model: set model.num_classes")
+    if mc.autoencoder is not None and not latent:
+        raise ConfigError(f"model.autoencoder is for latent presets (ldm-*); model.preset={mc.preset} trains on pixels")
+    if isinstance(mc.latent_scale, str) and mc.latent_scale not in ("auto", "std"):
+        raise ConfigError(f"config key 'model.latent_scale' must be auto, std or a positive number; got {mc.latent_scale!r}")
+    if not isinstance(mc.latent_scale, str) and not mc.latent_scale > 0:
+        raise ConfigError(f"config key 'model.latent_scale' must be positive; got {mc.latent_scale}")
+    if cfg.data.latent_shard_size < 1:
+        raise ConfigError(f"config key 'data.latent_shard_size' must be positive; got {cfg.data.latent_shard_size}")
+    if cfg.sample.guidance is not None and cfg.sample.guidance < 0:
+        raise ConfigError(f"config key 'sample.guidance' must be >= 0; got {cfg.sample.guidance}")
+    if cfg.sample.classes is not None and (not cfg.sample.classes or min(cfg.sample.classes) < 0):
+        raise ConfigError(f"config key 'sample.classes' must list class indices >= 0; got {cfg.sample.classes}")
     dc = cfg.data
     for name, value, low in (("data.image_size", dc.image_size, 8), ("data.limit", dc.limit, 1),
                              ("data.num_workers", dc.num_workers, 0)):

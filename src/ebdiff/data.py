@@ -3,7 +3,9 @@
 Small datasets (Fashion-MNIST, CIFAR-10) are decoded once into a uint8 tensor [N, C, H, W] that can
 live on the training device; batch b of epoch e is a fixed function of (seed, e, b), so a resumed run
 sees exactly the batches it would have seen. Large datasets (CelebA, LSUN, image folders) are read
-from files by a DataLoader with the same index order.
+from files by a DataLoader with the same index order. Latent presets train on rows of a latent cache
+(latents.py), read per batch. Class labels (Fashion-MNIST, CIFAR-10, the class folders of an image
+folder) travel with the images: `BatchStream(..., labels=True)` yields (images, labels).
 """
 
 from __future__ import annotations
@@ -220,6 +222,45 @@ class FileImageDataset(torch.utils.data.Dataset):
         raise DataError(f"100 unreadable images in a row from {self.files[i]} on: is this an image folder?")
 
 
+class ImageRows:
+    """Images i of a streamed dataset as a read-only sequence: `rows[a:b]` decodes those files into a uint8
+    batch (a thread pool: PIL decodes without the GIL). The reference set of an evaluation on a dataset too
+    large to hold in memory (ImageNet)."""
+
+    def __init__(self, dataset: FileImageDataset, index: list[int], threads: int = 8):
+        self.dataset, self.index, self.threads = dataset, list(index), threads
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, s: slice) -> torch.Tensor:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.threads) as pool:
+            return torch.stack(list(pool.map(self.dataset.__getitem__, self.index[s])))
+
+    def digest(self) -> str:
+        """Names the set (the reference statistics' cache key): its files, sizes and decoding."""
+        h = hashlib.sha1(f"{self.dataset.size}|{self.dataset.crop}|{len(self.index)}".encode())
+        for i in self.index[:: max(1, len(self.index) // 256)]:
+            p = self.dataset.files[i]
+            h.update(f"{p}:{p.stat().st_size}".encode())
+        return h.hexdigest()[:12]
+
+
+def balanced_indices(labels: torch.Tensor, n: int) -> list[int]:
+    """n indices, the first n // C of each of the C classes (labels < 0: one class), as Diff-Pruning's FID
+    reference; all of them when n >= len(labels)."""
+    if n >= len(labels):
+        return list(range(len(labels)))
+    classes = sorted(set(labels.tolist()))
+    per = max(1, n // len(classes))
+    out: list[int] = []
+    for k in classes:
+        out += torch.nonzero(labels == k).flatten()[:per].tolist()
+    return sorted(out[:n])
+
+
 def _load_cifar10(root: str | None, split: str, cache_dir: str | None, limit: int | None, progress: bool,
                   bad_images: str = "error"):
     places = [Path(root).expanduser()] if root else []
@@ -244,7 +285,7 @@ def _load_cifar10(root: str | None, split: str, cache_dir: str | None, limit: in
     )
 
 
-def _streamed_files(name: str, root: str | None, split: str, lsun_category: str) -> tuple[list[Path], str]:
+def _streamed_files(name: str, root: str | None, split: str, lsun_category: str) -> tuple[list[Path], str, Path]:
     if not root:
         raise DataError(f"dataset '{name}' needs data.root=DIR (it is never downloaded by ebdiff)")
     base = Path(root).expanduser()
@@ -261,7 +302,7 @@ def _streamed_files(name: str, root: str | None, split: str, lsun_category: str)
         if c.is_dir():
             files = _list_images(c)
             if files:
-                return files, crop
+                return files, crop, c
     hint = {
         "celeba": "download img_align_celeba from the CelebA site and unpack it under DIR",
         "lsun": f"export LSUN {lsun_category} to images (e.g. with the LSUN tools) under DIR/{lsun_category}_{split}",
@@ -271,30 +312,54 @@ def _streamed_files(name: str, root: str | None, split: str, lsun_category: str)
 
 
 class ImageData:
-    """A dataset as uint8 images [N, C, H, W] (in memory) or as image files (streamed)."""
+    """A dataset as uint8 images [N, C, H, W] (in memory), as image files (streamed), or as `rows` already in
+    the model's range (a `latents.LatentCache`: `read(idx) -> (x, labels)`, with `latent` describing it).
+    `labels`: one class index per item (-1: none), or None."""
 
     def __init__(self, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                 files_dataset: FileImageDataset | None = None, hflip: bool = False, name: str = ""):
+                 files_dataset: FileImageDataset | None = None, hflip: bool = False, name: str = "",
+                 rows=None, latent: dict | None = None):
         self.images, self.labels, self.files_dataset = images, labels, files_dataset
-        self.hflip, self.name = hflip, name
+        self.hflip, self.name, self.rows, self.latent = hflip, name, rows, latent
 
     def __len__(self) -> int:
+        if self.rows is not None:
+            return len(self.rows)
         return len(self.images) if self.images is not None else len(self.files_dataset)
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        if self.rows is not None:
+            return tuple(self.rows.shape)
         if self.images is not None:
             return tuple(self.images.shape[1:])
         return tuple(self.files_dataset[0].shape)
 
     def head(self, n: int) -> torch.Tensor:
         """The first n images as floats in the model's range [-1, 1] (a fixed scoring batch)."""
+        if self.rows is not None:
+            return self.rows.read(torch.arange(n))[0]
         x = self.images[:n] if self.images is not None else torch.stack([self.files_dataset[i] for i in range(n)])
         return to_model_range(x)
+
+    def head_labels(self, n: int) -> torch.Tensor:
+        return self.labels[:n]
+
+    def check_labels(self, num_classes: int) -> None:
+        """A class-conditional run's data: every item has a class in 0..num_classes-1, or one line."""
+        if self.labels is None or len(self.labels) == 0 or int(self.labels.min()) < 0:
+            raise ConfigError(f"model.num_classes={num_classes}: data.name={self.name} has no class labels "
+                              "(an image folder needs one sub-folder per class)")
+        top = int(self.labels.max())
+        if top >= num_classes:
+            raise ConfigError(f"data.name={self.name} has class {top}, but model.num_classes={num_classes}: set "
+                              f"model.num_classes={top + 1}")
 
     def to(self, device: torch.device | str) -> "ImageData":
         if self.images is not None:
             self.images = self.images.to(device)
+            if self.labels is not None:
+                self.labels = self.labels.to(device)
         return self
 
 
@@ -311,16 +376,26 @@ def load_dataset(dcfg, size: int, progress: bool = True) -> ImageData:
         if x.shape[-1] != size:
             x = _fit(x, size, "resize")
         return ImageData(x, y, hflip=hflip, name=name)
-    files, crop = _streamed_files(name, dcfg.root, dcfg.split, dcfg.lsun_category)
+    files, crop, folder = _streamed_files(name, dcfg.root, dcfg.split, dcfg.lsun_category)
     if dcfg.limit:
         files = files[: dcfg.limit]
-    return ImageData(files_dataset=FileImageDataset(files, size, crop, dcfg.bad_images), hflip=hflip, name=name)
+    labels = _class_index(files, folder) if name == "imagefolder" else None
+    return ImageData(labels=labels, files_dataset=FileImageDataset(files, size, crop, dcfg.bad_images), hflip=hflip,
+                     name=name)
 
 
-def load_training_data(dcfg, preset: str, device: torch.device, progress: bool = True) -> ImageData:
+def load_training_data(dcfg, preset: str, device: torch.device, progress: bool = True, model=None) -> ImageData:
     """The dataset a run trains on, at its preset's resolution (or data.image_size), checked against the
-    preset's channels; small datasets are moved to the GPU (no loader in the hot loop)."""
-    from .models import preset_config, preset_shape
+    preset's channels; small datasets are moved to the GPU (no loader in the hot loop). A latent preset
+    trains on the latents of its autoencoder (`model`: the run's model config; latents.py)."""
+    from .models import is_latent_preset, preset_config, preset_shape
+
+    if is_latent_preset(preset):
+        from .latents import latent_training_data
+
+        if model is None:
+            raise ConfigError(f"model.preset={preset} trains on latents: its model settings are needed")
+        return latent_training_data(dcfg, model, device, progress)
 
     c, size = preset_shape(preset)
     levels = len(preset_config(preset)["block_out_channels"]) - 1
@@ -373,12 +448,16 @@ def to_model_range(x: torch.Tensor) -> torch.Tensor:
 
 
 class BatchStream:
-    """Yields float batches in [-1, 1] for iterations start, start+1, ...; flips with a per-iteration seed."""
+    """Yields float batches in [-1, 1] for iterations start, start+1, ...; flips with a per-iteration seed.
+    labels=True: yields (batch, class labels) pairs."""
 
     def __init__(self, data: ImageData, batch: int, seed: int, device: torch.device, rank: int = 0,
-                 world: int = 1, num_workers: int = 2):
+                 world: int = 1, num_workers: int = 2, labels: bool = False):
         self.data, self.batch, self.seed, self.device = data, batch, seed, device
-        self.rank, self.world, self.num_workers = rank, world, num_workers
+        self.rank, self.world, self.num_workers, self.labels = rank, world, num_workers, labels
+
+    def _out(self, x: torch.Tensor, y: torch.Tensor | None):
+        return (x, to_device(y, self.device)) if self.labels else x
 
     def _flip(self, x: torch.Tensor, iteration: int) -> torch.Tensor:
         if not self.data.hflip:
@@ -390,11 +469,19 @@ class BatchStream:
     def __call__(self, start: int) -> Iterator[torch.Tensor]:
         n = len(self.data)
         it = start
+        labels = self.data.labels
+        if self.data.rows is not None:  # latents, read from the cache's shards per batch
+            while True:
+                idx = batch_indices(n, self.batch, it, self.seed, self.rank, self.world)
+                x, y = self.data.rows.read(idx)
+                yield self._out(to_device(x, self.device), y)
+                it += 1
         if self.data.images is not None:
             while True:
                 idx = batch_indices(n, self.batch, it, self.seed, self.rank, self.world)
                 x = to_device(self.data.images[to_device(idx, self.data.images.device)], self.device)
-                yield self._flip(to_model_range(x), it)
+                y = labels[to_device(idx, labels.device)] if self.labels else None
+                yield self._out(self._flip(to_model_range(x), it), y)
                 it += 1
         # streamed from files: a DataLoader over precomputed batches, resumed at `start`
         stream = self
@@ -406,7 +493,7 @@ class BatchStream:
                 j = start + wid
                 while True:
                     idx = batch_indices(n, stream.batch, j, stream.seed, stream.rank, stream.world)
-                    yield torch.stack([stream.data.files_dataset[int(i)] for i in idx])
+                    yield torch.stack([stream.data.files_dataset[int(i)] for i in idx]), idx
                     j += nw
 
         loader = torch.utils.data.DataLoader(_Batches(), batch_size=None, num_workers=self.num_workers,
@@ -414,8 +501,9 @@ class BatchStream:
         batches = iter(loader)
         while True:
             try:
-                x = next(batches)
+                x, idx = next(batches)
             except DataError as exc:  # re-raised from a worker with its traceback: keep the one line
                 raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
-            yield self._flip(to_model_range(x.to(self.device, non_blocking=True)), it)
+            y = labels[idx] if self.labels else None
+            yield self._out(self._flip(to_model_range(x.to(self.device, non_blocking=True)), it), y)
             it += 1

@@ -40,9 +40,16 @@ class Schedule:
         return cls(betas)
 
     @classmethod
+    def scaled_linear(cls, T: int = 1000, beta_start: float = 0.0015, beta_end: float = 0.0195) -> "Schedule":
+        """LDM's "linear" schedule (diffusers' scaled_linear): betas = linspace(sqrt(start), sqrt(end), T)^2."""
+        return cls(torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2)
+
+    @classmethod
     def from_config(cls, d) -> "Schedule":
         if d.beta_schedule == "cosine":
             return cls.cosine(d.timesteps)
+        if d.beta_schedule == "scaled_linear":
+            return cls.scaled_linear(d.timesteps, d.beta_start, d.beta_end)
         return cls.linear(d.timesteps, d.beta_start, d.beta_end)
 
 
@@ -53,7 +60,7 @@ class DiffusionLoss:
     `loss(eps_model, x0, noise, t)` is what the training step, Taylor/Diff-Pruning scoring and
     `ebdiff bench` compute (the NVlabs/edm `training/loss.py` shape: hyper-parameters in the
     constructor, one call). `eps_model(x_t, t) -> eps` is any callable (a UNet wrapped by
-    `models.eps_fn`, under autocast or not)."""
+    `models.eps_fn`, under autocast or not); a class-conditional one also takes the labels, eps_model(x_t, t, cond)."""
 
     def __init__(self, schedule: Schedule, timesteps: "TimestepSampler | None" = None,
                  weights: torch.Tensor | None = None, reduction: str = "mean",
@@ -78,8 +85,11 @@ class DiffusionLoss:
         s = self.sqrt_1mab.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
         return a * x0 + s * noise
 
-    def __call__(self, eps_model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        pred = eps_model(self.noised(x0, t, noise), t)
+    def __call__(self, eps_model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                 cond: torch.Tensor | None = None) -> torch.Tensor:
+        """cond: class labels of a class-conditional model, passed on as eps_model(x_t, t, cond)."""
+        xt = self.noised(x0, t, noise)
+        pred = eps_model(xt, t) if cond is None else eps_model(xt, t, cond)
         return eps_loss(pred, noise, self.reduction, None if self.weights is None else self.weights[t])
 
 

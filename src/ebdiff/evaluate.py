@@ -15,7 +15,7 @@ from .config import Config, DiffusionConfig, SampleConfig, load_config
 from .data import load_dataset
 from .diffusion import Schedule
 from .errors import ConfigError
-from .models import autocast_eps, count_macs_params, eps_fn, fixed_batch_eps, preset_shape
+from .models import autocast_eps, count_macs_params, eps_fn, fixed_batch_eps, model_classes, preset_shape
 from .regions import RegionRouter
 from .sampling import generate, sampler_timesteps
 
@@ -33,7 +33,8 @@ def sample_compile_mode(scfg: SampleConfig, device_type: str) -> str:
 
 
 SAMPLE_OPTIONS = ("n", "steps", "sampler", "spacing", "eta", "seed", "batch_size", "clip_x0", "mixed_precision",
-                  "compile")  # the sample.* settings a command may override
+                  "compile", "guidance", "classes")  # the sample.* settings a command may override
+REFERENCE_MAX = 50_000  # reference images of a dataset streamed from files (balanced over its classes)
 
 
 def sample_run(path: Path, out: Path | None = None, device: str = "cpu", ema: bool = True, route: str | None = None,
@@ -49,7 +50,7 @@ def sample_run(path: Path, out: Path | None = None, device: str = "cpu", ema: bo
     s = info["sampler"]
     imgs = to_uint8(x)
     grid = Path(out) if out else Path(path) / f"samples_{s['sampler']}{s['steps']}.png"
-    save_grid(imgs, grid)
+    save_grid(imgs, grid, nrow=info.pop("row", None))  # a class-conditional run: one row per class
 
     def _write(p):
         with open(p, "wb") as f:
@@ -141,14 +142,18 @@ def compile_eps(fn, mode: str):
 
 
 def sample_model(fn, shape: tuple[int, int, int], dcfg: DiffusionConfig, scfg: SampleConfig, device,
-                 progress: bool = True, compile_cache: str | None = None) -> tuple[torch.Tensor, dict]:
+                 progress: bool = True, compile_cache: str | None = None, *, labels: torch.Tensor | None = None,
+                 null_class: int | None = None, decode=None) -> tuple[torch.Tensor, dict]:
     """Images in [-1, 1] from an eps callable (a model's `eps_fn`, or a RegionRouter) with the sampler
     settings `scfg`: bf16 autocast and compilation as `scfg` resolves them on this device. Returns the
     images and {precision, compile, seconds, images_per_s}. compile_cache: the run's train.compile_cache
-    (a compiled sampler loads and saves its artifacts there; None: not used)."""
+    (a compiled sampler loads and saves its artifacts there; None: not used). labels, null_class: a
+    class-conditional model's labels of the n samples and its null class (classifier-free guidance with
+    `scfg.guidance`); decode: a latent model's decoder (latents -> images), timed with the sampling."""
     dev_type = torch.device(device).type
     compile_mode = sample_compile_mode(scfg, dev_type)
     bf16 = scfg.mixed_precision == "bf16" or (scfg.mixed_precision == "auto" and dev_type == "cuda")
+    batch = min(scfg.batch_size, scfg.n) * (1 if scfg.guidance is None or labels is None else 2)  # CFG: doubled
     cache, key = None, None
     if compile_mode != "none" and compile_cache is not None:  # the run's compile cache serves sampling too
         from .compile_cache import CompileCache, cache_key
@@ -158,7 +163,7 @@ def sample_model(fn, shape: tuple[int, int, int], dcfg: DiffusionConfig, scfg: S
         if cache is not None and cache.activate():
             models = [m.model for m in fn.models] if isinstance(fn, RegionRouter) else [fn.model]
             key = cache_key(models, {"job": "sample", "compile": compile_mode, "bf16": bf16}, device,
-                            {"batch": min(scfg.batch_size, scfg.n), "shape": list(shape)})
+                            {"batch": batch, "shape": list(shape), "conditional": labels is not None})
             cache.load_artifacts(key)
 
     def fast(m):  # the compiled UNet inside, bf16 autocast around it, padding to one shape outermost
@@ -167,14 +172,18 @@ def sample_model(fn, shape: tuple[int, int, int], dcfg: DiffusionConfig, scfg: S
         if bf16:
             m = autocast_eps(m, dev_type)
         if compile_mode != "none":
-            m = fixed_batch_eps(m, min(scfg.batch_size, scfg.n))
+            m = fixed_batch_eps(m, batch)
         return m
 
     fn = per_model(fn, fast)
     t0 = time.perf_counter()
     x = generate(fn, scfg.n, shape, Schedule.from_config(dcfg), sampler=scfg.sampler, steps=scfg.steps,
                  spacing=scfg.spacing, batch_size=scfg.batch_size, seed=scfg.seed, device=device, progress=progress,
-                 eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0)
+                 eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0, labels=labels,
+                 guidance=scfg.guidance if labels is not None else None, null_class=null_class,
+                 clamp=decode is None)
+    if decode is not None:
+        x = decode(x, scfg.batch_size)  # latents -> images in [-1, 1]
     if dev_type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -195,15 +204,63 @@ def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool 
     cfg = run_config(path)
     dcfg, scfg = run_sample_config(cfg, **overrides)
     fn, meta, size_fn, model = load_for_sampling(path, device, ema, route)
-    x, speed = sample_model(fn, model_shape(meta, model), dcfg, scfg, device, progress, cfg.train.compile_cache)
+    inputs, row = sampling_inputs(model, meta, scfg, device, path)
+    x, speed = sample_model(fn, model_shape(meta, model), dcfg, scfg, device, progress, cfg.train.compile_cache,
+                            **inputs)
     info = {"sampler": asdict(scfg), **speed, "checkpoint": meta["checkpoint"], "weights": meta["weights"],
-            "size": size_fn(scfg, dcfg), "meta": meta}
+            "size": size_fn(scfg, dcfg), "meta": meta, "row": row}
+    if inputs["labels"] is not None:
+        info["labels"] = inputs["labels"].tolist()
     return x, info
+
+
+def sampling_inputs(model, meta: dict, scfg: SampleConfig, device, where) -> tuple[dict, int | None]:
+    """What `sample_model` needs besides the eps callable for a model with checkpoint meta `meta`: the labels
+    and null class of a class-conditional model, the decoder of a latent one (as keyword arguments), and the
+    grid's row length (one row per class). `where` names the model in error lines."""
+    classes = model_classes(model)
+    labels, row = sample_labels(classes, scfg, where)
+    latent = meta.get("latent")
+    decode = None if latent is None else latent_decoder(latent, device, meta.get("preset", ""))
+    return {"labels": labels, "null_class": classes, "decode": decode}, row
+
+
+def sample_labels(classes: int | None, scfg: SampleConfig, path: Path) -> tuple[torch.Tensor | None, int | None]:
+    """(class labels of the n samples, grid row length) of a class-conditional model: `sample.classes` (or
+    all) in turn, one row per class; (None, None) for an unconditional one, which refuses classes and guidance."""
+    from .sampling import class_rows
+
+    if classes is None:
+        if scfg.classes or scfg.guidance is not None:
+            raise ConfigError(f"--class / --guidance: {path} is an unconditional model (trained without "
+                              "model.num_classes)")
+        return None, None
+    bad = [k for k in scfg.classes or [] if not 0 <= k < classes]
+    if bad:
+        raise ConfigError(f"--class {bad[0]}: {path} has classes 0..{classes - 1}")
+    return class_rows(classes, scfg.n, scfg.classes)
+
+
+def latent_decoder(latent: dict, device: str, preset: str):
+    """The decoder of a latent run's samples (its autoencoder and scale, recorded in its checkpoints)."""
+    from .latents import LatentDecoder
+
+    return LatentDecoder(latent, device, preset)
+
+
+def reference_rows(data, n: int):
+    """The reference images of a dataset streamed from files: n of them, the same number from each class
+    (as Diff-Pruning's FID script), decoded batch by batch (`data.ImageRows`)."""
+    from .data import ImageRows, balanced_indices
+
+    labels = data.labels if data.labels is not None else torch.full((len(data),), -1, dtype=torch.long)
+    return ImageRows(data.files_dataset, balanced_indices(labels, n))
 
 
 class Scorer:
     """One quality metric of a run, ready to score images: FD-<dataset> on the features of ebdiff's cached
-    dataset classifier, or Inception FID, against the data the run trained on (its data.limit too).
+    dataset classifier, or Inception FID, against the data the run trained on (its data.limit too; a
+    dataset streamed from files: a class-balanced sample of it, read batch by batch).
     The reference features are computed once (and cached on disk), so scoring many points of a
     training curve costs only the samples' features. `kind`: "fd" or "fid"."""
 
@@ -217,8 +274,6 @@ class Scorer:
         self.cfg, self.kind, self.progress = cfg, kind, progress
         size = cfg.data.image_size or preset_shape(cfg.model.preset)[1]
         self.train = train or load_dataset(replace(cfg.data, split="train"), size, progress=progress)
-        if self.train.images is None:
-            raise ConfigError("eval needs an in-memory reference dataset (fashion-mnist, cifar10)")
         self.test = test
         if kind == "fd":
             self.test = test or load_dataset(replace(cfg.data, split="test"), size, progress=progress)
@@ -227,8 +282,11 @@ class Scorer:
                 device=device, epochs=classifier_epochs, progress=progress)
         else:
             self.extractor = InceptionFeatures(inception_weights, device=device)
-        self.reference = f"{cfg.data.name} train ({len(self.train.images)} images)"
-        _, _, self.ref_features = reference_stats(self.extractor, self.extractor.name, self.train.images,
+        ref = self.train.images
+        if ref is None:
+            ref = reference_rows(self.train, cfg.data.limit or REFERENCE_MAX)
+        self.reference = f"{cfg.data.name} train ({len(ref)} images)"
+        _, _, self.ref_features = reference_stats(self.extractor, self.extractor.name, ref,
                                                   f"{cfg.data.name}-train", progress=progress)
 
     @property
@@ -274,6 +332,8 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
     x, info = sample_checkpoint(run, device, progress=progress, n=n, steps=steps, batch_size=batch_size, seed=seed,
                                 mixed_precision=mixed_precision, compile=compile)
     meta, size = info.pop("meta"), info["size"]
+    info.pop("labels", None)
+    info.pop("row", None)
     result = {"run": str(run), "checkpoint": meta["checkpoint"], "iteration": meta["iteration"],
               "phase": meta.get("phase"), "params": size["params"], "macs": size["macs"], "n_samples": n,
               "sampling": info, "metrics": {}}

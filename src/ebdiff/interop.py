@@ -225,7 +225,8 @@ class RoutedUNet(nn.Module):
 
         return eps_fn(self.unets[self.regions.route(int(t), self.route)])
 
-    def forward(self, sample: torch.Tensor, timestep, return_dict: bool = True, **kwargs):
+    def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True, **kwargs):
         from diffusers.models.unets.unet_2d import UNet2DOutput
 
         t = timestep  # broadcast as UNet2DModel.forward does
@@ -234,7 +235,7 @@ class RoutedUNet(nn.Module):
         elif t.ndim == 0:
             t = t[None].to(sample.device)
         t = t * torch.ones(sample.shape[0], dtype=t.dtype, device=t.device)
-        out = self.router(sample, t)
+        out = self.router(sample, t) if class_labels is None else self.router(sample, t, class_labels)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
@@ -333,6 +334,13 @@ def export_facts(path: Path, got: Loaded, cfg) -> dict:
     facts: dict[str, Any] = {"source": str(Path(path).resolve()), "weights": got.weights, "preset": got.metas[0]["preset"],
                              "iterations": [m.get("iteration") for m in got.metas],
                              "phases": [m.get("phase") for m in got.metas], "members": []}
+    m0 = got.metas[0]  # a dense unconditional pixel UNet is a diffusers DDIMPipeline folder as well
+    facts["pipeline"] = (got.regions is None and m0.get("phase") == "dense" and m0.get("num_classes") is None
+                         and m0.get("latent") is None)
+    if m0.get("num_classes") is not None:
+        facts["classes"] = m0["num_classes"]
+    if m0.get("latent"):
+        facts["autoencoder"] = m0["latent"]["autoencoder"]
     if got.regions is not None:
         ts = visited_timesteps(cfg.sample, got.regions.T)
         facts["params"] = got.regions.weighted([p for _, p in sizes], ts, got.route)
@@ -396,13 +404,23 @@ def model_card(name: str, kind: str, facts: dict) -> str:
     for k, m in enumerate(facts.get("members", [])):
         lines.append(f"| region {k}: t in [{m['t'][0]}, {m['t'][1]}], ratio {m['ratio']} | "
                      f"{format_count(m['params'])} params, {format_count(m['macs'])} MACs |")
-    lines += ["", "## Use", "", "```python", "import ebdiff, torch",
-              "from diffusers import DDIMPipeline", "",
-              f"model = ebdiff.load('{name}')  # {'RoutedUNet' if kind == 'ta-eb' else 'UNet2DModel'}, no unpickling",
-              f"pipe = DDIMPipeline(model, ebdiff.scheduler('ddim', '{name}'))",
-              "images = pipe(batch_size=16, num_inference_steps=100, generator=torch.Generator().manual_seed(0)).images",
-              "```", "", "or `ebdiff sample " + name + " --n 64`."]
-    if kind == "unet" and facts["phases"][0] == "dense":
+    if facts.get("classes") is not None or facts.get("autoencoder"):
+        lines += ["", "## Use", "", f"`ebdiff sample {name} --n 64 [--class K ...] [--guidance S]` (one grid row per "
+                  "class); `ebdiff.load('" + name + "')` gives the model, called as `model(x, t, class_labels).sample`."]
+        if facts.get("classes") is not None:
+            lines += ["", f"Class-conditional on {facts['classes']} classes; class {facts['classes']} is the null class "
+                      "of classifier-free guidance."]
+        if facts.get("autoencoder"):
+            lines += ["", f"A latent model: its samples are decoded by the autoencoder at `{facts['autoencoder']}` "
+                      "(the run's `model.autoencoder`), which must be there to sample."]
+    else:
+        lines += ["", "## Use", "", "```python", "import ebdiff, torch",
+                  "from diffusers import DDIMPipeline", "",
+                  f"model = ebdiff.load('{name}')  # {'RoutedUNet' if kind == 'ta-eb' else 'UNet2DModel'}, no unpickling",
+                  f"pipe = DDIMPipeline(model, ebdiff.scheduler('ddim', '{name}'))",
+                  "images = pipe(batch_size=16, num_inference_steps=100, generator=torch.Generator().manual_seed(0)).images",
+                  "```", "", "or `ebdiff sample " + name + " --n 64`."]
+    if facts.get("pipeline"):
         lines += ["", f"A dense model also loads in plain diffusers: `DDIMPipeline.from_pretrained('{name}')`."]
     else:
         lines += ["", "`unet/config.json` / `region-*/config.json` describe the dense preset; the pruned widths "
@@ -419,7 +437,7 @@ def write_member(folder: Path, model: nn.Module, meta: dict) -> None:
 
     folder.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
-    keep = ("preset", "dropout", "phase", "plan", "iteration", "image_shape", "checkpoint")
+    keep = ("preset", "dropout", "num_classes", "phase", "plan", "iteration", "image_shape", "checkpoint", "latent")
     (folder / PLAN_FILE).write_text(json.dumps({"format": EXPORT_FORMAT, **{k: meta.get(k) for k in keep}}, indent=1,
                                                default=ck.json_default) + "\n")
     (folder / "config.json").write_text(model.to_json_string())
@@ -449,7 +467,7 @@ def export(run: str | Path, out: str | Path, ema: bool = True) -> Path:
             write_member(tmp / name, model, meta)
         sched = scheduler("ddim", cfg)
         sched.save_config(str(tmp / "scheduler"))
-        if kind == "unet" and got.metas[0].get("phase") == "dense":  # plain diffusers loads this folder
+        if facts["pipeline"]:  # plain diffusers loads this folder
             (tmp / "model_index.json").write_text(json.dumps({
                 "_class_name": "DDIMPipeline", "_diffusers_version": diffusers.__version__,
                 "scheduler": ["diffusers", type(sched).__name__], "unet": ["diffusers", "UNet2DModel"]}, indent=2) + "\n")

@@ -334,10 +334,12 @@ class InceptionFeatures:
 
 def reference_stats(extractor: Callable, name: str, images: torch.Tensor, key: str,
                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mu, sigma, features) of a reference set, cached as .npz per dataset split and extractor."""
+    """(mu, sigma, features) of a reference set, cached as .npz per dataset split and extractor. images: a
+    uint8 tensor, or a sequence of batches with a `digest()` (`data.ImageRows`, a streamed dataset)."""
     from .checkpoint import atomic_save
 
-    path = cache_dir() / "stats" / f"{key}-{name}-{_data_hash(images)}.npz"
+    digest = _data_hash(images) if torch.is_tensor(images) else images.digest()
+    path = cache_dir() / "stats" / f"{key}-{name}-{digest}.npz"
     if path.is_file():
         with np.load(path) as z:
             return z["mu"], z["sigma"], z["features"]

@@ -41,13 +41,10 @@ def _tp():
 
 def _example(model: nn.Module) -> dict[str, torch.Tensor]:
     """Tracing input: the smallest resolution every down block accepts (the graph does not depend
-    on it, and lsun256 traces 16x faster at 64x64 than at 256x256)."""
-    c = model.config.in_channels
-    res = min(model.config.sample_size, 2 ** len(model.config.block_out_channels))
-    dev = next(model.parameters()).device
-    g = torch.Generator(device=dev).manual_seed(0)  # never touch the global RNG (exact resume)
-    return {"sample": torch.randn(1, c, res, res, device=dev, generator=g),
-            "timestep": torch.ones((1,), dtype=torch.long, device=dev)}
+    on it, and lsun256 traces 16x faster at 64x64 than at 256x256); a class for a conditional model."""
+    from .models import example_inputs
+
+    return example_inputs(model, 1, min(model.config.sample_size, 2 ** len(model.config.block_out_channels)))
 
 
 def build_graph(model: nn.Module):
@@ -112,19 +109,55 @@ class _FrozenGradFn:
 
 
 def _ignored(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
+    """The modules named (in a `ClassConditionalUNet` also under its `unet.`)."""
     mods = dict(model.named_modules())
-    return [mods[n] for n in names if n in mods]
+    return [mods[p + n] for n in names for p in ("", "unet.") if p + n in mods]
 
 
 @dataclass(frozen=True)
 class GroupInfo:
     name: str  # root module
     size: int  # channels
-    gn_groups: int  # GroupNorm groups coupled to the channels (1 = none)
+    gn_groups: int  # GroupNorm groups coupled to the channels (1 = none); attention heads for q/k/v groups
+    kind: str = "plain"  # plain | norm (GroupNorm-coupled) | heads (attention q/k/v) | geglu (channel pairs)
+
+    def select(self, scores: torch.Tensor, ratio: float, multiple: int = 1) -> torch.Tensor:
+        """The channels this group loses at `ratio` (the ratio rule of `masks.select_pruned`, per kind):
+        norm and head groups lose the same number inside each norm group / head (so GroupNorm stays valid
+        and no channel changes head); a GEGLU projection's 2H outputs are H pairs (i, i + H), the value and
+        the gate of one hidden unit, scored by their sum and pruned together. multiple: the survivors (per
+        norm group / head; pairs for GEGLU) are rounded to a multiple of it (`early_bird.round_channels`)."""
+        if self.kind == "geglu":
+            h = self.size // 2
+            pairs = select_pruned(scores[:h] + scores[h:], ratio, 1, multiple)
+            return torch.cat([pairs, pairs + h])
+        return select_pruned(scores, ratio, self.gn_groups, multiple)
+
+
+def group_kind(graph, group, names: dict, modules: dict) -> tuple[str, int]:
+    """(kind, rule groups) of a torch-pruning group: see `GroupInfo`."""
+    root = names[group[0].dep.target.module]
+    if root.endswith("ff.net.0.proj"):  # diffusers' GEGLU: proj -> chunk(2) -> value * gelu(gate)
+        return "geglu", 1
+    for dep, _ in group:
+        mod = dep.target.module
+        name = names.get(mod, "")
+        if (isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v")
+                and graph.is_out_channel_pruning_fn(dep.handler)):
+            attn = modules.get(name.rsplit(".", 1)[0])
+            heads = int(getattr(attn, "heads", 1) or 1)
+            return ("heads", heads) if heads > 1 else ("plain", 1)
+    gns = {d.target.module.num_groups for d, _ in group if isinstance(d.target.module, nn.GroupNorm)}
+    return ("norm", max(gns)) if gns else ("plain", 1)
 
 
 class PruningEngine:
-    """Traces `model` once; scores and masks its groups on demand, on the model's device."""
+    """Traces `model` once; scores and masks its groups on demand, on the model's device.
+
+    Groups are cut by the ratio rule of their kind (`GroupInfo.select`): plain, GroupNorm-coupled, attention
+    q/k/v (every head loses alike; the softmax scale stays the dense one through `FixedScaleAttnProcessor`,
+    so removing a channel is zeroing it) and GEGLU pairs. Nothing produces a cross-attention context inside
+    the UNet, so no group holds the context width or a class-embedding table (`ClassConditionalUNet`)."""
 
     def __init__(self, model: nn.Module, ignored: tuple[str, ...] = ("conv_out",)):
         self.model = model
@@ -135,12 +168,13 @@ class PruningEngine:
         self.groups = sorted(groups, key=lambda g: names[g[0].dep.target.module])
         if not self.groups:
             raise RuntimeError("torch-pruning found no prunable group in the model")
+        modules = dict(model.named_modules())
         info = []
         for g in self.groups:
             root = g[0].dep.target.module
-            gns = {d.target.module.num_groups for d, _ in g if isinstance(d.target.module, nn.GroupNorm)}
+            kind, rule = group_kind(self.graph, g, names, modules)
             size = self.graph.get_out_channels(root)
-            info.append(GroupInfo(names[root], int(size), max(gns) if gns else 1))
+            info.append(GroupInfo(names[root], int(size), rule, kind))
         self.info = info
         self.sizes = tuple(i.size for i in info)
 
@@ -165,7 +199,7 @@ class PruningEngine:
     def mask_from_scores(self, scores: list[torch.Tensor], ratio: float, multiple: int = 1) -> ChannelMask:
         """multiple: round every group's surviving channels to a multiple of it (`masks.channels_to_prune`;
         `early_bird.round_channels`); 1 = the reference's ticket sizes."""
-        pruned = [select_pruned(s, ratio, i.gn_groups, multiple) for s, i in zip(scores, self.info)]
+        pruned = [i.select(s, ratio, multiple) for s, i in zip(scores, self.info)]
         return ChannelMask.from_indices(self.sizes, pruned)
 
     def mask(self, criterion: "str | Criterion", ratio: float, probe: "ScoreProbe | None" = None,
@@ -187,12 +221,17 @@ class ScoreProbe:
     timesteps: int = 32
     t_range: tuple[int, int] | None = None
     seed: int = 0
+    labels: torch.Tensor | None = None  # the batch's classes, for a class-conditional model
 
     @classmethod
-    def of(cls, data, batch: int, loss: DiffusionLoss, timesteps: int, seed: int, device) -> "ScoreProbe":
-        """The first `batch` images of a dataset (`data.ImageData`), scored on the loss's timestep range."""
-        x0 = data.head(min(batch, len(data))).to(device)
-        return cls(x0, loss, timesteps, (loss.timesteps.lo, loss.timesteps.hi), seed)
+    def of(cls, data, batch: int, loss: DiffusionLoss, timesteps: int, seed: int, device,
+           labels: bool = False) -> "ScoreProbe":
+        """The first `batch` images of a dataset (`data.ImageData`), scored on the loss's timestep range
+        (labels=True: with their classes)."""
+        n = min(batch, len(data))
+        x0 = data.head(n).to(device)
+        y = data.head_labels(n).to(device) if labels else None
+        return cls(x0, loss, timesteps, (loss.timesteps.lo, loss.timesteps.hi), seed, y)
 
 
 class Criterion:
@@ -264,7 +303,7 @@ class Taylor(Criterion):
         model.requires_grad_(True)  # a frozen copy (the EMA) is scored too
         try:
             accumulate_taylor_grads(model, probe.loss, probe.x0, probe.timesteps, self.threshold, seed=probe.seed,
-                                    t_range=probe.t_range)
+                                    t_range=probe.t_range, labels=probe.labels)
             return engine.group_scores(tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None))
         finally:
             model.zero_grad(set_to_none=True)
@@ -294,13 +333,14 @@ class Random(Criterion):
 
 def accumulate_taylor_grads(model: nn.Module, loss: "DiffusionLoss | Schedule", x0: torch.Tensor, n_timesteps: int,
                             diff_threshold: float | None = None, seed: int = 0,
-                            t_range: tuple[int, int] | None = None) -> dict:
+                            t_range: tuple[int, int] | None = None, labels: torch.Tensor | None = None) -> dict:
     """Accumulate dL_t/dw into `.grad` over evenly spaced t (one batch, fixed noise, same t per batch).
 
     L_t is the run's diffusion loss (its weights and reduction; a bare Schedule means the plain mean
     squared error). With `diff_threshold` (Diff-Pruning) the accumulation stops at the first t, in
     ascending order, whose loss falls below threshold * the largest loss seen. The model is put in
-    eval mode while scoring (no dropout), so an unchanged model always gives the same scores.
+    eval mode while scoring (no dropout), so an unchanged model always gives the same scores. labels: the
+    batch's classes (a class-conditional model).
     """
     from .models import eps_fn
 
@@ -317,7 +357,7 @@ def accumulate_taylor_grads(model: nn.Module, loss: "DiffusionLoss | Schedule", 
     f = eps_fn(model)
     for t in ts:
         tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-        lt = loss(f, x0, noise, tt)
+        lt = loss(f, x0, noise, tt, labels)
         lv = float(lt.detach())
         lmax = max(lmax, lv)
         if diff_threshold is not None and lv < diff_threshold * lmax:
@@ -404,3 +444,5 @@ def channel_zero_mask_(model: nn.Module, engine: PruningEngine, mask: ChannelMas
                     w[ids] = 0
                     if mod.bias is not None:
                         mod.bias[ids] = 0
+                elif isinstance(mod, nn.Embedding):  # a class embedding added to the timestep embedding
+                    w[:, ids] = 0

@@ -179,17 +179,18 @@ class RegionRouter:
         self.models = [wrap(m) for m in self.models]
         return self
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *cond) -> torch.Tensor:
+        """cond: class labels (one per sample) of a class-conditional ensemble, split with the batch."""
         ks = [self.regions.route(int(v), self.rule) for v in t.tolist()]
         if all(k == ks[0] for k in ks):  # the samplers' case: one t per batch
             self.calls[ks[0]] += 1
-            return self.models[ks[0]](x, t)
+            return self.models[ks[0]](x, t, *cond)
         out = None
         kt = torch.tensor(ks, device=t.device)
         for k in sorted(set(ks)):
             sel = kt == k
             self.calls[k] += 1
-            y = self.models[k](x[sel], t[sel])
+            y = self.models[k](x[sel], t[sel], *[c if c is None else c[sel] for c in cond])
             if out is None:
                 out = torch.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device)
             out[sel] = y

@@ -3,13 +3,16 @@
 Every sampler is `fn(model, x, schedule, timesteps, *, generator=None, **options)`: x = x_T, the
 visited `timesteps` ascending. The model is a plain callable, so a single UNet, an EMA copy or a
 region router plug in the same way (the k-diffusion convention); a model that implements `Routed`
-(the TA-EB `RegionRouter`) is asked for the model of each step's Python timestep.
+(the TA-EB `RegionRouter`) is asked for the model of each step's Python timestep. Class labels and
+classifier-free guidance reach the model through one wrapper, `conditioned` (an eps callable
+f(x, t, cond) with the labels bound), so no sampler knows about conditions.
 
 Adding a sampler is one function and one `register_sampler(name, timesteps_fn, options)` line.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
 
@@ -33,6 +36,46 @@ class Routed(Protocol):
 def model_at(model: EpsModel, t: int) -> EpsModel:
     """The eps model serving timestep t: `model.at(t)` for a `Routed` model, else the model itself."""
     return model.at(t) if isinstance(model, Routed) else model
+
+
+class Conditioned:
+    """An eps model f(x, t, cond) with the class labels of one batch bound: f(x, t) -> eps. With `guidance`
+    s (classifier-free guidance): eps(x, null) + s * (eps(x, labels) - eps(x, null)), both halves in one
+    batched call. It routes like the model it wraps (`at(t)` binds the labels to the model of step t), so a
+    TA-EB router hands them to the ticket of each step."""
+
+    def __init__(self, model: Callable, labels: torch.Tensor, guidance: float | None = None, null: int | None = None):
+        if guidance is not None and null is None:
+            raise ValueError("classifier-free guidance needs the null class index")
+        self.model, self.labels, self.guidance, self.null = model, labels, guidance, null
+
+    def at(self, t: int) -> "Conditioned":
+        return Conditioned(model_at(self.model, t), self.labels, self.guidance, self.null)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = self.labels.to(x.device)
+        if self.guidance is None:
+            return self.model(x, t, y)
+        both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null)]))
+        cond, uncond = both.float().chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+
+def conditioned(model: Callable, labels: torch.Tensor | None, guidance: float | None = None,
+                null: int | None = None) -> Callable:
+    """`model` with class labels bound (see `Conditioned`); the model itself when labels is None."""
+    return model if labels is None else Conditioned(model, labels, guidance, null)
+
+
+def class_rows(num_classes: int, n: int, classes: list[int] | None = None) -> tuple[torch.Tensor, int | None]:
+    """Labels for n samples of a class-conditional model and the grid row length that gives one row per class:
+    `classes` (default all) each repeated ceil(n / len) times in turn; when there are more classes than
+    samples, one sample per class of the first n (no row layout: None)."""
+    classes = list(range(num_classes)) if classes is None else list(classes)
+    if n < len(classes):
+        return torch.tensor(classes[:n], dtype=torch.long), None
+    per = -(-n // len(classes))
+    return torch.tensor([classes[i // per] for i in range(n)], dtype=torch.long), per
 
 
 def ddim_timesteps(T: int, steps: int, spacing: str = "quad") -> list[int]:
@@ -141,13 +184,20 @@ def sampler_timesteps(sampler: str, T: int, steps: int, spacing: str = "quad") -
 
 def generate(model: EpsModel, n: int, shape: tuple[int, int, int], schedule: Schedule, *,
              sampler: str = "ddim", steps: int = 100, spacing: str = "quad", batch_size: int = 256, seed: int = 0,
-             device: torch.device | str = "cpu", progress: bool = False, **options) -> torch.Tensor:
+             device: torch.device | str = "cpu", progress: bool = False, labels: torch.Tensor | None = None,
+             guidance: float | None = None, null_class: int | None = None, clamp: bool = True,
+             **options) -> torch.Tensor:
     """n images in [-1, 1] as a float tensor on the CPU. Batch b uses seed (seed, b): reproducible.
-    options: sampler settings (eta, clip_x0, variance); each sampler takes those it knows."""
+    labels: n class labels of a class-conditional model (with `guidance` s and the `null_class` index:
+    classifier-free guidance). clamp=False (latents): nothing is clipped to [-1, 1], neither the output nor a
+    sampler's predicted x0. options: sampler settings (eta, clip_x0, variance); each sampler takes those it
+    knows."""
     from tqdm.auto import tqdm
 
     spec = SAMPLERS[sampler]
     kw = {k: v for k, v in options.items() if k in spec.options}
+    if not clamp and "clip_x0" in inspect.signature(spec.fn).parameters:
+        kw["clip_x0"] = False  # a latent's range is not [-1, 1]
     timesteps = spec.timesteps(schedule.T, steps, spacing)
     out = []
     n_batches = (n + batch_size - 1) // batch_size
@@ -155,8 +205,10 @@ def generate(model: EpsModel, n: int, shape: tuple[int, int, int], schedule: Sch
         m = min(batch_size, n - b * batch_size)
         g = torch.Generator(device=device).manual_seed(seed * 100_003 + b)
         x = torch.randn((m, *shape), generator=g, device=device)
-        x = spec.fn(model, x, schedule, timesteps, generator=g, **kw)
-        out.append(x.clamp(-1, 1).cpu())
+        fn = model if labels is None else conditioned(model, labels[b * batch_size: b * batch_size + m], guidance,
+                                                      null_class)
+        x = spec.fn(fn, x, schedule, timesteps, generator=g, **kw)
+        out.append(x.clamp(-1, 1).cpu() if clamp else x.cpu())
     return torch.cat(out)
 
 

@@ -156,13 +156,13 @@ class EarlyBirdHook(Hook):
             self._artifacts(tr, None)
 
     def _extract(self, tr, ticket: Ticket) -> None:
-        from .models import build_model, format_count, size_of
+        from .models import build_from_config, format_count, size_of
         from .pruning import extract
 
         st, s, eb, mc = tr.state, self.search, tr.cfg.early_bird, tr.cfg.model
         t0 = time.perf_counter()
         plan = s.plan(ticket.mask)
-        small = extract(st.model, plan, reinit=eb.reinit, init_fn=lambda: build_model(mc.preset, mc.dropout))
+        small = extract(st.model, plan, reinit=eb.reinit, init_fn=lambda: build_from_config(mc))
         s.release()
         tr.adopt(small.train(), "ticket", plan)
         size = size_of(small)

@@ -364,27 +364,33 @@ class TrainStep:
         cache.record(self.key(mode, x0), **vals)
 
     # ------------------------------------------------------------------ the step
-    def _eps(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _eps(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         # autocast's weight cache must be off under graph capture (PyTorch's CUDA graphs notes)
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.fast.bf16,
                             cache_enabled=not self.fast.cuda_graph):
-            return self.model(xt, t).sample
+            if cond is None:
+                return self.model(xt, t).sample
+            return self.model(xt, t, class_labels=cond).sample
 
-    def _forward_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.loss(self._eps, x0, noise, t)
+    def _forward_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                      cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.loss(self._eps, x0, noise, t, cond)
 
-    def _update(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def _update(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
         """Forward, backward, clip, Adam, EMA: the work one step does (and what the graph captures).
-        None: a non-finite step skipped (skip_nonfinite)."""
+        None: a non-finite step skipped (skip_nonfinite). cond: class labels (class-conditional models)."""
         if self.accum == 1:
-            loss = self.forward_loss(x0, t, noise)
+            loss = self.forward_loss(x0, t, noise, cond)
             loss.backward()
         else:
             loss = 0.0
-            for i, (xi, ti, ni) in enumerate(zip(x0.chunk(self.accum), t.chunk(self.accum), noise.chunk(self.accum))):
+            conds = [None] * self.accum if cond is None else cond.chunk(self.accum)
+            for i, (xi, ti, ni, ci) in enumerate(zip(x0.chunk(self.accum), t.chunk(self.accum), noise.chunk(self.accum),
+                                                     conds)):
                 last = i == self.accum - 1  # DDP all-reduces the gradients once, after the last micro-batch
                 with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
-                    li = self.forward_loss(xi, ti, ni) / self.accum
+                    li = self.forward_loss(xi, ti, ni, ci) / self.accum
                     li.backward()
                 loss = loss + li.detach()
         if self.grad_clip > 0 or self.skip_nonfinite:
@@ -396,7 +402,8 @@ class TrainStep:
             self.ema.update(self.raw)
         return loss.detach()
 
-    def __call__(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                 cond: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.fast.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
             noise = noise.contiguous(memory_format=torch.channels_last)
@@ -407,9 +414,9 @@ class TrainStep:
         if clock is not None:
             clock.before()
         if self.fast.cuda_graph:
-            loss = self._graph_step(x0, t, noise)
+            loss = self._graph_step(x0, t, noise, cond)
         else:
-            loss = self._update(x0, t, noise)
+            loss = self._update(x0, t, noise, cond)
             self.opt.zero_grad(set_to_none=True)
         if self._save_pending:  # after the shape's first full compiled step (forward and backward)
             self._save_pending = False
@@ -430,15 +437,17 @@ class TrainStep:
 
     GRAPH_WARMUP = 3  # eager steps before the capture (lazy cuBLAS/cuDNN/autograd set-up, compilation)
 
-    def _graph_step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def _graph_step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                    cond: torch.Tensor | None = None) -> torch.Tensor:
         """Whole-step CUDA graph, as in PyTorch's "whole-network capture": a few eager steps on a side
         stream, then one capture of `_update` over static input buffers; every later step copies its
         batch into those buffers and replays the graph: one launch per step. Every call is exactly one
         training step (the capture call replays once). The returned loss is the graph's static output:
         read it before the next call (the trainer adds it to its running sum at once)."""
         if self._graph is not None:
-            for buf, v in zip(self._static_in, (x0, t, noise)):
-                buf.copy_(v)
+            for buf, v in zip(self._static_in, (x0, t, noise, cond)):
+                if buf is not None:
+                    buf.copy_(v)
             self._graph.replay()
             if self.ema is not None:  # the captured update does not run Python (a fixed decay, every step)
                 self.ema.updates += 1
@@ -448,12 +457,12 @@ class TrainStep:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                loss = self._update(x0, t, noise)
+                loss = self._update(x0, t, noise, cond)
                 self.opt.zero_grad(set_to_none=True)
             torch.cuda.current_stream().wait_stream(side)
             self._warm += 1
             return loss.clone()  # owned by the current stream
-        self._static_in = [x0.clone(), t.clone(), noise.clone()]  # clone keeps channels_last
+        self._static_in = [x0.clone(), t.clone(), noise.clone(), None if cond is None else cond.clone()]  # clone keeps channels_last
         self.opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients: static
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):

@@ -123,8 +123,12 @@ def preflight(cfg: Config) -> None:
     """User errors that every branch would hit (a missing or unreadable dataset, a wrong preset for it)
     stop here with one line, before any process is started."""
     from .data import load_training_data
+    from .distributed import resolve_device
+    from .models import is_latent_preset
 
-    load_training_data(cfg.data, cfg.model.preset, "cpu", progress=False)
+    latent = is_latent_preset(cfg.model.preset)  # and encodes a latent preset's cache once, for every branch
+    load_training_data(cfg.data, cfg.model.preset, resolve_device(cfg.train.device) if latent else "cpu",
+                       progress=latent, model=cfg.model)
 
 
 def die_with_parent() -> None:

@@ -78,17 +78,24 @@ class SampleGridHook(Hook):
         if st.iteration % self.every or not tr.main:
             return
         from .diffusion import Schedule
-        from .models import eps_fn
+        from .models import eps_fn, model_classes
         from .report import save_grid
-        from .sampling import generate, to_uint8
+        from .sampling import class_rows, generate, to_uint8
 
         t0 = time.perf_counter()
         s, d = tr.cfg.sample, tr.cfg.diffusion
+        classes, latent = model_classes(st.ema.module), tr.data.latent
+        labels, row = (None, None) if classes is None else class_rows(classes, self.n, s.classes)
         x = generate(eps_fn(st.ema.module), self.n, tuple(tr.data.shape), Schedule.from_config(d), sampler=s.sampler,
                      steps=min(s.steps, d.timesteps), spacing=s.spacing, batch_size=self.n, seed=s.seed,
-                     device=tr.device, eta=s.eta, variance=s.variance, clip_x0=s.clip_x0)
+                     device=tr.device, eta=s.eta, variance=s.variance, clip_x0=s.clip_x0, labels=labels,
+                     guidance=s.guidance, null_class=classes, clamp=latent is None)
+        if latent is not None:
+            from .latents import LatentDecoder
+
+            x = LatentDecoder(latent, tr.device, tr.cfg.model.preset)(x)
         imgs = to_uint8(x)
-        save_grid(imgs, tr.run_dir / "samples" / f"iter-{st.iteration:09d}.png")
+        save_grid(imgs, tr.run_dir / "samples" / f"iter-{st.iteration:09d}.png", nrow=row)
         if tr.tracker is not None:
             tr.tracker.log_images("samples", imgs, st.iteration)
         tr.log({"event": "samples", "iter": st.iteration, "seconds": time.perf_counter() - t0})

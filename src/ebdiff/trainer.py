@@ -30,7 +30,7 @@ from .diffusion import DiffusionLoss
 from .distributed import make_dist
 from .errors import ConfigError, DataError, Interrupted, NonFiniteError
 from .hooks import CallbackHook, Hook
-from .models import build_model, size_of
+from .models import build_from_config, model_classes, size_of
 from .step import EMA, TrainStep, apply_hparams, lr_factor, make_optimizer, prepare_model, resolve_fast_path
 from .tracking import SampleGridHook
 
@@ -65,7 +65,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         cfg = self.cfg
-        self.data = load_training_data(cfg.data, cfg.model.preset, self.device, self.main and cfg.train.progress)
+        self.data = load_training_data(cfg.data, cfg.model.preset, self.device, self.main and cfg.train.progress,
+                                       model=cfg.model)
         if len(self.data) < cfg.train.batch_size:
             raise DataError(f"dataset of {len(self.data)} images is smaller than one batch (train.batch_size="
                             f"{cfg.train.batch_size})")
@@ -73,6 +74,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.rank)
         np.random.seed((cfg.train.seed + self.rank) % 2**32)
         facts, saved, plan, phase = {"image_shape": list(self.data.shape)}, None, None, "dense"
+        if self.data.latent is not None:  # what decodes this run's samples: autoencoder, scale
+            facts["latent"] = self.data.latent
         if self.resume:
             ckpt, model, meta, saved = ck.read_for_resume(self.run_dir)
             changes = identity_changes(meta.get("identity") or {"model.preset": meta["preset"]}, run_identity(cfg))
@@ -88,7 +91,10 @@ class Trainer:
             model, plan, facts["pruned_from"] = prune_from_run(cfg, self.device, self.score_probe, self.print)
             phase, extract_s = "pruned", time.perf_counter() - t0
         else:
-            model = build_model(cfg.model.preset, cfg.model.dropout)
+            model = build_from_config(cfg.model)
+        self.classes = model_classes(model)  # None: unconditional
+        if self.classes is not None:
+            self.data.check_labels(self.classes)
         if self.main:  # records past the state training continues from (a resume's checkpoint, or 0: a run
             # restarted after dying before its first checkpoint) are trained and logged again: no duplicates
             ck.truncate_log(self.run_dir / ck.METRICS_FILE, int(meta["iteration"]) if self.resume else 0)
@@ -112,7 +118,7 @@ class Trainer:
         elif self.spec.kind == "prune-from-run":
             st.timing.extract_s += extract_s
         if not st.facts.get("dense_size"):
-            st.facts["dense_size"] = size_of(model if plan is None else build_model(cfg.model.preset))
+            st.facts["dense_size"] = size_of(model if plan is None else build_from_config(cfg.model))
         st.facts["identity"] = run_identity(cfg)
         if self.main:
             ck.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
@@ -180,7 +186,8 @@ class Trainer:
         """The fixed batch gradient criteria score on (so that masks differ only through the weights)."""
         from .pruning import ScoreProbe
 
-        return ScoreProbe.of(self.data, batch, self.loss, timesteps, self.cfg.train.seed, self.device)
+        return ScoreProbe.of(self.data, batch, self.loss, timesteps, self.cfg.train.seed, self.device,
+                             labels=self.classes is not None)
 
     # ------------------------------------------------------------------ output
     def print(self, msg: str) -> None:
@@ -204,8 +211,13 @@ class Trainer:
         self.dist.barrier()
         if self.main:
             self.state.timing.wall_s = time.perf_counter() - self._wall0
-            self.state.save(self.run_dir, self.cfg.train.keep_last,
-                            {"preset": self.cfg.model.preset, "dropout": self.cfg.model.dropout})
+            self.state.save(self.run_dir, self.cfg.train.keep_last, self.model_meta())
+
+    def model_meta(self) -> dict:
+        """What rebuilds the trained model from a checkpoint or snapshot (with its plan), and decodes its
+        samples (a latent run's autoencoder and scale)."""
+        return {"preset": self.cfg.model.preset, "dropout": self.cfg.model.dropout, "num_classes": self.classes,
+                "latent": self.state.facts.get("latent")}
 
     def _nonfinite(self, what: str) -> None:
         last = ck.latest_checkpoint(self.run_dir)
@@ -215,12 +227,15 @@ class Trainer:
                "or train.nonfinite=skip" if last else "No checkpoint was written: lower train.lr or set train.grad_clip > 0"))
 
     # ------------------------------------------------------------------ loop
-    def _step(self, x0: torch.Tensor) -> torch.Tensor:
+    def _step(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         # every random draw of an iteration is a function of (seed, iteration, rank): exact resume
         seed = (self.cfg.train.seed * 1_000_003 + self.state.iteration) * 64 + self.rank
         t = to_device(self.loss.timesteps(x0.shape[0], generator=torch.Generator().manual_seed(seed)), self.device)
         self.noise_gen.manual_seed(seed)
-        return self.step(x0, t, torch.randn(x0.shape, generator=self.noise_gen, device=self.device))
+        noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
+        if labels is None:
+            return self.step(x0, t, noise)
+        return self.step(x0, t, noise, class_dropout(labels, self.cfg.model.class_dropout, self.classes, seed))
 
     def run(self) -> dict:
         """Train to train.iters under the run folder's lock; SIGINT/SIGTERM/SIGHUP save a checkpoint and stop."""
@@ -257,7 +272,7 @@ class Trainer:
                 ck.atomic_write_json(self.run_dir / "summary.json", summary)
             return summary
         batches = BatchStream(self.data, self.local_batch, tc.seed, self.device, self.rank, self.world,
-                              self.cfg.data.num_workers)(st.iteration)
+                              self.cfg.data.num_workers, labels=self.classes is not None)(st.iteration)
         self.model_p.train()
         bar = tqdm(total=tc.iters, initial=st.iteration, disable=not (self.main and tc.progress), desc=st.phase,
                    dynamic_ncols=True)
@@ -272,7 +287,8 @@ class Trainer:
             if tc.lr_schedule != "constant" or tc.lr_warmup:
                 for g in st.optimizer.param_groups:
                     g["lr"] = tc.lr * self.lr_at(st.iteration)
-            loss = self._step(next(batches))
+            batch = next(batches)
+            loss = self._step(*batch) if isinstance(batch, tuple) else self._step(batch)
             if loss is None:  # train.nonfinite=skip dropped this step
                 skipped += 1
             else:
@@ -345,6 +361,15 @@ class Trainer:
                            pruned_from=st.facts.get("pruned_from"), device=str(self.device), processes=self.world,
                            fast_path=self.step.fast.to_dict(), skipped_steps=st.facts.get("skipped_steps") or 0,
                            compile_decisions=st.facts.get("compile_decisions"))
+
+
+def class_dropout(labels: torch.Tensor, p: float, null: int, seed: int) -> torch.Tensor:
+    """Labels with each replaced by the null class with probability p (classifier-free guidance training);
+    the draw is a function of `seed` (the iteration's) and of nothing else: exact resume."""
+    if p <= 0:
+        return labels
+    drop = torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(seed + 7_777_777)) < p
+    return torch.where(to_device(drop, labels.device), torch.full_like(labels, null), labels)
 
 
 @contextlib.contextmanager

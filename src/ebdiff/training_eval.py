@@ -137,14 +137,16 @@ class EvalHook(Hook):
     def _score(self, tr) -> dict:
         if not tr.main:
             return {}
-        from .evaluate import sample_model
+        from .evaluate import sample_model, sampling_inputs
         from .models import eps_fn
         from .report import save_grid
         from .sampling import to_uint8
 
         dcfg, scfg = eval_sample_config(tr.cfg)
-        x, speed = sample_model(eps_fn(tr.state.ema.module), tr.data.shape, dcfg, scfg, tr.device, progress=False,
-                                compile_cache=tr.cfg.train.compile_cache)
+        model = tr.state.ema.module
+        inputs, _ = sampling_inputs(model, tr.model_meta(), scfg, tr.device, tr.run_dir)
+        x, speed = sample_model(eps_fn(model), tr.data.shape, dcfg, scfg, tr.device, progress=False,
+                                compile_cache=tr.cfg.train.compile_cache, **inputs)
         m = self.scorer(x)
         save_grid(to_uint8(x[:64]), tr.run_dir / GRID)
         return {"metric": m["name"], "value": m["value"], "kid": m["kid"], "n": scfg.n, "steps": scfg.steps,
@@ -155,8 +157,7 @@ class EvalHook(Hook):
             return {}
         st = tr.state
         d = tr.run_dir / SNAPSHOTS / f"snap-{st.iteration:09d}"
-        meta = {"preset": tr.cfg.model.preset, "dropout": tr.cfg.model.dropout, "phase": st.phase, "plan": st.plan,
-                "image_shape": list(tr.data.shape)}
+        meta = {**tr.model_meta(), "phase": st.phase, "plan": st.plan, "image_shape": list(tr.data.shape)}
         ck.write_model_folder(d, st.iteration, meta, {"ema.safetensors": st.ema.module})
         return {"snapshot": str(d.relative_to(tr.run_dir))}
 
@@ -182,7 +183,7 @@ def score_taeb_curve(run: Path, device: str = "cpu", progress: bool = True, log=
     """Score the TA-EB ensemble at every point of `ensemble_plan` not yet in RUN/metrics.jsonl (a point
     whose branches' snapshots changed since, after a resume to a longer budget, is scored again)."""
     from .config import load_config
-    from .evaluate import sample_model
+    from .evaluate import sample_model, sampling_inputs
     from .models import eps_fn
     from .regions import RegionRouter
     from .report import save_grid
@@ -209,9 +210,10 @@ def score_taeb_curve(run: Path, device: str = "cpu", progress: bool = True, log=
         t0 = time.perf_counter()
         models = [ck.load_model(b / s, ema=True, device=device)[0] for b, s in zip(branches, p["snapshots"])]
         router = RegionRouter([eps_fn(m) for m in models], regions, spec["route"])
-        shape = tuple(ck.read_meta(branches[0] / p["snapshots"][0])["image_shape"])
-        x, speed = sample_model(router, shape, dcfg, scfg, device, progress=False,
-                                compile_cache=cfg.train.compile_cache)
+        meta = ck.read_meta(branches[0] / p["snapshots"][0])
+        inputs, _ = sampling_inputs(models[0], meta, scfg, device, run)
+        x, speed = sample_model(router, tuple(meta["image_shape"]), dcfg, scfg, device, progress=False,
+                                compile_cache=cfg.train.compile_cache, **inputs)
         m = scorer(x)
         done[p["point"]] = {"event": "eval", "iter": max(p["iters"]), "point": p["point"], "iters": p["iters"],
                             "phase": "ta-eb", "ensemble": True, "train_s": p["train_s"],
