@@ -1,4 +1,4 @@
-"""Training-time accounting (pure): where a run's seconds went, and the run summary built from them.
+"""Training-time accounting: where a run's seconds went, the loss of a log interval, and the run summary.
 
 The paper's speed-up compares training wall-clock times: EB counts its dense search (training and
 checks), the extraction and the ticket's training; a dense-then-prune baseline also counts the dense
@@ -7,6 +7,7 @@ run it was cut from; TA-EB counts its longest branch (`taeb.accounting`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, fields
 
 
@@ -47,6 +48,40 @@ class Timing:
     def from_dict(cls, d: dict) -> "Timing":
         known = {f.name for f in fields(cls)}
         return cls(**{k: float(v) for k, v in d.items() if k in known})
+
+
+class LossMeter:
+    """The training loss of one log interval: summed on the device (no host read per step), the steps that
+    train.nonfinite=skip dropped counted, and the interval's images/s (time paused for evaluation excluded)."""
+
+    def __init__(self, device, iteration: int):
+        import torch
+
+        self.sum, self.n, self.skipped = torch.zeros((), device=device), 0, 0
+        self.it0, self.t0 = iteration, time.perf_counter()
+
+    def add(self, loss) -> None:
+        if loss is None:
+            self.skipped += 1
+        else:
+            self.sum += loss
+            self.n += 1
+
+    def pause(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    def interval(self, iteration: int, batch_size: int, mean) -> dict:
+        """{loss (absent when every step was skipped), images_per_s, skipped_steps (when any)} of the interval
+        up to `iteration`, and a new interval begins. mean: averages the summed loss over the processes."""
+        loss = float(mean(self.sum)) / max(self.n, 1)
+        rec = {"loss": loss, "images_per_s": (iteration - self.it0) * batch_size / max(time.perf_counter() - self.t0, 1e-9)}
+        if self.skipped:
+            rec["skipped_steps"] = self.skipped
+            if not self.n:
+                del rec["loss"]
+        self.sum.zero_()
+        self.n, self.skipped, self.it0, self.t0 = 0, 0, iteration, time.perf_counter()
+        return rec
 
 
 def run_summary(*, run_dir: str, iteration: int, phase: str, timing: Timing, dense_size: dict | None,

@@ -196,3 +196,12 @@ def make_timestep_sampler(dcfg) -> TimestepSampler:
     probs = speed_probabilities(dcfg.timesteps, dcfg.speed_tau, dcfg.speed_k) if speed else None
     dual = speed_meaningful_step(Schedule.from_config(dcfg)) if dcfg.timestep_sampler == "speed-dual" else None
     return TimestepSampler(dcfg.t_min, hi, antithetic=dcfg.timestep_sampler == "antithetic", probs=probs, dual=dual)
+
+
+def class_dropout(labels: torch.Tensor, p: float, null: int, seed: int) -> torch.Tensor:
+    """Labels with each replaced by the null class with probability p (classifier-free guidance training);
+    the draw is a function of `seed` (the iteration's) and of nothing else: exact resume."""
+    if p <= 0:
+        return labels
+    drop = torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(seed + 7_777_777)) < p
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null), labels)

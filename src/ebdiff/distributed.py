@@ -3,7 +3,10 @@ torch.distributed group). Both expose the same small interface to the training l
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 
 import torch
 import torch.nn as nn
@@ -85,3 +88,19 @@ def make_dist(device: str, group=None):
     """The process's place: a TA-EB branch group when given, else whatever accelerate finds."""
     device = resolve_device(device)
     return GroupDist(group, device) if group is not None else AccelerateDist(device)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While inside: SIGINT, SIGTERM and SIGHUP are recorded (the loop saves a checkpoint and stops after
+    the current iteration) instead of killing the process. Signal handlers live in the main thread only."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

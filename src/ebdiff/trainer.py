@@ -13,7 +13,6 @@ import contextlib
 import math
 import shutil
 import signal
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,11 +22,11 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ck
-from .accounting import run_summary
+from .accounting import LossMeter, run_summary
 from .config import Config, RunSpec, dump_yaml, identity_changes, run_identity
 from .data import BatchStream, iterations_per_epoch, load_training_data, to_device
-from .diffusion import DiffusionLoss
-from .distributed import make_dist
+from .diffusion import DiffusionLoss, class_dropout
+from .distributed import make_dist, stop_requests
 from .errors import ConfigError, DataError, Interrupted, NonFiniteError
 from .hooks import CallbackHook, Hook
 from .models import build_from_config, model_classes, size_of
@@ -57,7 +56,7 @@ class Trainer:
         if cfg.train.sample_every:
             self.hooks.append(SampleGridHook(cfg.train.sample_every))
         self.state: ck.TrainState | None = None
-        self.tracker = None
+        self.tracker, self.meter = None, None
         from .compile_cache import CompileCache
 
         self.compile_cache = CompileCache.from_setting(cfg.train.compile_cache, self.device)
@@ -152,7 +151,8 @@ class Trainer:
             dt = time.perf_counter() - t0
             st.timing.eval_s += dt
             self._wall0 += dt
-            self._t_log += dt
+            if self.meter is not None:
+                self.meter.pause(dt)
 
     def adopt(self, model: nn.Module, phase: str, plan: list | None) -> None:
         """Train `model` from here on (the dense preset, a ticket, a pruned model): its fast-path layout,
@@ -276,12 +276,10 @@ class Trainer:
         self.model_p.train()
         bar = tqdm(total=tc.iters, initial=st.iteration, disable=not (self.main and tc.progress), desc=st.phase,
                    dynamic_ncols=True)
-        self._wall0 = time.perf_counter() - st.timing.wall_s
-        self._t_log, self.stopping = time.perf_counter(), None
+        self._wall0, self.stopping = time.perf_counter() - st.timing.wall_s, None
+        self.meter = LossMeter(self.device, st.iteration)
         for h in self.hooks:
             h.on_start(self)
-        loss_sum = torch.zeros((), device=self.device)
-        n_loss, skipped, it_log = 0, 0, st.iteration
         while self.stopping is None:
             t_step = time.perf_counter()
             if tc.lr_schedule != "constant" or tc.lr_warmup:
@@ -289,11 +287,7 @@ class Trainer:
                     g["lr"] = tc.lr * self.lr_at(st.iteration)
             batch = next(batches)
             loss = self._step(*batch) if isinstance(batch, tuple) else self._step(batch)
-            if loss is None:  # train.nonfinite=skip dropped this step
-                skipped += 1
-            else:
-                loss_sum += loss
-                n_loss += 1
+            self.meter.add(loss)  # None: train.nonfinite=skip dropped this step
             st.iteration += 1
             if self.device.type == "cuda" and st.iteration % tc.log_every == 0:
                 torch.cuda.synchronize()
@@ -302,23 +296,14 @@ class Trainer:
             # the last iteration of this call: the hooks see it (a final evaluation point), then it is saved
             self.stopping = self._stop_reason()
             if st.iteration % tc.log_every == 0 or self.stopping:
-                loss = float(self.dist.mean(loss_sum)) / max(n_loss, 1)
-                if not math.isfinite(loss):
-                    self._nonfinite(f"the training loss is {loss} (not finite)")
-                dt = time.perf_counter() - self._t_log
-                ips = (st.iteration - it_log) * tc.batch_size / max(dt, 1e-9)
-                rec = {"iter": st.iteration, "loss": loss, "images_per_s": ips, "wall_s": time.perf_counter() - self._wall0,
-                       "lr": st.optimizer.param_groups[0]["lr"], "phase": st.phase}
-                if skipped:  # train.nonfinite=skip: how many steps of this interval were dropped
-                    st.facts["skipped_steps"] = st.facts.get("skipped_steps", 0) + skipped
-                    rec["skipped_steps"] = skipped
-                    if not n_loss:
-                        del rec["loss"]
-                self.log(rec)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
-                loss_sum.zero_()
-                n_loss, skipped, it_log = 0, 0, st.iteration
-                self._t_log = time.perf_counter()
+                rec = self.meter.interval(st.iteration, tc.batch_size, self.dist.mean)
+                if not math.isfinite(rec.get("loss", 0.0)):
+                    self._nonfinite(f"the training loss is {rec['loss']} (not finite)")
+                if "skipped_steps" in rec:  # train.nonfinite=skip dropped steps in this interval
+                    st.facts["skipped_steps"] = (st.facts.get("skipped_steps") or 0) + rec["skipped_steps"]
+                self.log({"iter": st.iteration, **rec, "wall_s": time.perf_counter() - self._wall0,
+                          "lr": st.optimizer.param_groups[0]["lr"], "phase": st.phase})
+                bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}", img_s=f"{rec['images_per_s']:.0f}")
             for h in self.hooks:
                 h.after_step(self)
             bar.set_description(st.phase)
@@ -361,31 +346,6 @@ class Trainer:
                            pruned_from=st.facts.get("pruned_from"), device=str(self.device), processes=self.world,
                            fast_path=self.step.fast.to_dict(), skipped_steps=st.facts.get("skipped_steps") or 0,
                            compile_decisions=st.facts.get("compile_decisions"))
-
-
-def class_dropout(labels: torch.Tensor, p: float, null: int, seed: int) -> torch.Tensor:
-    """Labels with each replaced by the null class with probability p (classifier-free guidance training);
-    the draw is a function of `seed` (the iteration's) and of nothing else: exact resume."""
-    if p <= 0:
-        return labels
-    drop = torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(seed + 7_777_777)) < p
-    return torch.where(to_device(drop, labels.device), torch.full_like(labels, null), labels)
-
-
-@contextlib.contextmanager
-def stop_requests():
-    """While inside: SIGINT, SIGTERM and SIGHUP are recorded (the loop saves a checkpoint and stops after
-    the current iteration) instead of killing the process. Signal handlers live in the main thread only."""
-    got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield got
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
