@@ -203,13 +203,19 @@ def test_conditional_latent_training_resumes_exactly_and_samples_by_class(vq, tm
                                        "prune.ratio=0.5")]) == 0
 
 
+EVAL = ("train.eval_every=3", "train.eval_n=8", "train.eval_steps=2", "train.eval_classifier_epochs=1")
+
+
 def test_taeb_two_regions_on_the_conditional_latent_model(vq, tmp_path, has_fmnist, monkeypatch):
     monkeypatch.setenv("EBDIFF_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "ta"
     args = latent_args(run, vq, tmp_path / "latents", "train.iters=6", "early_bird.check_every=2", "data.limit=256",
                        "early_bird.queue=2", "early_bird.eta=0.9", "taeb.launch=sequential", "model.class_dropout=0.2",
-                       "regions=[{t: [0, 499], ratio: 0.3}, {t: [500, 999], ratio: 0.6}]")
+                       "regions=[{t: [0, 499], ratio: 0.3}, {t: [500, 999], ratio: 0.6}]", *EVAL)
     assert main(["ta-eb", *args]) == 0
+    # evaluation during training: each branch snapshots its conditional latent EMA model, the ensemble is scored
+    ens = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "eval"]
+    assert ens and all(r["ensemble"] and np.isfinite(r["value"]) for r in ens)
     a = json.loads((run / "taeb.json").read_text())
     assert [b["ticket_found"] for b in a["branches"]] == [True, True]
     assert a["branches"][0]["params"] > a["branches"][1]["params"]
@@ -219,6 +225,11 @@ def test_taeb_two_regions_on_the_conditional_latent_model(vq, tmp_path, has_fmni
     assert main(["eval", str(run), "--n", "16", "--steps", "3", "--classifier-epochs", "1"]) == 0
     e = json.loads((run / "eval.json").read_text())
     assert e["metrics"]["fd"]["name"] == "FD-FMNIST" and np.isfinite(e["metrics"]["fd"]["value"])
+    # a single conditional latent run evaluates itself during training on decoded, class-balanced samples
+    one = tmp_path / "one"
+    assert main(["train", *latent_args(one, vq, tmp_path / "latents", "train.iters=2", "data.limit=256", *EVAL)]) == 0
+    pts = [r for r in map(json.loads, (one / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "eval"]
+    assert [r["iter"] for r in pts] == [2] and pts[0]["metric"] == "FD-FMNIST" and np.isfinite(pts[0]["value"])
 
 
 def test_info_sizes_of_the_papers_imagenet_ldm(capsys):

@@ -29,7 +29,7 @@ from .diffusion import DiffusionLoss, class_dropout
 from .distributed import make_dist, stop_requests
 from .errors import ConfigError, DataError, Interrupted, NonFiniteError
 from .hooks import CallbackHook, Hook
-from .models import build_from_config, model_classes, size_of
+from .models import build_from_config, model_classes, preset_classes, size_of
 from .step import EMA, TrainStep, apply_hparams, lr_factor, make_optimizer, prepare_model, resolve_fast_path
 from .tracking import SampleGridHook
 
@@ -57,6 +57,7 @@ class Trainer:
             self.hooks.append(SampleGridHook(cfg.train.sample_every))
         self.state: ck.TrainState | None = None
         self.tracker, self.meter = None, None
+        self.classes = preset_classes(cfg.model.preset, cfg.model.num_classes)  # None: unconditional
         from .compile_cache import CompileCache
 
         self.compile_cache = CompileCache.from_setting(cfg.train.compile_cache, self.device)
@@ -91,7 +92,7 @@ class Trainer:
             phase, extract_s = "pruned", time.perf_counter() - t0
         else:
             model = build_from_config(cfg.model)
-        self.classes = model_classes(model)  # None: unconditional
+        self.classes = model_classes(model)
         if self.classes is not None:
             self.data.check_labels(self.classes)
         if self.main:  # records past the state training continues from (a resume's checkpoint, or 0: a run
