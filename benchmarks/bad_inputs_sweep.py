@@ -69,6 +69,7 @@ def main() -> None:
     badcfg = w / "badcfg"
     shutil.copytree(good, badcfg)
     (badcfg / "config.yaml").write_text("model: [")
+    (w / "emptydir").mkdir()
     ro = w / "ro"
     ro.mkdir()
     ro.chmod(0o500)
@@ -123,6 +124,29 @@ def main() -> None:
         ("bench --ratios 1.5", ["bench", "--preset", "tiny", "--ratios", "1.5"]),
         ("bench --modes fast on the CPU", ["bench", "--preset", "tiny", "--modes", "fast", "--device", "cpu"]),
         ("train.device=cuda without a GPU", ["train", "--out", str(w / "x9"), *TINY, "train.device=cuda"]),
+        # issues 14-17: options added since the first sweep
+        ("--resume a folder with no run below it", ["train", "--resume", str(w / "emptydir")]),
+        ("train.grad_accum not dividing the batch", ["train", "--out", str(w / "x9"), *TINY, "train.grad_accum=3"]),
+        ("train.log_with=wandbx", ["train", "--out", str(w / "x9"), *TINY, "train.log_with=wandbx"]),
+        ("train.eval_every=abc", ["train", "--out", str(w / "x9"), *TINY, "train.eval_every=abc"]),
+        ("train.eval_n=1", ["train", "--out", str(w / "x9"), *TINY, "train.eval_every=2", "train.eval_n=1"]),
+        ("train.max_seconds=0", ["train", "--out", str(w / "x9"), *TINY, "train.max_seconds=0"]),
+        ("early_bird.round_channels=0", ["train", "--out", str(w / "x9"), *TINY, "early_bird.ratio=0.5",
+                                         "early_bird.round_channels=0"]),
+        ("model.class_dropout on an unconditional model", ["train", "--out", str(w / "x9"), *TINY,
+                                                           "model.class_dropout=0.1"]),
+        ("model.autoencoder on a pixel preset", ["train", "--out", str(w / "x9"), *TINY, "model.autoencoder=/x"]),
+        ("latent preset with a missing autoencoder folder", ["train", "--out", str(w / "x9"), *TINY,
+                                                             "model.preset=ldm-tiny", f"model.autoencoder={w / 'noae'}"]),
+        ("encode a pixel preset", ["encode", *TINY]),
+        ("sample --class on an unconditional run", ["sample", str(good), "--class", "3", "--out", str(w / "s.png")]),
+        ("sample --guidance -1", ["sample", str(good), "--guidance", "-1", "--out", str(w / "s.png")]),
+        ("sample --scheduler nope", ["sample", str(good), "--scheduler", "nope", "--out", str(w / "s.png")]),
+        ("export --out an existing file", ["export", str(good), "--out", str(w / "file")]),
+        ("export a folder that is no run", ["export", str(w / "emptydir"), "--out", str(w / "exp")]),
+        ("report --target without evaluation points", ["report", str(good), "--target", "30", "--out", str(w / "rep")]),
+        ("demo --compare --latent", ["demo", "--compare", "--latent", "--out", str(w / "demo")]),
+        ("info --round 0", ["info", "--preset", "tiny", "--ratio", "0.5", "--round", "0"]),
     ]
     rows = []
     for name, args in cases:

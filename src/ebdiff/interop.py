@@ -36,6 +36,7 @@ import torch.nn as nn
 from . import checkpoint as ck
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError
+from .models import DiffusersLike
 from .regions import RegionRouter, RegionSet
 from .sampling import ddim_timesteps, model_at, register_sampler
 
@@ -183,7 +184,7 @@ def scheduler(name: str = "ddim", config=None, **overrides):
 
 
 # ---------------------------------------------------------------------- the TA-EB ensemble as one UNet
-class RoutedUNet(nn.Module):
+class RoutedUNet(DiffusersLike):
     """A TA-EB ensemble with `UNet2DModel`'s call signature: `model(sample, timestep).sample` sends each
     sample to the ticket of its timestep's region (`RegionSet.route`), so diffusers' pipelines and
     scheduler loops run it as one UNet. `config` is the first member's (sample_size, in_channels, ...)
@@ -203,14 +204,6 @@ class RoutedUNet(nn.Module):
     @property
     def config(self):
         return self._config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     @property
     def router(self) -> RegionRouter:

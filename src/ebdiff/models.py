@@ -136,7 +136,20 @@ def preset_classes(name: str, num_classes: int | None = None) -> int | None:
     return LATENT_PRESETS[name]["num_classes"] if name in LATENT_PRESETS else None
 
 
-class ClassConditionalUNet(nn.Module):
+class DiffusersLike(nn.Module):
+    """A module that composes diffusers models and answers the attributes diffusers' pipelines read off a
+    model besides `config`: its dtype and device (those of its parameters)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class ClassConditionalUNet(DiffusersLike):
     """A diffusers `UNet2DConditionModel` with its class-embedding table (LDM's ClassEmbedder): the label
     picks a row, which is the one-token cross-attention context. Rows 0..num_classes-1 are the classes, row
     num_classes the null class (classifier-free guidance; also what `class_labels=None` means). Called like
@@ -154,14 +167,6 @@ class ClassConditionalUNet(nn.Module):
 
         return FrozenDict({**dict(self.unet.config), "_class_name": type(self).__name__,
                            "num_classes": self.num_classes})
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def to_json_string(self) -> str:
         import json
