@@ -349,3 +349,26 @@ def test_two_node_agents_on_one_machine_train_one_run(tmp_path, has_fmnist):
     assert _ckpts(run) == ["ckpt-000000002", "ckpt-000000004"]
     logged = [json.loads(x)["iter"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == [5 * i for i in range(1, 5) if 5 * i <= 4] + [4]  # log_every 5: the last iteration only
+
+
+def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
+    """tempfile makes its files 0600 and folders 0700; what ebdiff renames into place (summaries, configs,
+    checkpoints, exports) must get what open()/mkdir() give under the umask, so a group can read a run."""
+    import os
+    import stat
+
+    import torch.nn as nn
+
+    from ebdiff import checkpoint as ck
+
+    old = os.umask(0o022)
+    try:
+        ck.atomic_write_json(tmp_path / "summary.json", {"a": 1})
+        ck.atomic_save(tmp_path / "x.npz", lambda p: open(p, "wb").write(b"x"))
+        folder = ck.write_model_folder(tmp_path / "checkpoints" / "ckpt-000000001", 1, {"preset": "tiny"},
+                                       {"model.safetensors": nn.Linear(2, 2)})
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "summary.json") == 0o644 and mode(tmp_path / "x.npz") == 0o644
+    assert mode(folder) == 0o755 and mode(folder / "meta.json") == 0o644

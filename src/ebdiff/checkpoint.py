@@ -33,11 +33,21 @@ FORMAT = 1
 METRICS_FILE = "metrics.jsonl"  # the run's log: one JSON record per line, each with the iteration it belongs to
 
 
+def usual_mode(folder: bool = False) -> int:
+    """The permissions a plain open() or mkdir() would give under the process's umask: what the files and
+    folders that tempfile makes private (0600 / 0700) get before they are renamed into place, so that run
+    folders, reports and exports stay readable by the user's group as any other file they write."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, usual_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -58,6 +68,7 @@ def atomic_save(path: Path, save_fn) -> None:
     os.close(fd)
     try:
         save_fn(tmp)
+        os.chmod(tmp, usual_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -111,6 +122,7 @@ def write_model_folder(final: Path, iteration: int, meta: dict[str, Any], weight
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
+        os.chmod(tmp, usual_mode(folder=True))
         for name, module in weights.items():
             save_file(_state_dict_for_save(module), str(tmp / name))
         if state is not None:

@@ -475,9 +475,7 @@ def export(run: str | Path, out: str | Path, ema: bool = True) -> Path:
             "ebdiff_version": __version__, "diffusers_version": diffusers.__version__,
             "size": {"params": facts["params"], "macs": facts["macs"]}}, indent=2, default=ck.json_default) + "\n")
         (tmp / "README.md").write_text(model_card(out.name, kind, facts))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; an export is meant to be shared
+        os.chmod(tmp, ck.usual_mode(folder=True))  # mkdtemp's folder is private; an export is meant to be shared
         os.replace(tmp, out)  # onto a missing or empty folder
     finally:
         if tmp.exists():
