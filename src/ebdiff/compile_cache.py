@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -143,23 +142,17 @@ def cache_key(models: torch.nn.Module | Iterable[torch.nn.Module], settings: Map
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one (a temporary file in the same folder, fsync,
-    os.replace). Raises OSError."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would keep a shared or copied cache folder from other users
-        with os.fdopen(fd, "wb") as f:
+    """Readers see the old file or the whole new one (`checkpoint.atomic_save`), flushed to disk before the
+    rename. Raises OSError."""
+    from .checkpoint import atomic_save
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    atomic_save(path, write)
 
 
 def clear_recorded_artifacts() -> bool:

@@ -207,10 +207,13 @@ def shard_labels(name: str) -> str:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    from .checkpoint import atomic_save
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add .npy to a temporary name
+            np.save(f, arr, allow_pickle=False)
+
+    atomic_save(path, write)
 
 
 def _rows_of(path: Path) -> int | None:
