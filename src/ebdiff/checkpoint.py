@@ -244,7 +244,7 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
         n = len(missing) + len(unexpected) + len(wrong)
         raise CheckpointError(f"weights {path} do not fit the architecture in meta.json: {what}"
                               + (f" (and {n - 1} more)" if n > 1 else ""))
-    bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    bad = first_nonfinite(sd.items())
     if bad is not None:
         raise CheckpointError(f"weights {path} hold non-finite values (tensor '{bad}'): this checkpoint is unusable")
     model.load_state_dict(sd, strict=True)
@@ -271,13 +271,14 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
+def first_nonfinite(named_tensors) -> str | None:
+    """The name of the first floating-point tensor of (name, tensor) pairs that holds a non-finite value."""
+    return next((k for k, v in named_tensors if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+
+
 def nonfinite_tensor(*modules: nn.Module) -> str | None:
     """The name of the first parameter or buffer of `modules` that holds a non-finite value, or None."""
-    for m in modules:
-        for name, v in m.state_dict().items():
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                return name
-    return None
+    return first_nonfinite(kv for m in modules for kv in m.state_dict().items())
 
 
 class RunLock:
@@ -350,6 +351,13 @@ def newest_run(path: Path, depth: int = 2) -> Path | None:
                 if ck and t > best_t:
                     best, best_t = d, t
     return best
+
+
+def run_folder(path: Path) -> Path:
+    """The run folder of a run or checkpoint folder (where config.yaml, summary.json, eval.json live): a
+    checkpoint folder (it holds meta.json) is RUN/checkpoints/ckpt-N."""
+    path = Path(path)
+    return path.parent.parent if (path / "meta.json").is_file() else path
 
 
 def resolve_checkpoint(path: Path) -> Path:

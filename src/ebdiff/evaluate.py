@@ -81,11 +81,12 @@ def require_checkpoints(path: Path) -> None:
 def run_config(path: Path) -> Config:
     """A run's settings from their one record, the run folder's config.yaml (a checkpoint folder's run
     folder is two levels up)."""
-    path = Path(path)
-    for d in (path, path.parent.parent):
-        if (d / "config.yaml").is_file():
-            return load_config(d / "config.yaml")
-    raise ConfigError(f"{path} is not an ebdiff run folder (no config.yaml)")
+    from .checkpoint import run_folder
+
+    cfg = run_folder(path) / "config.yaml"
+    if not cfg.is_file():
+        raise ConfigError(f"{path} is not an ebdiff run folder (no config.yaml)")
+    return load_config(cfg)
 
 
 def run_sample_config(cfg: Config, **overrides) -> tuple[DiffusionConfig, SampleConfig]:

@@ -311,18 +311,12 @@ def load(path: str | Path, ema: bool | None = None, device: str | torch.device =
 
 
 # ---------------------------------------------------------------------- export
-def run_folder(path: Path) -> Path:
-    """The run folder of a run or checkpoint folder (where summary.json, eval.json, taeb.json live)."""
-    path = Path(path)
-    return path.parent.parent if (path / "meta.json").is_file() else path
-
-
 def export_facts(path: Path, got: Loaded, cfg) -> dict:
     """What the model card says, read from the run: sizes, quality (eval.json), training time."""
     from .models import count_macs_params
     from .taeb import visited_timesteps
 
-    run = run_folder(path)
+    run = ck.run_folder(path)
     sizes = [count_macs_params(m) for m in got.models]
     facts: dict[str, Any] = {"source": str(Path(path).resolve()), "weights": got.weights, "preset": got.metas[0]["preset"],
                              "iterations": [m.get("iteration") for m in got.metas],
