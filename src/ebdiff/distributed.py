@@ -90,15 +90,26 @@ def make_dist(device: str, group=None):
     return GroupDist(group, device) if group is not None else AccelerateDist(device)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def stop_requests():
-    """While inside: SIGINT, SIGTERM and SIGHUP are recorded (the loop saves a checkpoint and stops after
-    the current iteration) instead of killing the process. Signal handlers live in the main thread only."""
+def stop_requests(on_signal=None):
+    """While inside: SIGINT, SIGTERM and SIGHUP are recorded in the yielded list (the loop saves a checkpoint
+    and stops after the current iteration) instead of killing the process; on_signal(signum), when given,
+    runs at once (the TA-EB launcher forwards the stop to its branches). Signal handlers live in the main
+    thread only: elsewhere nothing is installed."""
     got: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield got
         return
-    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def handler(signum, _frame):
+        got.append(signum)
+        if on_signal is not None:
+            on_signal(signum)
+
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield got
     finally:

@@ -28,6 +28,7 @@ import torch
 
 from . import checkpoint as ck
 from .config import Config, dump_yaml, load_config
+from .distributed import stop_requests
 from .errors import CheckpointError, ConfigError, Interrupted
 from .regions import Region, RegionSet
 from .sampling import sampler_timesteps
@@ -165,30 +166,24 @@ def launch(cfg: Config, run: Path) -> None:
            "-m", "ebdiff.taeb_worker", str(run)]
     # its own session: a terminal's Ctrl-C reaches the launcher only, which stops the branches in order
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent, stderr=subprocess.PIPE)
-    got: list[int] = []
 
-    def relay():  # the branches' stderr (progress bars, messages), silenced once a stop was asked for:
-        while chunk := os.read(proc.stderr.fileno(), 65536):  # torchrun's own traceback of the signal is noise
-            if not got:
-                sys.stderr.write(chunk.decode(errors="replace"))
-                sys.stderr.flush()
-
-    relay_thread = threading.Thread(target=relay, daemon=True)
-    relay_thread.start()
-
-    def forward(signum, _frame):
-        got.append(signum)
+    def forward(_signum):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
 
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, forward) for s in sigs} if threading.current_thread() is threading.main_thread() else {}
     try:
-        rc = proc.wait()
-        relay_thread.join(timeout=5)
+        with stop_requests(forward) as got:
+            def relay():  # the branches' stderr (progress bars, messages), silenced once a stop was asked for:
+                while chunk := os.read(proc.stderr.fileno(), 65536):  # torchrun's traceback of the signal is noise
+                    if not got:
+                        sys.stderr.write(chunk.decode(errors="replace"))
+                        sys.stderr.flush()
+
+            relay_thread = threading.Thread(target=relay, daemon=True)
+            relay_thread.start()
+            rc = proc.wait()
+            relay_thread.join(timeout=5)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     if got:
