@@ -158,7 +158,6 @@ def sample_model(fn, shape: tuple[int, int, int], dcfg: DiffusionConfig, scfg: S
     cache, key = None, None
     if compile_mode != "none" and compile_cache is not None:  # the run's compile cache serves sampling too
         from .compile_cache import CompileCache, cache_key
-        from .regions import RegionRouter
 
         cache = CompileCache.from_setting(compile_cache, device)
         if cache is not None and cache.activate():
@@ -181,8 +180,7 @@ def sample_model(fn, shape: tuple[int, int, int], dcfg: DiffusionConfig, scfg: S
     x = generate(fn, scfg.n, shape, Schedule.from_config(dcfg), sampler=scfg.sampler, steps=scfg.steps,
                  spacing=scfg.spacing, batch_size=scfg.batch_size, seed=scfg.seed, device=device, progress=progress,
                  eta=scfg.eta, variance=scfg.variance, clip_x0=scfg.clip_x0, labels=labels,
-                 guidance=scfg.guidance if labels is not None else None, null_class=null_class,
-                 clamp=decode is None)
+                 guidance=scfg.guidance, null_class=null_class, clamp=decode is None)
     if decode is not None:
         x = decode(x, scfg.batch_size)  # latents -> images in [-1, 1]
     if dev_type == "cuda":
@@ -221,8 +219,11 @@ def sampling_inputs(model, meta: dict, scfg: SampleConfig, device, where) -> tup
     grid's row length (one row per class). `where` names the model in error lines."""
     classes = model_classes(model)
     labels, row = sample_labels(classes, scfg, where)
-    latent = meta.get("latent")
-    decode = None if latent is None else latent_decoder(latent, device, meta.get("preset", ""))
+    latent, decode = meta.get("latent"), None
+    if latent is not None:  # its autoencoder and scale, recorded in its checkpoints
+        from .latents import LatentDecoder
+
+        decode = LatentDecoder(latent, device, meta.get("preset", ""))
     return {"labels": labels, "null_class": classes, "decode": decode}, row
 
 
@@ -240,13 +241,6 @@ def sample_labels(classes: int | None, scfg: SampleConfig, path: Path) -> tuple[
     if bad:
         raise ConfigError(f"--class {bad[0]}: {path} has classes 0..{classes - 1}")
     return class_rows(classes, scfg.n, scfg.classes)
-
-
-def latent_decoder(latent: dict, device: str, preset: str):
-    """The decoder of a latent run's samples (its autoencoder and scale, recorded in its checkpoints)."""
-    from .latents import LatentDecoder
-
-    return LatentDecoder(latent, device, preset)
 
 
 def reference_rows(data, n: int):

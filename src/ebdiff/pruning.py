@@ -410,7 +410,7 @@ def extract(model: nn.Module, plan: Plan, reinit: bool = False,
 
 def ticket_of(model: nn.Module, ratio: float, multiple: int = 1, criterion: str = "magnitude") -> nn.Module:
     """The ticket a criterion cuts from `model` at `ratio` (its current weights, surviving channels rounded
-    to `multiple`): what `ebdiff info --ratio` sizes and `ebdiff bench` times."""
+    to `multiple`): what `ebdiff bench` times."""
     eng = PruningEngine(model)
     return extract(model, eng.plan(eng.mask(criterion, ratio, multiple=multiple)))
 

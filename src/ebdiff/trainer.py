@@ -29,7 +29,7 @@ from .diffusion import DiffusionLoss, class_dropout
 from .distributed import make_dist, stop_requests
 from .errors import ConfigError, DataError, Interrupted, NonFiniteError
 from .hooks import CallbackHook, Hook
-from .models import build_from_config, model_classes, preset_classes, size_of
+from .models import build_from_config, preset_classes, size_of
 from .step import EMA, TrainStep, apply_hparams, lr_factor, make_optimizer, prepare_model, resolve_fast_path
 from .tracking import SampleGridHook
 
@@ -92,7 +92,6 @@ class Trainer:
             phase, extract_s = "pruned", time.perf_counter() - t0
         else:
             model = build_from_config(cfg.model)
-        self.classes = model_classes(model)
         if self.classes is not None:
             self.data.check_labels(self.classes)
         if self.main:  # records past the state training continues from (a resume's checkpoint, or 0: a run
@@ -268,10 +267,7 @@ class Trainer:
             self.print(f"{self.run_dir}: already trained to {st.iteration} iterations" + (
                 f" ({st.timing.own_total:.0f} s of training, train.max_seconds={tc.max_seconds:g})"
                 if done == "max_seconds" else ""))
-            summary = self.summary(done)
-            if self.main:  # a crash between the last checkpoint and the summary leaves none
-                ck.atomic_write_json(self.run_dir / "summary.json", summary)
-            return summary
+            return self._finish(done)  # a crash between the last checkpoint and the summary left none
         batches = BatchStream(self.data, self.local_batch, tc.seed, self.device, self.rank, self.world,
                               self.cfg.data.num_workers, labels=self.classes is not None)(st.iteration)
         self.model_p.train()
@@ -321,7 +317,11 @@ class Trainer:
                        f"training (train.max_seconds={tc.max_seconds:g})")
         for h in self.hooks:
             h.on_end(self)
-        summary = self.summary(self.stopping)
+        return self._finish(self.stopping)
+
+    def _finish(self, stopped: str | None) -> dict:
+        """The run's summary (`stopped`: the budget that ended it), written to summary.json."""
+        summary = self.summary(stopped)
         if self.main:
             ck.atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
