@@ -102,6 +102,10 @@ def test_tensorboard_and_sample_grids(tmp_path, has_fmnist):
     assert [e.value for e in acc.Scalars("loss")] == pytest.approx(logged)
     assert "samples" in tags["images"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["iter-000000002.png", "iter-000000004.png"]
+    # the grids' time is kept out of the training time and the wall clock, as evaluation's is
+    grid_s = sum(r["seconds"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                 if r.get("event") == "samples")
+    assert json.loads((run / "summary.json").read_text())["time_s"]["eval_s"] >= grid_s > 0
 
 
 def test_wandb_offline_without_a_network(tmp_path, has_fmnist, monkeypatch):

@@ -66,17 +66,22 @@ class Tracker:
 
 class SampleGridHook(Hook):
     """Every `every` iterations: sample the EMA model (the run's sampler, fixed noise), save
-    RUN/samples/iter-NNNNNNNNN.png and send the grid to the tracker. Its time is not training time."""
+    RUN/samples/iter-NNNNNNNNN.png and send the grid to the tracker. Its time is not training time: it runs
+    inside `Trainer.paused()` (counted in timing.eval_s, not in the wall clock or images/s)."""
 
     def __init__(self, every: int, n: int = 16):
         self.every, self.n = every, n
 
     def after_step(self, tr) -> None:
-        import time
-
         st = tr.state
         if st.iteration % self.every or not tr.main:
             return
+        with tr.paused():  # kept out of the training time, the wall clock and images/s (timing.eval_s)
+            self._grid(tr, st)
+
+    def _grid(self, tr, st) -> None:
+        import time
+
         from .diffusion import Schedule
         from .models import eps_fn, model_classes
         from .report import save_grid
