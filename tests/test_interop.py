@@ -50,7 +50,8 @@ def _ebdiff_samples(path, **overrides):
 
 def _loaded_samples(model, run, **overrides):
     """The same job as `_ebdiff_samples`, through the generic sampler loop over a loaded model."""
-    from ebdiff.evaluate import run_config, run_sample_config
+    from ebdiff.evaluate import run_sample_config
+    from ebdiff.runs import run_config
 
     cfg = run_config(run)
     dcfg, scfg = run_sample_config(cfg, **{"n": 2, "steps": 4, "batch_size": 2, "seed": 1, **overrides})

@@ -87,7 +87,7 @@ def test_taeb_size_weightings_on_the_cifar10_regions():
     the 100 quad-spaced DDIM steps. Per-region sizes: `ebdiff info --preset cifar10 --ratio 0.3 ...`."""
     from ebdiff.regions import RegionSet
     from ebdiff.sampling import ddim_timesteps
-    from ebdiff.taeb import size_weightings
+    from ebdiff.taeb_spec import size_weightings
 
     regions = RegionSet.from_config([{"t": [0, 260], "ratio": 0.3}, {"t": [240, 460], "ratio": 0.6},
                                      {"t": [440, 999], "ratio": 0.8}])

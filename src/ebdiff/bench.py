@@ -338,3 +338,39 @@ def format_taeb(taeb: list[dict]) -> str:
             lines.append(f"| {m['mode']} | {b['region']}{mark} | {b['t'][0]}-{b['t'][1]} | {b['ratio']:.2f} | "
                          f"{b['it_s']:.1f} | {b['macs_ratio']:.2f}x | {b['speedup_vs_dense']:.2f}x |")
     return "\n".join(lines)
+
+
+def bench_settings(ratios: str, batch: int, steps: int, profile: int, round_channels: int, device: torch.device,
+                   compile_mode: str | None, modes: str | None, taeb_config: str | None = None):
+    """`ebdiff bench`'s options checked and resolved: (ratios with 0 = dense first and, with `taeb_config`, its
+    regions' ratios; the TA-EB RegionSet or None; the modes to run by name). A bad option stops with one line."""
+    from .config import load_config
+    from .errors import ConfigError
+    from .taeb_spec import region_set
+
+    try:
+        rs = [float(r) for r in ratios.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ratios must be comma-separated numbers; got {ratios!r}") from None
+    if any(not 0 <= r < 1 for r in rs):
+        raise ConfigError("--ratios must lie in [0, 1) (0 = dense)")
+    regions = None
+    if taeb_config:
+        regions = region_set(load_config(taeb_config))
+        rs += [r.ratio for r in regions if r.ratio not in rs]
+    if 0.0 not in rs:
+        rs = [0.0] + rs
+    for k, v in (("batch", batch), ("steps", steps)):
+        if v <= 0:
+            raise ConfigError(f"--{k} must be positive")
+    if profile < 0:
+        raise ConfigError("--profile must be 0 (off) or a number of steps")
+    if round_channels < 1:
+        raise ConfigError("--round must be >= 1 (1 = the paper's ticket sizes)")
+    available = available_modes(device, compile_mode)
+    names = modes.split(",") if modes else default_mode_names(device, compile_mode)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ConfigError(f"--modes: unknown {', '.join(unknown)} (available on {device.type}: "
+                          f"{', '.join(available)})")
+    return rs, regions, {n: available[n] for n in names}

@@ -11,13 +11,15 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_json
-from .config import Config, DiffusionConfig, SampleConfig, load_config
+from .config import Config, DiffusionConfig, SampleConfig
 from .data import load_dataset
 from .diffusion import Schedule
 from .errors import ConfigError
+from .interop import read_models
 from .models import autocast_eps, count_macs_params, eps_fn, fixed_batch_eps, model_classes, preset_shape
 from .regions import RegionRouter
-from .sampling import generate, sampler_timesteps
+from .runs import require_checkpoints, run_config
+from .sampling import generate, sampler_timesteps, visited_timesteps
 
 LABELLED = ("fashion-mnist", "cifar10")
 COMPILE_MIN_CALLS = 2000  # sample.compile=auto compiles on a GPU from this many eps-model calls on
@@ -61,34 +63,6 @@ def sample_run(path: Path, out: Path | None = None, device: str = "cpu", ema: bo
     return dict(info, grid=grid, images=grid.with_suffix(".npz"))
 
 
-def require_checkpoints(path: Path) -> None:
-    """A run to sample must hold a checkpoint (every branch, for a TA-EB run); else one line, at once.
-    (An exported model folder holds its weights itself.)"""
-    from .checkpoint import resolve_checkpoint
-    from .interop import is_export
-    from .taeb import is_taeb_run, read_regions
-
-    path = Path(path)
-    if is_export(path):
-        return
-    if is_taeb_run(path):
-        for name in read_regions(path)[1]["members"]:
-            resolve_checkpoint(path / name)
-    else:
-        resolve_checkpoint(path)
-
-
-def run_config(path: Path) -> Config:
-    """A run's settings from their one record, the run folder's config.yaml (a checkpoint folder's run
-    folder is two levels up)."""
-    from .checkpoint import run_folder
-
-    cfg = run_folder(path) / "config.yaml"
-    if not cfg.is_file():
-        raise ConfigError(f"{path} is not an ebdiff run folder (no config.yaml)")
-    return load_config(cfg)
-
-
 def run_sample_config(cfg: Config, **overrides) -> tuple[DiffusionConfig, SampleConfig]:
     """The run's diffusion and sampler settings, with the given (non-None) sampler settings replaced."""
     dcfg = cfg.diffusion
@@ -110,9 +84,6 @@ def load_for_sampling(path: Path, device: str, ema: bool = True, route: str | No
     """(eps-model callable, meta, size_fn, first model) for a run, a checkpoint, a TA-EB run (a RegionRouter)
     or an exported folder. size_fn(scfg, dcfg) -> {params, macs}: weighted over the visited timesteps for
     TA-EB. ema=False: the online weights; True: the EMA weights (an export: the one set it holds)."""
-    from .interop import read_models
-    from .taeb import visited_timesteps
-
     got = read_models(Path(path), None if ema else False, device)
     sizes = [count_macs_params(m) for m in got.models]
     if got.regions is not None:
@@ -366,3 +337,20 @@ def one_line(r: dict) -> str:
         parts.append(s)
     parts.append(f"{r['n_samples']} samples at {r['sampling']['images_per_s']:.1f} img/s")
     return "; ".join(parts)
+
+
+def format_sample_info(info: dict, device) -> str:
+    """`ebdiff sample`'s lines: the classes, the sampler and its speed, the two files written."""
+    s = info["sampler"]
+    comp = "" if info["compile"] == "none" else f", compile={info['compile']} (included)"
+    lines = []
+    if info.get("labels") is not None:
+        guide = "no guidance" if s["guidance"] is None else f"guidance {s['guidance']}"
+        lines.append(f"classes {', '.join(str(k) for k in sorted(set(info['labels'])))} ({guide}; one grid row per "
+                     "class)")
+    lines.append(f"{s['n']} samples ({s['sampler']}, {s['steps']} steps, "
+                 f"{'all' if s['sampler'] == 'ddpm' else s['spacing']} spacing, {info['weights']} weights of "
+                 f"{info['checkpoint']}, {info['precision']}{comp}) in {info['seconds']:.1f} s = "
+                 f"{info['images_per_s']:.1f} images/s on {device}")
+    lines.append(f"grid   {info['grid']}\nimages {info['images']}")
+    return "\n".join(lines)

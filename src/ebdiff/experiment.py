@@ -39,6 +39,7 @@ from . import checkpoint as ck
 from .accounting import summary_finished
 from .config import Config, RunSpec, apply_overrides, find_config, load_config, read_yaml, validate
 from .errors import ConfigError
+from .taeb_spec import branch_config, branch_dir, region_set
 
 TOP_KEYS = {"name", "base", "scale", "out", "overrides", "reference", "eval", "methods", "description", "target",
             "interpolate"}
@@ -199,8 +200,6 @@ def method_kind(cfg: Config) -> str:
 def run_status(run: Path, cfg: Config) -> str:
     """'done' (trained to its budget), 'resume' (a checkpoint exists) or 'new'."""
     if is_taeb(cfg):
-        from .taeb import branch_config, branch_dir, region_set
-
         regions = region_set(cfg)
         states = []
         for k in range(len(regions)):
@@ -219,8 +218,6 @@ def run_status(run: Path, cfg: Config) -> str:
 
 def _latest_name(run: Path, cfg: Config) -> Any:
     if is_taeb(cfg):
-        from .taeb import branch_dir, region_set
-
         return [getattr(ck.latest_checkpoint(branch_dir(run, k)), "name", None) for k in range(len(region_set(cfg)))]
     c = ck.latest_checkpoint(run)
     return c.name if c else None
@@ -233,8 +230,6 @@ def eval_is_current(run: Path, cfg: Config, ev: dict) -> bool:
     want = _latest_name(run, cfg)
     have = e.get("checkpoint")
     if is_taeb(cfg):  # the TA-EB eval records each branch's iteration
-        from .taeb import branch_dir
-
         its = [ck.read_meta(ck.latest_checkpoint(branch_dir(run, k)))["iteration"] if n else None
                for k, n in enumerate(want)]
         return have == its
@@ -344,3 +339,13 @@ def _warn_changed(run: Path, cfg: Config, log) -> None:
         diff = sorted(f"{s}.{k}" for s in new if isinstance(new[s], dict) for k in new[s]
                       if (old.get(s) or {}).get(k) != new[s][k])
         log(f"    warning: {run} was started with different settings ({', '.join(diff[:6])}); resuming with the new ones")
+
+
+def format_plan(exp: Experiment, rows: list[dict]) -> str:
+    """The plan as `ebdiff experiment` prints it: one line per method (kind, budget, evaluation cadence, status)."""
+    lines = [f"ebdiff experiment {exp.name}: {len(rows)} methods, scale {exp.scale}, out {exp.out}"]
+    for r in rows:
+        budget = f"iters {r['iters']!s}" + (f", <= {r['max_seconds']:g} s" if r["max_seconds"] else "")
+        ev = f"eval every {r['eval_every']}" if r["eval_every"] is not None else ""
+        lines.append(f"  {r['name']:<28} {r['kind']:<15} {budget:<30} {ev:<18} {r['status']}")
+    return "\n".join(lines)

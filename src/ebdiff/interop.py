@@ -34,17 +34,17 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ck
+from .config import Config, dump_yaml
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError
-from .models import DiffusersLike
+from .models import DiffusersLike, count_macs_params, eps_fn, format_count
 from .regions import RegionRouter, RegionSet
-from .sampling import ddim_timesteps, model_at, register_sampler
+from .runs import EXPORT_FORMAT, MANIFEST, REGIONS_FILE, read_manifest, read_regions, regions_record, run_config, run_kind
+from .sampling import SAMPLERS, ddim_timesteps, model_at, register_sampler, visited_timesteps
 
-MANIFEST = "ebdiff.json"  # marks an exported folder
 PLAN_FILE = "plan.json"  # a member's preset, dropout and pruning plan
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' name, so a dense `unet/` loads in diffusers
 SAMPLER_PREFIX = "diffusers-"  # sampling.SAMPLERS name of a diffusers scheduler
-EXPORT_FORMAT = 1
 
 
 # ---------------------------------------------------------------------- diffusers' schedulers
@@ -155,21 +155,25 @@ def scheduler_sample(model, x: torch.Tensor, schedule: Schedule, timesteps: list
     return x
 
 
-for _name, _spec in SCHEDULERS.items():
-    register_sampler(SAMPLER_PREFIX + _name, scheduler_timesteps(_name), _spec.options)(
-        functools.partial(scheduler_sample, name=_name))
+def register_diffusers_samplers() -> None:
+    """Make every diffusers scheduler of `SCHEDULERS` the sampler `diffusers-<name>` in `sampling.SAMPLERS`
+    (idempotent). Runs when this module is imported; the entry points (the CLI, `ebdiff`'s API, the layer
+    that assembles a run) call it so the names are valid settings before a config is validated."""
+    for name, spec in SCHEDULERS.items():
+        if SAMPLER_PREFIX + name not in SAMPLERS:
+            register_sampler(SAMPLER_PREFIX + name, scheduler_timesteps(name), spec.options)(
+                functools.partial(scheduler_sample, name=name))
+
+
+register_diffusers_samplers()
 
 
 def as_config(config=None):
     """A Config from None (ebdiff's defaults), a Config, or a run / checkpoint / exported folder."""
-    from .config import Config
-
     if config is None:
         return Config()
     if isinstance(config, Config):
         return config
-    from .evaluate import run_config
-
     return run_config(Path(config))
 
 
@@ -209,13 +213,9 @@ class RoutedUNet(DiffusersLike):
     def router(self) -> RegionRouter:
         """The eps-model router over the current members (built on use: a copy of this module routes to its
         own members)."""
-        from .models import eps_fn
-
         return RegionRouter([eps_fn(u) for u in self.unets], self.regions, self.route)
 
     def at(self, t: int):
-        from .models import eps_fn
-
         return eps_fn(self.unets[self.regions.route(int(t), self.route)])
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
@@ -244,17 +244,6 @@ class Loaded:
     route: str | None = None
 
 
-def is_export(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-def read_manifest(path: Path) -> dict:
-    m = ck.read_json(Path(path) / MANIFEST)
-    if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT or m.get("kind") not in ("unet", "ta-eb"):
-        raise CheckpointError(f"{path}/{MANIFEST} is not an ebdiff export manifest (format {EXPORT_FORMAT})")
-    return m
-
-
 def load_member(folder: Path, device) -> tuple[nn.Module, dict]:
     """One exported model: its preset, with its plan replayed, and its safetensors weights (no pickle)."""
     meta = ck.read_json(folder / PLAN_FILE)
@@ -272,10 +261,9 @@ def load_member(folder: Path, device) -> tuple[nn.Module, dict]:
 def read_models(path: str | Path, ema: bool | None = None, device: str | torch.device = "cpu") -> Loaded:
     """The models behind `path` (run, checkpoint, TA-EB run or export). ema: True = the EMA weights, False =
     the online ones, None = EMA where a run has them, an export's one set otherwise."""
-    from .taeb import is_taeb_run, read_regions
-
     path = Path(path)
-    if is_export(path):
+    kind = run_kind(path)
+    if kind == "export":
         man = read_manifest(path)
         if ema is not None and man["weights"] != ("ema" if ema else "online"):
             raise CheckpointError(f"{path} holds the {man['weights']} weights only (export with"
@@ -285,7 +273,7 @@ def read_models(path: str | Path, ema: bool | None = None, device: str | torch.d
         regions, route = (read_regions(path)[0], man.get("route")) if man["kind"] == "ta-eb" else (None, None)
         return Loaded([m for m, _ in pairs], metas, man["weights"], regions, route)
     use_ema = ema is not False
-    if is_taeb_run(path):
+    if kind == "ta-eb":
         regions, spec = read_regions(path)
         models, metas = [], []
         for name in spec["members"]:
@@ -313,9 +301,6 @@ def load(path: str | Path, ema: bool | None = None, device: str | torch.device =
 # ---------------------------------------------------------------------- export
 def export_facts(path: Path, got: Loaded, cfg) -> dict:
     """What the model card says, read from the run: sizes, quality (eval.json), training time."""
-    from .models import count_macs_params
-    from .taeb import visited_timesteps
-
     run = ck.run_folder(path)
     sizes = [count_macs_params(m) for m in got.models]
     facts: dict[str, Any] = {"source": str(Path(path).resolve()), "weights": got.weights, "preset": got.metas[0]["preset"],
@@ -358,8 +343,6 @@ def export_facts(path: Path, got: Loaded, cfg) -> dict:
 
 def model_card(name: str, kind: str, facts: dict) -> str:
     """The export's README.md (pure: facts -> Markdown)."""
-    from .models import format_count
-
     phase = facts["phases"][0]
     what = {"dense": "A dense DDPM", "ticket": "An Early-Bird ticket (a pruned DDPM found during training)",
             "pruned": "A pruned DDPM (a dense-then-prune baseline)"}.get(phase, f"A DDPM ({phase})")
@@ -436,8 +419,6 @@ def export(run: str | Path, out: str | Path, ema: bool = True) -> Path:
     import diffusers
 
     from . import __version__
-    from .config import dump_yaml
-    from .taeb import REGIONS_FILE
 
     run, out = Path(run), Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
@@ -459,9 +440,8 @@ def export(run: str | Path, out: str | Path, ema: bool = True) -> Path:
                 "_class_name": "DDIMPipeline", "_diffusers_version": diffusers.__version__,
                 "scheduler": ["diffusers", type(sched).__name__], "unet": ["diffusers", "UNet2DModel"]}, indent=2) + "\n")
         if kind == "ta-eb":
-            (tmp / REGIONS_FILE).write_text(json.dumps({"format": 1, "T": got.regions.T, "route": got.route,
-                                                        "regions": got.regions.to_config(), "members": members},
-                                                       indent=2) + "\n")
+            (tmp / REGIONS_FILE).write_text(json.dumps(regions_record(got.regions, got.route, members), indent=2)
+                                            + "\n")
         (tmp / "config.yaml").write_text(dump_yaml(cfg))
         (tmp / MANIFEST).write_text(json.dumps({
             "format": EXPORT_FORMAT, "kind": kind, "weights": got.weights, "members": members, "route": got.route,

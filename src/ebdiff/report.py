@@ -9,6 +9,8 @@ import numpy as np
 
 from .checkpoint import atomic_write_json, read_json
 from .curves import read_curve
+from .errors import ConfigError
+from .models import format_count
 from .quality_curves import read_quality_curve, time_to_quality
 
 
@@ -238,20 +240,9 @@ def _time_to_quality(rows: list[dict], ref: dict | None, out: Path, plt, target:
     return lines, ttq
 
 
-def write_report(runs: list[Path], out: Path, reference: Path | None = None, target: float | None = None,
-                 interpolate: bool = False) -> Path:
-    """Markdown report + PNG figures: the table, time to quality (curves, time to the reference's final
-    quality and to `target`), metric vs relative time, heatmaps, loss curves, sample grids; and
-    report.json with the same numbers."""
-    plt = pyplot()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [describe_run(r) for r in runs]
-    ref = describe_run(reference) if reference else next((r for r in rows if r["method"] == "dense"), None)
-    for r in rows:
-        r["speedup"] = (ref["train_s"] / r["train_s"]) if ref and ref["train_s"] and r["train_s"] else None
+def _results_table(rows: list[dict], ref: dict | None, mname: str) -> list[str]:
+    """The paper-style table (Markdown lines) with its notes on TA-EB sizes and curve-read quality."""
     f = lambda x, nd=2: "-" if x is None else f"{x:.{nd}f}"  # noqa: E731
-    mname = next((r["metric_name"] for r in rows if r["metric_name"]), "quality")
     lines = ["# ebdiff report", "",
              f"Reference for speed-up: `{ref['name'] if ref else 'none'}` (training wall-clock time, same machine).", "",
              f"| run | method | params | MACs | {mname} | KID | iterations (dense + ticket) | ticket at | train time s | speed-up |",
@@ -274,22 +265,28 @@ def write_report(runs: list[Path], out: Path, reference: Path | None = None, tar
                   "(what the paper's Table 4 reports).", ""]
     if any(r["metric_source"] == "curve" for r in rows):
         lines += [f"`*`: no eval.json; the {mname} of the run's last evaluation point during training.", ""]
-    ttq_lines, ttq = _time_to_quality(rows, ref, out, plt, target, interpolate)
-    lines += ttq_lines
-    # metric vs relative training time (the paper's Figure 1)
+    return lines
+
+
+def _quality_vs_time(rows: list[dict], out: Path, plt, mname: str) -> list[str]:
+    """Metric vs relative training time (the paper's Figure 1), when any run has both."""
     pts = [r for r in rows if r["metric"] is not None and r["speedup"]]
-    if pts:
-        fig, ax = plt.subplots(figsize=(4.6, 3.6))
-        for r in pts:
-            ax.scatter(1 / r["speedup"], r["metric"])
-            ax.annotate(r["name"], (1 / r["speedup"], r["metric"]), fontsize=7)
-        ax.set_xlabel("relative training time (reference = 1)")
-        ax.set_ylabel(mname)
-        fig.tight_layout()
-        fig.savefig(out / "quality_vs_time.png", dpi=120)
-        plt.close(fig)
-        lines += ["![quality vs time](quality_vs_time.png)", ""]
-    # loss curves
+    if not pts:
+        return []
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    for r in pts:
+        ax.scatter(1 / r["speedup"], r["metric"])
+        ax.annotate(r["name"], (1 / r["speedup"], r["metric"]), fontsize=7)
+    ax.set_xlabel("relative training time (reference = 1)")
+    ax.set_ylabel(mname)
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_time.png", dpi=120)
+    plt.close(fig)
+    return ["![quality vs time](quality_vs_time.png)", ""]
+
+
+def _loss_curves(rows: list[dict], out: Path, plt) -> list[str]:
+    """Every run's (every TA-EB branch's) training loss, the ticket's iteration dotted."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for r in rows:
         curves = ([(r["name"], Path(r["run"]))] if not r.get("taeb") else
@@ -308,8 +305,12 @@ def write_report(runs: list[Path], out: Path, reference: Path | None = None, tar
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)
     plt.close(fig)
-    lines += ["![loss curves](loss_curves.png)", ""]
-    # heatmaps and sample grids side by side
+    return ["![loss curves](loss_curves.png)", ""]
+
+
+def _image_panels(rows: list[dict], out: Path, plt) -> list[str]:
+    """The runs' newest heatmaps and sample grids, side by side (heatmaps.png, samples.png)."""
+    lines = []
     for kind, pattern in (("heatmaps", "hamming*.png"), ("samples", "samples_*.png")):
         imgs = [(r["name"], sorted(Path(r["run"]).glob(pattern))) for r in rows]
         imgs = [(n, p[-1]) for n, p in imgs if p]
@@ -327,8 +328,80 @@ def write_report(runs: list[Path], out: Path, reference: Path | None = None, tar
         fig.savefig(out / f"{kind}.png", dpi=120)
         plt.close(fig)
         lines += [f"![{kind}]({kind}.png)", ""]
+    return lines
+
+
+def write_report(runs: list[Path], out: Path, reference: Path | None = None, target: float | None = None,
+                 interpolate: bool = False) -> Path:
+    """Markdown report + PNG figures: the table, time to quality (curves, time to the reference's final
+    quality and to `target`), metric vs relative time, heatmaps, loss curves, sample grids; and
+    report.json with the same numbers. A run that has not finished (no summary.json or taeb.json) stops with
+    one line before anything is written."""
+    for r in map(Path, runs):
+        if not ((r / "summary.json").is_file() or (r / "taeb.json").is_file()):
+            raise ConfigError(f"{r} has no summary.json or taeb.json: not a finished ebdiff run")
+    plt = pyplot()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [describe_run(r) for r in runs]
+    ref = describe_run(reference) if reference else next((r for r in rows if r["method"] == "dense"), None)
+    for r in rows:
+        r["speedup"] = (ref["train_s"] / r["train_s"]) if ref and ref["train_s"] and r["train_s"] else None
+    mname = next((r["metric_name"] for r in rows if r["metric_name"]), "quality")
+    lines = _results_table(rows, ref, mname)
+    ttq_lines, ttq = _time_to_quality(rows, ref, out, plt, target, interpolate)
+    lines += ttq_lines + _quality_vs_time(rows, out, plt, mname) + _loss_curves(rows, out, plt)
+    lines += _image_panels(rows, out, plt)
     md = out / "report.md"
     md.write_text("\n".join(lines) + "\n")
     atomic_write_json(out / "report.json", {"reference": ref["name"] if ref else None, "metric": mname,
                                             "runs": rows, "time_to_quality": ttq})
     return md
+
+
+def report_tables(md_text: str) -> str:
+    """A report's tables (the paper-style table, time to quality) with their headings, as the CLI prints them."""
+    return "".join(block + "\n\n" for block in md_text.split("\n\n") if block.startswith(("|", "## ")))
+
+
+def count_text(x: float | None) -> str:
+    """A parameter or MAC count as the summaries print it (`models.format_count`), "-" when unknown."""
+    return "-" if x is None else format_count(x)
+
+
+def format_train_summary(s: dict) -> str:
+    """The training summary the CLI prints after a run (summary.json's sizes, ticket, times)."""
+    t = s["time_s"]
+    lines = ["\n== ebdiff train summary =="]
+    lines.append(f"run folder         {s['run_dir']}")
+    lines.append(f"iterations         {s['iterations']} (dense {s['dense_iterations']}, ticket {s['ticket_iterations']})")
+    d = s.get("dense") or {}
+    lines.append(f"dense model        {count_text(d.get('params'))} params, {count_text(d.get('macs'))} MACs")
+    info = s.get("ticket_info")
+    if s.get("ticket") and info is not None and info.get("found", True):
+        tk = s["ticket"]
+        lines.append(f"ticket             {count_text(tk['params'])} params, {count_text(tk['macs'])} MACs "
+              f"(drawn at iteration {info['iteration']}, check {info['check']}, "
+              f"max distance {info['max_distance'] if info['max_distance'] is None else round(info['max_distance'], 4)})")
+        lines.append(f"search cost        {info['search_seconds']:.1f} s dense training + checks, "
+              f"{info['check_seconds_mean'] * 1e3:.1f} ms per check (mean)")
+    elif info is not None and not info.get("found", True):
+        lines.append(f"ticket             none drawn by iteration {info['iteration']}")
+    pf = s.get("pruned_from")
+    if pf:
+        tk = s["ticket"]
+        lines.append(f"pruned model       {count_text(tk['params'])} params, {count_text(tk['macs'])} MACs ({pf['method']}, "
+              f"{pf['criterion']} p={pf['ratio']}, from {pf['run']} at iteration {pf['iteration']})")
+        lines.append(f"training time      {t['train_total']:.1f} s = dense run {t['dependency_s']:.1f} + prune "
+              f"{t['extract_s']:.1f} + {'training' if pf['reinit'] else 'fine-tuning'} {t['sparse_s']:.1f}; "
+              f"wall {t['wall_s']:.1f} s")
+    else:
+        lines.append(f"training time      {t['train_total']:.1f} s (dense {t['dense_s']:.1f}, checks {t['check_s']:.1f}, "
+              f"extract {t['extract_s']:.1f}, ticket {t['sparse_s']:.1f}); wall {t['wall_s']:.1f} s")
+    if s.get("stopped") == "max_seconds":
+        lines.append(f"stopped by         train.max_seconds (its own training time, {t['own_total']:.1f} s)")
+    if t.get("eval_s"):
+        lines.append(f"evaluation         {t['eval_s']:.1f} s during training (not counted as training; points in "
+              f"metrics.jsonl)")
+    lines.append(f"device             {s['device']} x {s['processes']}")
+    return "\n".join(lines)

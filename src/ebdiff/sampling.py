@@ -8,6 +8,9 @@ classifier-free guidance reach the model through one wrapper, `conditioned` (an 
 f(x, t, cond) with the labels bound), so no sampler knows about conditions.
 
 Adding a sampler is one function and one `register_sampler(name, timesteps_fn, options)` line.
+diffusers' schedulers join the registry as `diffusers-<name>` from `interop.py` (their one home), which
+registers them when it is imported; the entry points (the CLI, `import ebdiff`'s API) call
+`interop.register_diffusers_samplers()` so they are there before a config is validated.
 """
 
 from __future__ import annotations
@@ -182,6 +185,11 @@ def sampler_timesteps(sampler: str, T: int, steps: int, spacing: str = "quad") -
     return SAMPLERS[sampler].timesteps(T, steps, spacing)
 
 
+def visited_timesteps(scfg, T: int) -> list[int]:
+    """The timesteps sampling with these sample settings (sampler, steps, spacing) visits, ascending."""
+    return sampler_timesteps(scfg.sampler, T, scfg.steps, scfg.spacing)
+
+
 def generate(model: EpsModel, n: int, shape: tuple[int, int, int], schedule: Schedule, *,
              sampler: str = "ddim", steps: int = 100, spacing: str = "quad", batch_size: int = 256, seed: int = 0,
              device: torch.device | str = "cpu", progress: bool = False, labels: torch.Tensor | None = None,
@@ -217,7 +225,3 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
 
-
-# diffusers' schedulers as samplers `diffusers-<name>` (interop.py, their one home); imported last because
-# interop registers them through `register_sampler` above
-from . import interop  # noqa: E402,F401

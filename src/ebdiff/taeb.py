@@ -1,22 +1,22 @@
-"""EB-Diff-Train (TA-EB): one Early-Bird ticket per timestep region, branches trained in parallel.
+"""EB-Diff-Train (TA-EB) launcher: one Early-Bird ticket per timestep region, branches trained in parallel.
 
-Three parts:
-- the branch spec: each region branch is an ordinary ebdiff run (dense search on the region's
-  timesteps, ticket at the region's ratio, ticket training on those timesteps) in `RUN/region-k/`;
-  the combined artifact is `RUN/regions.json` + each branch's checkpoints (`interop.load` reads it);
-- the launcher: branches run at the same time as separate processes under torch.distributed, the
+- the branch spec (`taeb_spec.py`, pure): each region branch is an ordinary ebdiff run (dense search on the
+  region's timesteps, ticket at the region's ratio, ticket training on those timesteps) in `RUN/region-k/`;
+  the combined artifact is `RUN/regions.json` + each branch's checkpoints (`runs.py` reads it, `interop.load`
+  loads it);
+- the launcher (here): branches run at the same time as separate processes under torch.distributed, the
   world split into one process group per region (data parallel inside a group). Without torchrun,
   `launch` starts `torch.distributed.run` on the worker entry point `python -m ebdiff.taeb_worker RUN`
   (one process per branch, or `taeb.procs_per_region`); under torchrun every rank runs `run_rank`;
-- the accounting (`RUN/taeb.json`): weighted params/MACs over the sampling steps, the longest branch.
+- the accounting (`RUN/taeb.json`, written by `finalize`): weighted params/MACs over the sampling steps, the
+  longest branch (its arithmetic and text in `taeb_spec.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,34 +30,9 @@ from . import checkpoint as ck
 from .config import Config, dump_yaml, load_config
 from .distributed import stop_requests
 from .errors import CheckpointError, ConfigError, Interrupted
-from .regions import Region, RegionSet
-from .sampling import sampler_timesteps
-
-REGIONS_FILE = "regions.json"
-
-
-def region_set(cfg: Config) -> RegionSet:
-    if not cfg.regions:
-        raise ConfigError("ta-eb needs a 'regions' list in the config, e.g. regions: "
-                          "[{t: [0, 260], ratio: 0.3}, {t: [240, 460], ratio: 0.6}, {t: [440, 999], ratio: 0.8}]")
-    return RegionSet.from_config(cfg.regions, cfg.diffusion.timesteps)
-
-
-def branch_config(cfg: Config, region: Region) -> Config:
-    """The config of one region branch: its timesteps, ratio, eta and iteration budget."""
-    c = copy.deepcopy(cfg)
-    c.regions = None
-    c.diffusion.t_min, c.diffusion.t_max = region.lo, region.hi
-    c.early_bird.ratio = region.ratio
-    if region.eta is not None:
-        c.early_bird.eta = region.eta
-    if region.iters is not None:
-        c.train.iters = region.iters
-    return c
-
-
-def branch_dir(run: Path, k: int) -> Path:
-    return Path(run) / f"region-{k}"
+from .runs import REGIONS_FILE, read_regions, regions_record
+from .sampling import visited_timesteps
+from .taeb_spec import accounting_record, branch_config, branch_dir, region_set
 
 
 def _train_branch(cfg: Config, run: Path, k: int, group=None) -> dict:
@@ -73,9 +48,8 @@ def write_layout(cfg: Config, run: Path) -> None:
     regions = region_set(cfg)
     run.mkdir(parents=True, exist_ok=True)
     ck.atomic_write_text(run / "config.yaml", dump_yaml(cfg))
-    ck.atomic_write_json(run / REGIONS_FILE, {
-        "format": 1, "T": regions.T, "route": cfg.taeb.route, "regions": regions.to_config(),
-        "members": [branch_dir(Path("."), k).name for k in range(len(regions))]})
+    ck.atomic_write_json(run / REGIONS_FILE, regions_record(
+        regions, cfg.taeb.route, [branch_dir(Path("."), k).name for k in range(len(regions))]))
 
 
 def dist_backend(world: int, per_region: int, cuda: bool, n_gpus: int) -> str:
@@ -194,42 +168,26 @@ def launch(cfg: Config, run: Path) -> None:
                           f"command with --resume {run}: finished branches are kept")
 
 
-# ---------------------------------------------------------------------- the combined artifact and accounting
-def is_taeb_run(path: Path) -> bool:
-    return (Path(path) / REGIONS_FILE).is_file()
-
-
-def read_regions(run: Path) -> tuple[RegionSet, dict]:
+def run_taeb(cfg: Config, run: Path) -> dict | None:
+    """`ebdiff ta-eb`: check the region set and the data, train every branch (`launch`) under the run's lock,
+    then `finalize`; returns the accounting (None on a rank other than 0). A start that fails before any branch
+    wrote a checkpoint leaves no half-made run folder."""
+    region_set(cfg)  # a bad region set stops here, before anything is written
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        preflight(cfg)
+    created = rank0 and not run.exists()
     try:
-        spec = json.loads((Path(run) / REGIONS_FILE).read_text())
-        return RegionSet.from_config(spec["regions"], spec["T"]), spec
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{run}/{REGIONS_FILE} is unreadable ({type(exc).__name__})") from None
+        with ck.RunLock(run, "ta-eb") if rank0 else contextlib.nullcontext():
+            launch(cfg, run)
+            return finalize(run) if rank0 else None
+    except BaseException:
+        if created and not any(run.glob("region-*/checkpoints/ckpt-*")):
+            shutil.rmtree(run, ignore_errors=True)
+        raise
 
 
-def visited_timesteps(scfg, T: int) -> list[int]:
-    return sampler_timesteps(scfg.sampler, T, scfg.steps, scfg.spacing)
-
-
-def size_weightings(regions: RegionSet, params: list[float], macs: list[float], visited: list[int],
-                    rule: str, sampler: str) -> dict:
-    """Pure: TA-EB's params/MACs as one number, in the two ways they are reported, each with its definition:
-    `sampling_steps` averages the region models over the timesteps the sampler visits (what sampling
-    costs with these settings), `timesteps` over all T timesteps, each served by one region (uniform
-    over T; what the paper's Table 4 reports: 7.69M / 1.32G for CIFAR-10's 30/60/80% regions, against
-    13.11M / 2.25G by 100 quad-spaced DDIM steps)."""
-    every_t = list(range(regions.T))
-    return {
-        "sampling_steps": {
-            "definition": f"mean over the {len(visited)} timesteps the sampler visits ({sampler})",
-            "params": regions.weighted(params, visited, rule), "macs": regions.weighted(macs, visited, rule),
-            "steps_per_region": regions.steps_per_region(visited, rule)},
-        "timesteps": {
-            "definition": f"mean over all T={regions.T} timesteps, each served by one region (uniform over T; "
-                          "the paper's Table 4)",
-            "params": regions.weighted(params, every_t, rule), "macs": regions.weighted(macs, every_t, rule),
-            "timesteps_per_region": regions.steps_per_region(every_t, rule)},
-    }
+# ---------------------------------------------------------------------- the combined artifact and accounting
 
 
 def accounting(run: Path, cfg: Config) -> dict:
@@ -258,21 +216,7 @@ def accounting(run: Path, cfg: Config) -> dict:
             "search_s": (t or {}).get("search_seconds", times["dense_s"] + times["check_s"]),
             "train_s": times["train_total"], "wall_s": times.get("wall_s"),
         })
-    rule = spec["route"]
-    sc = cfg.sample
-    sampler = f"{sc.sampler}, {sc.steps} steps, {sc.spacing} spacing" if sc.sampler == "ddim" else sc.sampler
-    w = size_weightings(regions, [b["params"] for b in branches], [b["macs"] for b in branches], visited, rule,
-                        sampler)
-    res = {
-        "route": rule, "sampler": {"sampler": sc.sampler, "steps": sc.steps, "spacing": sc.spacing},
-        "steps_per_region": w["sampling_steps"]["steps_per_region"],
-        # weighted_params / weighted_macs: by the sampling steps (weightings.sampling_steps), kept for readers
-        "weighted_params": w["sampling_steps"]["params"], "weighted_macs": w["sampling_steps"]["macs"],
-        "weightings": w,
-        "branches": branches,
-        "taeb_train_s": max(b["train_s"] for b in branches),
-        "sum_train_s": sum(b["train_s"] for b in branches),
-    }
+    res = accounting_record(regions, branches, spec["route"], cfg.sample, visited)
     ck.atomic_write_json(Path(run) / "taeb.json", res)
     return res
 
@@ -302,24 +246,6 @@ def plot_region_heatmaps(run: Path, path: Path) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def format_accounting(a: dict) -> str:
-    lines = ["region          ratio  ticket at   params      MACs   steps  search s  train s",
-             "--------------  -----  ---------  --------  --------  -----  --------  -------"]
-    for b, n in zip(a["branches"], a["steps_per_region"]):
-        r = b["region"]
-        tk = str(b["ticket_iteration"]) if b["ticket_found"] else "none"
-        lines.append(f"[{r['t'][0]:>3}, {r['t'][1]:>3}]      {r['ratio']:5.2f}  {tk:>9}  {b['params'] / 1e6:7.2f}M "
-                     f"{b['macs'] / 1e9:8.3f}G  {n:5d}  {b['search_s']:8.1f}  {b['train_s']:7.1f}")
-    lines.append(f"weighted over the {sum(a['steps_per_region'])} sampling steps ({a['route']} routing): "
-                 f"{a['weighted_params'] / 1e6:.2f}M params, {a['weighted_macs'] / 1e9:.3f}G MACs")
-    t = (a.get("weightings") or {}).get("timesteps")
-    if t:
-        lines.append(f"weighted over all {sum(t['timesteps_per_region'])} timesteps ({'/'.join(map(str, t['timesteps_per_region']))} "
-                     f"per region, the paper's Table 4): {t['params'] / 1e6:.2f}M params, {t['macs'] / 1e9:.3f}G MACs")
-    lines.append(f"TA-EB training time (longest branch): {a['taeb_train_s']:.1f} s "
-                 f"(all branches together {a['sum_train_s']:.1f} s)")
-    return "\n".join(lines)
 
 
 def finalize(run: Path, progress: bool = True, log=print) -> dict:

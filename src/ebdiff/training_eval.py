@@ -188,7 +188,7 @@ def score_taeb_curve(run: Path, device: str = "cpu", progress: bool = True, log=
     from .regions import RegionRouter
     from .report import save_grid
     from .sampling import to_uint8
-    from .taeb import read_regions
+    from .runs import read_regions
 
     run = Path(run)
     cfg = load_config(run / "config.yaml")
