@@ -160,3 +160,12 @@ HANDED_IN = {"ebdiff.trainer": "the evaluation hook and the trackers are handed 
 def test_training_never_imports_evaluation(module):
     bad = sorted(t for t in _reachable(module) if _in(t, EVALUATION))
     assert not bad, f"{module} imports (directly or through others) {', '.join(bad)}"
+
+
+REGISTRIES = ("ebdiff.models", "ebdiff.pruning", "ebdiff.regions", "ebdiff.sampling")  # config.choices() looks them up
+
+
+@pytest.mark.parametrize("module", [m for m in REGISTRIES if m in MODULES])
+def test_the_registries_config_lists_import_no_config_and_no_training(module):
+    bad = sorted(t for t in _reachable(module) if t == "ebdiff.config" or _in(t, HIGH))
+    assert not bad, f"{module} imports (directly or through others) {', '.join(bad)}"

@@ -27,6 +27,9 @@ def __getattr__(name: str):
     if name in _API:
         import importlib
 
+        from .interop import register_diffusers_samplers
+
+        register_diffusers_samplers()  # the library assembled: diffusers' schedulers are samplers (configs name them)
         module, attr = _API[name]
         return getattr(importlib.import_module(f".{module}", __name__), attr)
     raise AttributeError(f"module 'ebdiff' has no attribute {name!r}")

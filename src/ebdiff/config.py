@@ -278,7 +278,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every string choice; those naming a paper concept come from its registry
     (model presets, pruning criteria, samplers and spacings, TA-EB routing rules), so a registered criterion or sampler
-    is a valid setting at once."""
+    is a valid setting at once. The owners import neither this module nor training code (tests/test_layers.py),
+    so the schema sits above the registries and below every layer that reads it; they are imported here, on use,
+    because they import torch and the schema does not. diffusers' schedulers are samplers once the entry points
+    have called `interop.register_diffusers_samplers()`."""
     from .models import preset_names
     from .pruning import criterion_names
     from .regions import ROUTES
@@ -398,13 +401,17 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> Config:
+def _check_choices(cfg: Config) -> None:
     flat = cfg.to_dict()
     for dotted, allowed in choices().items():
         section, key = dotted.split(".")
         value = flat[section][key]
         if value not in allowed:
             raise ConfigError(f"config key '{dotted}' must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Counts that must be positive, and no nan / inf anywhere."""
     t = cfg.train
     positive = {
         "train.iters": t.iters, "train.batch_size": t.batch_size, "train.log_every": t.log_every,
@@ -415,11 +422,15 @@ def validate(cfg: Config) -> Config:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{name}' must be positive; got {value}")
-    for section, values in flat.items():  # nan / inf are never a setting
+    for section, values in cfg.to_dict().items():  # nan / inf are never a setting
         for key, value in (values or {}).items() if isinstance(values, dict) else ():
             for v in value if isinstance(value, list) else [value]:
                 if isinstance(v, float) and not math.isfinite(v):
                     raise ConfigError(f"config key '{section}.{key}' must be a finite number; got {value!r}")
+
+
+def _validate_optimizer(t: TrainConfig) -> None:
+    """train.*: the optimizer, the EMA and the step's accumulation."""
     if t.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be positive; got {t.lr}")
     if not 0.0 <= t.ema_decay < 1.0:
@@ -429,39 +440,6 @@ def validate(cfg: Config) -> Config:
     if t.adam_eps <= 0 or t.weight_decay < 0 or t.grad_clip < 0:
         raise ConfigError("config keys 'train.adam_eps' (> 0), 'train.weight_decay' and 'train.grad_clip' (>= 0) "
                           f"are out of range: {t.adam_eps}, {t.weight_decay}, {t.grad_clip}")
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"config key 'model.dropout' must be in [0, 1); got {cfg.model.dropout}")
-    mc = cfg.model
-    if mc.num_classes is not None and mc.num_classes < 1:
-        raise ConfigError(f"config key 'model.num_classes' must be at least 1; got {mc.num_classes}")
-    if not 0.0 <= mc.class_dropout < 1.0:
-        raise ConfigError(f"config key 'model.class_dropout' must be in [0, 1); got {mc.class_dropout}")
-    from .models import is_latent_preset
-
-    latent = is_latent_preset(mc.preset)
-    if mc.class_dropout and mc.num_classes is None and not latent:
-        raise ConfigError("model.class_dropout needs a class-conditional model: set model.num_classes")
-    if mc.autoencoder is not None and not latent:
-        raise ConfigError(f"model.autoencoder is for latent presets (ldm-*); model.preset={mc.preset} trains on pixels")
-    if isinstance(mc.latent_scale, str) and mc.latent_scale not in ("auto", "std"):
-        raise ConfigError(f"config key 'model.latent_scale' must be auto, std or a positive number; got {mc.latent_scale!r}")
-    if not isinstance(mc.latent_scale, str) and not mc.latent_scale > 0:
-        raise ConfigError(f"config key 'model.latent_scale' must be positive; got {mc.latent_scale}")
-    if cfg.data.latent_shard_size < 1:
-        raise ConfigError(f"config key 'data.latent_shard_size' must be positive; got {cfg.data.latent_shard_size}")
-    if cfg.sample.guidance is not None and cfg.sample.guidance < 0:
-        raise ConfigError(f"config key 'sample.guidance' must be >= 0; got {cfg.sample.guidance}")
-    if cfg.sample.classes is not None and (not cfg.sample.classes or min(cfg.sample.classes) < 0):
-        raise ConfigError(f"config key 'sample.classes' must list class indices >= 0; got {cfg.sample.classes}")
-    dc = cfg.data
-    for name, value, low in (("data.image_size", dc.image_size, 8), ("data.limit", dc.limit, 1),
-                             ("data.num_workers", dc.num_workers, 0)):
-        if value is not None and value < low:
-            raise ConfigError(f"config key '{name}' must be at least {low}; got {value}")
-    if cfg.sample.eta < 0:
-        raise ConfigError(f"config key 'sample.eta' must be >= 0; got {cfg.sample.eta}")
-    if not 0 < cfg.early_bird.diff_threshold <= 1:
-        raise ConfigError(f"config key 'early_bird.diff_threshold' must be in (0, 1]; got {cfg.early_bird.diff_threshold}")
     for name, value, low in (("train.grad_accum", t.grad_accum, 1), ("train.lr_warmup", t.lr_warmup, 0),
                              ("train.ema_start", t.ema_start, 0), ("train.ema_every", t.ema_every, 1),
                              ("train.sample_every", t.sample_every, 0)):
@@ -472,6 +450,10 @@ def validate(cfg: Config) -> Config:
     if (t.ema_power is not None and t.ema_power <= 0) or t.ema_inv_gamma <= 0 or not 0 <= t.ema_min_decay <= t.ema_decay:
         raise ConfigError("config keys 'train.ema_power', 'train.ema_inv_gamma' must be > 0 and "
                           "'train.ema_min_decay' in [0, train.ema_decay]")
+
+
+def _validate_runtime(t: TrainConfig, timesteps: int) -> None:
+    """train.*: the fast path's switches, the time budget and the evaluation during training."""
     if t.cuda_graph and (t.ema_power is not None or t.ema_start or t.ema_every > 1 or t.lr_warmup
                          or t.lr_schedule != "constant"):
         raise ConfigError("train.cuda_graph=true captures one fixed EMA decay and learning rate: it cannot run "
@@ -487,17 +469,55 @@ def validate(cfg: Config) -> Config:
     parse_every(t.eval_every, "train.eval_every")
     if t.eval_n < 2:
         raise ConfigError(f"config key 'train.eval_n' must be at least 2; got {t.eval_n}")
-    if t.eval_steps is not None and not 0 < t.eval_steps <= cfg.diffusion.timesteps:
-        raise ConfigError(f"config key 'train.eval_steps' must be in 1..{cfg.diffusion.timesteps}; got {t.eval_steps}")
+    if t.eval_steps is not None and not 0 < t.eval_steps <= timesteps:
+        raise ConfigError(f"config key 'train.eval_steps' must be in 1..{timesteps}; got {t.eval_steps}")
     if t.eval_classifier_epochs is not None and t.eval_classifier_epochs <= 0:
         raise ConfigError(f"config key 'train.eval_classifier_epochs' must be positive; got {t.eval_classifier_epochs}")
-    if cfg.sample.steps > cfg.diffusion.timesteps:
-        raise ConfigError(
-            f"config key 'sample.steps' ({cfg.sample.steps}) exceeds diffusion.timesteps ({cfg.diffusion.timesteps})"
-        )
-    if not 0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1:
+
+
+def _validate_model(mc: ModelConfig) -> None:
+    if not 0.0 <= mc.dropout < 1.0:
+        raise ConfigError(f"config key 'model.dropout' must be in [0, 1); got {mc.dropout}")
+    if mc.num_classes is not None and mc.num_classes < 1:
+        raise ConfigError(f"config key 'model.num_classes' must be at least 1; got {mc.num_classes}")
+    if not 0.0 <= mc.class_dropout < 1.0:
+        raise ConfigError(f"config key 'model.class_dropout' must be in [0, 1); got {mc.class_dropout}")
+    from .models import is_latent_preset
+
+    latent = is_latent_preset(mc.preset)
+    if mc.class_dropout and mc.num_classes is None and not latent:
+        raise ConfigError("model.class_dropout needs a class-conditional model: set model.num_classes")
+    if mc.autoencoder is not None and not latent:
+        raise ConfigError(f"model.autoencoder is for latent presets (ldm-*); model.preset={mc.preset} trains on pixels")
+    if isinstance(mc.latent_scale, str) and mc.latent_scale not in ("auto", "std"):
+        raise ConfigError(f"config key 'model.latent_scale' must be auto, std or a positive number; got {mc.latent_scale!r}")
+    if not isinstance(mc.latent_scale, str) and not mc.latent_scale > 0:
+        raise ConfigError(f"config key 'model.latent_scale' must be positive; got {mc.latent_scale}")
+
+
+def _validate_data(dc: DataConfig) -> None:
+    if dc.latent_shard_size < 1:
+        raise ConfigError(f"config key 'data.latent_shard_size' must be positive; got {dc.latent_shard_size}")
+    for name, value, low in (("data.image_size", dc.image_size, 8), ("data.limit", dc.limit, 1),
+                             ("data.num_workers", dc.num_workers, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"config key '{name}' must be at least {low}; got {value}")
+
+
+def _validate_sample(sc: SampleConfig, timesteps: int) -> None:
+    if sc.guidance is not None and sc.guidance < 0:
+        raise ConfigError(f"config key 'sample.guidance' must be >= 0; got {sc.guidance}")
+    if sc.classes is not None and (not sc.classes or min(sc.classes) < 0):
+        raise ConfigError(f"config key 'sample.classes' must list class indices >= 0; got {sc.classes}")
+    if sc.eta < 0:
+        raise ConfigError(f"config key 'sample.eta' must be >= 0; got {sc.eta}")
+    if sc.steps > timesteps:
+        raise ConfigError(f"config key 'sample.steps' ({sc.steps}) exceeds diffusion.timesteps ({timesteps})")
+
+
+def _validate_diffusion(d: DiffusionConfig) -> None:
+    if not 0 < d.beta_start < d.beta_end < 1:
         raise ConfigError("config keys 'diffusion.beta_start' < 'diffusion.beta_end' must lie in (0, 1)")
-    d = cfg.diffusion
     t_max = d.timesteps - 1 if d.t_max is None else d.t_max
     if not 0 <= d.t_min <= t_max <= d.timesteps - 1:
         raise ConfigError(f"config keys 'diffusion.t_min'/'t_max' must satisfy 0 <= t_min <= t_max <= T-1; "
@@ -507,13 +527,20 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'diffusion.speed_tau' must be in 1..T-1 = {d.timesteps - 1}; got {d.speed_tau}")
     if d.speed_k <= 0 or d.min_snr_gamma <= 0:
         raise ConfigError("config keys 'diffusion.speed_k' and 'diffusion.min_snr_gamma' must be > 0")
+
+
+def _validate_taeb(cfg: Config) -> None:
     if cfg.taeb.procs_per_region < 1:
         raise ConfigError("config key 'taeb.procs_per_region' must be >= 1")
     if cfg.regions is not None:
-        from .regions import RegionSet
+        from .regions import RegionSet  # the pure core's region set (it imports torch; the schema does not)
 
         RegionSet.from_config(cfg.regions, cfg.diffusion.timesteps)
-    eb = cfg.early_bird
+
+
+def _validate_early_bird(eb: EarlyBirdConfig) -> None:
+    if not 0 < eb.diff_threshold <= 1:
+        raise ConfigError(f"config key 'early_bird.diff_threshold' must be in (0, 1]; got {eb.diff_threshold}")
     if eb.ratio is not None and not 0.0 < eb.ratio < 1.0:
         raise ConfigError(f"config key 'early_bird.ratio' must be in (0, 1); got {eb.ratio}")
     if eb.eta <= 0:
@@ -530,13 +557,32 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'early_bird.round_channels' must be >= 1 (1 = no rounding); got {eb.round_channels}")
     if eb.taylor_timesteps <= 0 or eb.taylor_batch <= 0:
         raise ConfigError("config keys 'early_bird.taylor_timesteps' and 'early_bird.taylor_batch' must be positive")
-    pr = cfg.prune
+
+
+def _validate_prune(pr: PruneConfig, eb: EarlyBirdConfig) -> None:
     if pr.from_run is not None:
         if not 0.0 < pr.ratio < 1.0:
             raise ConfigError(f"config key 'prune.ratio' must be in (0, 1); got {pr.ratio}")
         if eb.ratio is not None:
             raise ConfigError("prune.from_run (a dense-then-prune baseline) and early_bird.ratio (Early-Bird "
                               "search) exclude each other: set one")
+
+
+def validate(cfg: Config) -> Config:
+    """Every setting in range, section by section (the choices and the numbers of every section first); the
+    first problem stops with one `ConfigError` line naming the key."""
+    _check_choices(cfg)
+    _check_numbers(cfg)
+    T = cfg.diffusion.timesteps
+    _validate_optimizer(cfg.train)
+    _validate_model(cfg.model)
+    _validate_data(cfg.data)
+    _validate_sample(cfg.sample, T)
+    _validate_runtime(cfg.train, T)
+    _validate_diffusion(cfg.diffusion)
+    _validate_taeb(cfg)
+    _validate_early_bird(cfg.early_bird)
+    _validate_prune(cfg.prune, cfg.early_bird)
     return cfg
 
 
