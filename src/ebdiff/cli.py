@@ -29,7 +29,7 @@ def _fmt(x: float | None) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import latest_checkpoint, newest_run
     from .config import load_config
-    from .trainer import train
+    from .assemble import train
 
     if args.resume:
         run_dir = newest_run(Path(args.resume))
@@ -415,7 +415,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .config import bundled_configs, load_config
     from .distributed import resolve_device
     from .evaluate import sample_run
-    from .trainer import train
+    from .assemble import train
 
     out = Path(args.out or ("runs/demo-latent" if args.latent else "runs/demo"))
     resume = latest_checkpoint(out) is not None

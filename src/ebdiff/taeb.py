@@ -61,12 +61,12 @@ def branch_dir(run: Path, k: int) -> Path:
 
 
 def _train_branch(cfg: Config, run: Path, k: int, group=None) -> dict:
-    from .trainer import Trainer
+    from .assemble import train
 
     regions = region_set(cfg)
     d = branch_dir(run, k)
     resume = ck.latest_checkpoint(d) is not None
-    return Trainer(branch_config(cfg, regions[k]), d, resume=resume, group=group).run()
+    return train(branch_config(cfg, regions[k]), d, resume=resume, group=group)
 
 
 def write_layout(cfg: Config, run: Path) -> None:
