@@ -331,6 +331,16 @@ class Random(Criterion):
         return [torch.rand(i.size, generator=g) for i in engine.info]
 
 
+class SizeOnly(Criterion):
+    """Every channel scores the same (not a config choice): a ticket's size without reading the weights,
+    which the ratio rule alone fixes (a model on the meta device: `ebdiff info`)."""
+
+    name = "size-only"
+
+    def __call__(self, engine, probe=None):
+        return [torch.zeros(i.size) for i in engine.info]
+
+
 def accumulate_taylor_grads(model: nn.Module, loss: "DiffusionLoss | Schedule", x0: torch.Tensor, n_timesteps: int,
                             diff_threshold: float | None = None, seed: int = 0,
                             t_range: tuple[int, int] | None = None, labels: torch.Tensor | None = None) -> dict:
