@@ -5,8 +5,8 @@ model, EMA, optimizer, iteration, phase, plan, timing, search, facts), `log(reco
 the tracker), `print(msg)`, `adopt(model, phase, plan)` (train another model from here on: new optimizer,
 EMA and compiled step), `paused()` (work that is not training time), `barrier()`, the run folder, whether
 this process writes it (`main`), the device, `arch` (what rebuilds the model from a checkpoint), the
-tracker and `stopping` (why this iteration is the last, else None). A hook takes its own settings when
-it is made. The Early-Bird search (`search.EarlyBirdHook`) is one; evaluation during training
+training `data`, the tracker and `stopping` (why this iteration is the last, else None). A hook takes
+its own settings when it is made. The Early-Bird search (`search.EarlyBirdHook`) is one; evaluation during training
 (`training_eval.EvalHook`) and sample grids (`tracking.SampleGridHook`) are others; a study passes plain
 functions f(context) (`CallbackHook`).
 """
@@ -30,6 +30,7 @@ class RunContext:
     main: bool  # this process writes the run folder (rank 0)
     device: Any  # torch.device
     arch: dict  # preset, dropout, num_classes, latent: what rebuilds the model (with state.plan)
+    data: Any  # data.ImageData: the training data (a study's fixed batch: data.head(n))
     log: Callable[[dict], None]
     print: Callable[[str], None]
     adopt: Callable[..., None]  # adopt(model, phase, plan)

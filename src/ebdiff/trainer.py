@@ -68,8 +68,8 @@ class Trainer:
         st = self.state
         st.facts, st.search = s.facts, s.search
         s.prepare(st)
-        self.ctx = RunContext(st, self.run_dir, self.main, self.device, self.arch, self.log, self.print, self.adopt,
-                              self.paused, self.dist.barrier)
+        self.ctx = RunContext(st, self.run_dir, self.main, self.device, self.arch, self.data, self.log, self.print,
+                              self.adopt, self.paused, self.dist.barrier)
 
     @contextmanager
     def paused(self):
