@@ -20,14 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ebdiff.assemble import train
 from ebdiff.config import load_config
 from ebdiff.diffusion import DiffusionLoss
 from ebdiff.earlybird import EarlyBirdDetector
+from ebdiff.hooks import RunContext
 from ebdiff.masks import distance_matrix, hamming
 from ebdiff.models import build_model
 from ebdiff.pruning import PruningEngine, ScoreProbe, criterion_names, make_criterion
 from ebdiff.report import plot_hamming
-from ebdiff.trainer import Trainer
 
 
 def main() -> None:
@@ -69,7 +70,7 @@ def main() -> None:
                 res[(crit, r)] = engine.mask_from_scores(scores, r)
         return res
 
-    def record(trainer: Trainer, it: int) -> None:
+    def record(trainer: RunContext, it: int) -> None:
         if "engines" not in state:
             state["engines"] = {"online": PruningEngine(trainer.state.model),
                                 "ema": PruningEngine(trainer.state.ema.module)}
@@ -81,7 +82,7 @@ def main() -> None:
                 seqs.setdefault((src, *key), []).append(m)
             cost[src].append(time.perf_counter() - t0)
 
-    def callback(trainer: Trainer) -> None:
+    def callback(trainer: RunContext) -> None:
         if trainer.state.iteration == 1 and not iters:
             # mask at initialisation: the same seed and preset give the trainer's initial weights
             torch.manual_seed(cfg.train.seed)
@@ -93,7 +94,7 @@ def main() -> None:
             record(trainer, trainer.state.iteration)
 
     t0 = time.perf_counter()
-    summary = Trainer(cfg, out / "dense", callbacks=[callback]).run()
+    summary = train(cfg, out / "dense", callbacks=[callback])
     wall = time.perf_counter() - t0
     np.savez_compressed(out / "masks_all.npz", iterations=np.array(iters),
                         **{"-".join(map(str, k)): torch.stack([m.bits for m in v]).numpy() for k, v in seqs.items()},

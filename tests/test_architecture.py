@@ -236,7 +236,7 @@ def test_after_the_ticket_nothing_keeps_an_autograd_graph_or_the_dense_model(tmp
 
     from conftest import tiny_args
     from ebdiff.config import load_config
-    from ebdiff.trainer import Trainer
+    from ebdiff.assemble import train
 
     seen_dense, checked = [], []
 
@@ -252,7 +252,7 @@ def test_after_the_ticket_nothing_keeps_an_autograd_graph_or_the_dense_model(tmp
     args = tiny_args(tmp_path / "r", "train.iters=6", "early_bird.ratio=0.5", "early_bird.check_every=2",
                      "early_bird.max_search_iters=4", "early_bird.on_miss=extract-anyway")
     cfg = load_config(None, [a for a in args if "=" in a and not a.startswith("--")])
-    Trainer(cfg, tmp_path / "r", callbacks=[probe]).run()
+    train(cfg, tmp_path / "r", callbacks=[probe])
     nodes, reached, dense_gone = checked[0]
     assert nodes == 0 and reached > 1000
     assert dense_gone

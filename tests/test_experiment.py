@@ -10,7 +10,7 @@ from ebdiff.cli import main
 from ebdiff.experiment import load_experiment, method_config, run_experiment, scale_config
 from ebdiff.config import load_config
 from ebdiff.errors import ConfigError
-from ebdiff.trainer import Trainer
+from ebdiff.assemble import train
 
 TINY = ["model.preset=tiny", "data.limit=256", "train.batch_size=8", "train.device=cpu", "train.progress=false",
         "train.log_every=2", "train.ckpt_every=2", "sample.steps=3", "train.iters=6"]
@@ -44,7 +44,7 @@ def test_experiment_runs_skips_and_resumes(tmp_path, has_fmnist, monkeypatch, ca
     # an interrupted dense run (2 of 6 iterations) is resumed, not restarted
     cfg = method_config(exp, exp.methods[0])
     cfg.train.iters = 2
-    Trainer(cfg, exp.out / "dense").run()
+    train(cfg, exp.out / "dense")
     assert main(["experiment", str(path)]) == 0
     rec = json.loads((exp.out / "experiment.json").read_text())
     actions = {m["name"]: m["action"] for m in rec["methods"]}

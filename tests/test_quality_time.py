@@ -154,7 +154,7 @@ def test_training_time_excludes_evaluation_and_wall_clock_budget(tmp_path, has_f
     from ebdiff import training_eval
     from ebdiff.config import load_config
     from ebdiff.experiment import run_status
-    from ebdiff.trainer import Trainer
+    from ebdiff.assemble import train
 
     class Clock:
         now = 0.0
@@ -176,7 +176,7 @@ def test_training_time_excludes_evaluation_and_wall_clock_budget(tmp_path, has_f
         over = tiny_args(tmp_path, "train.iters=6", "train.eval_every=2", "train.log_every=2", "train.eval_n=4",
                          "train.eval_steps=2")[2:]
         run = tmp_path / "slow"
-        s = Trainer(load_config(None, over), run).run()
+        s = train(load_config(None, over), run)
     pts, logs = evals(run), [r for r in read_records(run / "metrics.jsonl") if "loss" in r]
     assert [p["iter"] for p in pts] == [2, 4, 6] and [p["eval_s"] for p in pts] == [100.0] * 3
     assert [p["train_s"] for p in pts] == [0.0] * 3 and [r["wall_s"] for r in logs] == [0.0] * 3
@@ -186,7 +186,7 @@ def test_training_time_excludes_evaluation_and_wall_clock_budget(tmp_path, has_f
     shutil.rmtree(run / "checkpoints")
     with monkeypatch.context() as m:
         m.setattr(training_eval, "make_scorer", lambda *a, **k: SlowScorer())
-        Trainer(load_config(None, over), run).run()
+        train(load_config(None, over), run)
     assert [p["iter"] for p in evals(run)] == [2, 4, 6]
     # a wall-clock budget, on a clock that moves 1/8 s at every reading (a step is one: exactly 0.125 s):
     # it stops with a checkpoint, a final point and a finished summary; points every 0.5 s of training
@@ -204,14 +204,14 @@ def test_training_time_excludes_evaluation_and_wall_clock_budget(tmp_path, has_f
     cfg = load_config(None, tiny_args(tmp_path, "train.iters=100000", "train.max_seconds=1",
                                       "train.eval_every=0.25s", "train.eval_n=4", "train.eval_steps=2")[2:])
     run = tmp_path / "budget"
-    s = Trainer(cfg, run).run()
+    s = train(cfg, run)
     assert s["stopped"] == "max_seconds" and s["iterations"] == 8 and s["time_s"]["own_total"] == 1.0
     assert [p["iter"] for p in evals(run)] == [2, 4, 6, 8] and (run / "checkpoints/ckpt-000000008").is_dir()
     assert run_status(run, cfg) == "done"
-    assert Trainer(cfg, run, resume=True).run()["iterations"] == 8  # nothing left to train
+    assert train(cfg, run, resume=True)["iterations"] == 8  # nothing left to train
     cfg.train.max_seconds = 1.25  # a larger budget continues it, and its curve
     assert run_status(run, cfg) == "resume"
-    assert Trainer(cfg, run, resume=True).run()["iterations"] == 10
+    assert train(cfg, run, resume=True)["iterations"] == 10
     assert [p["iter"] for p in evals(run)] == [2, 4, 6, 8, 10]
 
 

@@ -152,7 +152,7 @@ def test_resume_refuses_an_edited_model_and_applies_new_training_settings(tmp_pa
 
 def test_resume_after_a_crash_logs_each_iteration_once(tmp_path, has_fmnist):
     from ebdiff.config import load_config
-    from ebdiff.trainer import Trainer
+    from ebdiff.assemble import train
 
     run = tmp_path / "C"
     cfg = load_config(None, tiny_args(run, "train.iters=10", "train.log_every=1")[2:] + ["train.ckpt_every=4"])
@@ -162,7 +162,7 @@ def test_resume_after_a_crash_logs_each_iteration_once(tmp_path, has_fmnist):
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError):
-        Trainer(cfg, run, callbacks=[crash]).run()
+        train(cfg, run, callbacks=[crash])
     assert [json.loads(x)["iter"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 8))
     assert main(["train", "--resume", str(run)]) == 0
     assert [json.loads(x)["iter"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 11))

@@ -16,7 +16,7 @@ _API = {
     "export": ("interop", "export"),
     "scheduler": ("interop", "scheduler"),
     "RoutedUNet": ("interop", "RoutedUNet"),
-    "train": ("trainer", "train"),
+    "train": ("assemble", "train"),
     "load_config": ("config", "load_config"),
     "Config": ("config", "Config"),
 }

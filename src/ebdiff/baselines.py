@@ -11,15 +11,15 @@ import torch
 from . import checkpoint as ck
 from .config import Config
 from .errors import CheckpointError, ConfigError
+from .facts import PrunedFrom
 from .models import build_from_config, count_macs_params, format_count, preset_classes
+from .pruning import Pruned, make_criterion, prune
 
 
-def prune_from_run(cfg: Config, device: torch.device, probe_fn, say=print) -> tuple[torch.nn.Module, list, dict]:
-    """(pruned model, its plan, `pruned_from` facts) from the dense run `cfg.prune.from_run`.
+def prune_from_run(cfg: Config, device: torch.device, probe_fn, say=print) -> tuple[Pruned, PrunedFrom]:
+    """(the pruned model with its plan and mask, `pruned_from` facts) from the dense run `cfg.prune.from_run`.
 
     probe_fn(timesteps, batch) -> ScoreProbe: the fixed batch for gradient criteria."""
-    from .pruning import PruningEngine, extract, make_criterion
-
     pc, mc, eb = cfg.prune, cfg.model, cfg.early_bird
     src = Path(pc.from_run)
     ckpt = ck.latest_checkpoint(src)
@@ -44,18 +44,17 @@ def prune_from_run(cfg: Config, device: torch.device, probe_fn, say=print) -> tu
     dense = ck.build_from_meta(meta)
     ck.load_weights(dense, ckpt / ("ema.safetensors" if pc.weights == "ema" else "model.safetensors"))
     dense = dense.to(device).train()
-    engine = PruningEngine(dense)
     crit = make_criterion(pc.criterion, seed=cfg.train.seed, diff_threshold=eb.diff_threshold)
     probe = probe_fn(eb.taylor_timesteps, eb.taylor_batch) if crit.needs_probe else None
-    mask = engine.mask(crit, pc.ratio, probe, multiple=eb.round_channels)
-    plan = engine.plan(mask)
-    small = extract(dense, plan, reinit=pc.reinit, init_fn=lambda: build_from_config(mc)).train()
-    facts = {"run": str(src), "checkpoint": ckpt.name, "iteration": int(meta["iteration"]), "train_s": src_time,
-             "criterion": pc.criterion, "ratio": pc.ratio, "weights": pc.weights, "reinit": pc.reinit,
-             "method": "scratch" if pc.reinit else "prune-finetune", "pruned_channel_fraction": mask.pruned_fraction,
-             "round_channels": eb.round_channels}
-    macs, params = count_macs_params(small)
+    pruned = prune(dense, crit, pc.ratio, probe, multiple=eb.round_channels, reinit=pc.reinit,
+                   init_fn=lambda: build_from_config(mc))
+    pruned.model.train()
+    facts = PrunedFrom(run=str(src), checkpoint=ckpt.name, iteration=int(meta["iteration"]), train_s=src_time,
+                       criterion=pc.criterion, ratio=pc.ratio, weights=pc.weights, reinit=pc.reinit,
+                       method="scratch" if pc.reinit else "prune-finetune",
+                       pruned_channel_fraction=pruned.mask.pruned_fraction, round_channels=eb.round_channels)
+    macs, params = count_macs_params(pruned.model)
     what = "Scratch (structure only, re-initialised)" if pc.reinit else f"prune+finetune ({pc.criterion})"
     say(f"{what}: pruned {src} at iteration {meta['iteration']} to {format_count(params)} params, "
         f"{format_count(macs)} MACs")
-    return small, plan, facts
+    return pruned, facts

@@ -28,13 +28,13 @@ def _sync(device: torch.device) -> None:
 def make_ticket(preset: str, ratio: float, device: torch.device, round_channels: int = 1) -> torch.nn.Module:
     """The dense preset (ratio 0) or its magnitude ticket on the seed-0 initial weights, its surviving
     channels rounded to multiples of `round_channels` (`early_bird.round_channels`)."""
-    from .pruning import ticket_of
+    from .pruning import prune
 
     torch.manual_seed(0)
     dense = build_model(preset)
     if ratio <= 0:
         return dense.to(device)
-    return ticket_of(dense, ratio, round_channels).to(device)
+    return prune(dense, "magnitude", ratio, multiple=round_channels).model.to(device)
 
 
 KERNEL_KINDS = (  # (kind, substrings of a GPU kernel's lower-cased name), first match wins

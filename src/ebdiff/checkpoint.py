@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from .accounting import Timing
 from .errors import CheckpointError
+from .facts import RunFacts
 
 FORMAT = 1
 METRICS_FILE = "metrics.jsonl"  # the run's log: one JSON record per line, each with the iteration it belongs to
@@ -396,8 +397,8 @@ def set_rng_state(st: dict[str, Any]) -> None:
 @dataclass
 class TrainState:
     """Everything a resume needs, declared once. `model` and `ema` weights go to safetensors, the plan
-    and the run facts (`facts`: ticket, dense size, pruned_from, image shape) to meta.json, the rest
-    to the weights-only state.pt."""
+    and the run facts (`facts.RunFacts`: ticket, dense size, pruned_from, image shape) to meta.json, the
+    rest to the weights-only state.pt."""
 
     model: nn.Module
     ema: Any  # step.EMA
@@ -407,11 +408,17 @@ class TrainState:
     plan: list | None = None
     timing: Timing = field(default_factory=Timing)
     search: Any = None  # search.EarlyBirdSearch while searching, else None
-    facts: dict = field(default_factory=dict)
+    facts: RunFacts = field(default_factory=RunFacts)
+
+    @property
+    def train_s(self) -> float:
+        """Training seconds so far, as the speed-up counts them: own training plus what the run depends on
+        (the dense run a prune-from-run baseline was cut from)."""
+        return self.timing.own_total + self.facts.dependency_s
 
     def save(self, run_dir: Path, keep_last: int, arch: dict) -> Path:
         """arch: what rebuilds the dense architecture (preset, dropout)."""
-        meta = {**arch, "phase": self.phase, "plan": self.plan, **self.facts}
+        meta = {**arch, "phase": self.phase, "plan": self.plan, **self.facts.to_meta()}
         state = {"iteration": self.iteration, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
                  "timing": self.timing.to_dict(), "ema_updates": self.ema.updates, "ema_steps": self.ema.steps}
         if self.search is not None:

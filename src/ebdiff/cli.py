@@ -21,8 +21,8 @@ from .report import count_text, format_train_summary, report_tables, write_repor
 
 # ---------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
+    from .assemble import train
     from .runs import train_run
-    from .trainer import train
 
     cfg, run_dir = train_run(args.resume, args.config, args.out, args.overrides)
     if args.resume and run_dir != Path(args.resume):

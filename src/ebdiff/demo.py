@@ -20,7 +20,7 @@ from .experiment import load_experiment, run_experiment
 from .latents import train_autoencoder
 from .models import preset_shape
 from .quality_curves import verdict
-from .trainer import train
+from .assemble import train
 
 DEMO_CONFIG = "demo.yaml"  # bundled (config.bundled_configs)
 DEMO_COMPARE = "demo_compare.yaml"  # bundled, in experiments/

@@ -243,7 +243,7 @@ def _train(cfg: Config, run: Path, status: str) -> None:
         launch(cfg, run)
         finalize(run)
         return
-    from .trainer import train
+    from .assemble import train
 
     run.mkdir(parents=True, exist_ok=True)
     train(cfg, run, resume=status == "resume")

@@ -7,7 +7,7 @@ import torch
 
 from .errors import ConfigError
 from .models import build_model, count_macs_params, is_latent_preset, preset_names
-from .pruning import PruningEngine, extract
+from .pruning import PruningEngine, SizeOnly, prune
 from .report import count_text
 
 
@@ -34,8 +34,8 @@ def size_rows(preset: str | None = None, ratios: list[float] | None = None, roun
         if ratios:
             eng = PruningEngine(model)
             for r in ratios:
-                mask = eng.mask_from_scores([torch.zeros(i.size) for i in eng.info], r, round_channels)
-                rows.append({**size_row(name, r, extract(model, eng.plan(mask)), dense),
+                small = prune(model, SizeOnly(), r, multiple=round_channels, engine=eng).model
+                rows.append({**size_row(name, r, small, dense),
                              "round_channels": round_channels})
         del model
     return rows

@@ -331,6 +331,16 @@ class Random(Criterion):
         return [torch.rand(i.size, generator=g) for i in engine.info]
 
 
+class SizeOnly(Criterion):
+    """Every channel scores the same (not a config choice): a ticket's size without reading the weights,
+    which the ratio rule alone fixes (a model on the meta device: `ebdiff info`)."""
+
+    name = "size-only"
+
+    def __call__(self, engine, probe=None):
+        return [torch.zeros(i.size) for i in engine.info]
+
+
 def accumulate_taylor_grads(model: nn.Module, loss: "DiffusionLoss | Schedule", x0: torch.Tensor, n_timesteps: int,
                             diff_threshold: float | None = None, seed: int = 0,
                             t_range: tuple[int, int] | None = None, labels: torch.Tensor | None = None) -> dict:
@@ -408,11 +418,33 @@ def extract(model: nn.Module, plan: Plan, reinit: bool = False,
     return small
 
 
-def ticket_of(model: nn.Module, ratio: float, multiple: int = 1, criterion: str = "magnitude") -> nn.Module:
-    """The ticket a criterion cuts from `model` at `ratio` (its current weights, surviving channels rounded
-    to `multiple`): what `ebdiff bench` times."""
-    eng = PruningEngine(model)
-    return extract(model, eng.plan(eng.mask(criterion, ratio, multiple=multiple)))
+@dataclass
+class Pruned:
+    """What pruning a model gives: the physically smaller model, the plan that rebuilds its architecture
+    from the dense one (checkpoints replay it), and the channel mask it came from."""
+
+    model: nn.Module
+    plan: Plan
+    mask: ChannelMask
+
+
+def cut(model: nn.Module, engine: PruningEngine, mask: ChannelMask, reinit: bool = False,
+        init_fn: Callable[[], nn.Module] | None = None) -> Pruned:
+    """Extract `mask` from `model`. `engine` traced `model` or a model of the same architecture (its EMA:
+    a plan names layers and channels, so it applies to either)."""
+    plan = engine.plan(mask)
+    return Pruned(extract(model, plan, reinit=reinit, init_fn=init_fn), plan, mask)
+
+
+def prune(model: nn.Module, criterion: "str | Criterion", ratio: float, probe: "ScoreProbe | None" = None,
+          multiple: int = 1, reinit: bool = False, init_fn: Callable[[], nn.Module] | None = None,
+          engine: PruningEngine | None = None) -> Pruned:
+    """score -> mask -> plan -> extract: the ticket `criterion` cuts from `model` at `ratio` (its current
+    weights, surviving channels rounded to `multiple`; `probe` for criteria that score gradients;
+    reinit=True keeps the structure only, with init_fn's fresh weights). `engine`: `model`'s traced
+    engine, to reuse across ratios."""
+    engine = engine or PruningEngine(model)
+    return cut(model, engine, engine.mask(criterion, ratio, probe, multiple=multiple), reinit, init_fn)
 
 
 def channel_zero_mask_(model: nn.Module, engine: PruningEngine, mask: ChannelMask) -> None:

@@ -5,7 +5,7 @@ the mask source's current weights (the online model or its EMA), feeds it to the
 a `Ticket` when the masks have settled (or when the search budget ran out and `on_miss` says to
 extract anyway), else None. It owns its history (masks, iterations, check costs) and saves and
 restores it with `state_dict()` / `load_state_dict()`, replaying the detector so that a resumed search
-continues exactly. It does not train, prune or write files: the trainer's `EarlyBirdHook` does that.
+continues exactly. It does not train, prune or write files: `EarlyBirdHook`, on the training loop, does that.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import torch
 import torch.nn as nn
 
 from .earlybird import EarlyBirdDetector, Ticket
+from .facts import TicketInfo
 from .hooks import Hook
 from .masks import ChannelMask
-from .pruning import Criterion, Plan, PruningEngine, ScoreProbe, make_criterion
+from .models import format_count, size_of
+from .pruning import Criterion, Plan, PruningEngine, ScoreProbe, cut, make_criterion
 
 SEARCHING, DRAWN, MISSED = "searching", "drawn", "missed"
 
@@ -88,10 +90,14 @@ class EarlyBirdSearch:
         self.status = DRAWN
         return Ticket(check=self.detector.checks - 1, mask=mask, max_distance=None, iteration=iteration, found=False)
 
-    def plan(self, mask: ChannelMask) -> Plan:
+    def engine_for_plan(self) -> PruningEngine:
+        """The engine the last check traced (its plans apply to the online model and its EMA alike)."""
         if self._engine is None:
             raise RuntimeError("no check has run yet")
-        return self._engine.plan(mask)
+        return self._engine
+
+    def plan(self, mask: ChannelMask) -> Plan:
+        return self.engine_for_plan().plan(mask)
 
     def release(self) -> None:
         """Drop the traced engine (after the ticket: the dense model it traced is gone)."""
@@ -126,75 +132,68 @@ class EarlyBirdSearch:
 
 
 class EarlyBirdHook(Hook):
-    """The Early-Bird training mode on the trainer's loop: check on cadence, and on a ticket extract it
-    from the online model and train it instead (a new optimizer, EMA and compiled step)."""
+    """The Early-Bird training mode on the loop: check on cadence, and on a ticket extract it from the
+    online model and train it instead (`ctx.adopt`: a new optimizer, EMA and compiled step).
 
-    def __init__(self, trainer):
-        eb, tc = trainer.cfg.early_bird, trainer.cfg.train
-        check_every = trainer.ipe if eb.check_every == "epoch" else int(eb.check_every)
-        self.search = EarlyBirdSearch.from_config(
-            eb, check_every, seed=tc.seed, probe=lambda: trainer.score_probe(eb.taylor_timesteps, eb.taylor_batch))
+    eb: the `early_bird` config section. init_fn: a fresh dense model (early_bird.reinit). artifacts:
+    artifacts(run_dir, search, ticket_dict | None) writes the search's files when it ends (the assembly
+    layer hands in `report.write_search_artifacts`); None writes none."""
 
-    def after_step(self, tr) -> None:
-        st, s = tr.state, self.search
+    def __init__(self, search: EarlyBirdSearch, eb, init_fn, artifacts=None):
+        self.search, self.eb, self.init_fn, self.artifacts = search, eb, init_fn, artifacts
+
+    def after_step(self, ctx) -> None:
+        st, s = ctx.state, self.search
         if st.search is not s or not s.due(st.iteration):
             return
         ticket = s.check(st.iteration, st.model, st.ema.module)
         st.timing.check_s += s.check_seconds[-1]
-        tr.log({"event": "eb_check", "iter": st.iteration, "check": s.detector.checks - 1,
-                "max_distance": s.last_distance, "check_s": s.check_seconds[-1],
-                "pruned_fraction": s.masks[-1].pruned_fraction})
+        ctx.log({"event": "eb_check", "iter": st.iteration, "check": s.detector.checks - 1,
+                 "max_distance": s.last_distance, "check_s": s.check_seconds[-1],
+                 "pruned_fraction": s.masks[-1].pruned_fraction})
         if ticket is not None:
-            self._extract(tr, ticket)
+            self._extract(ctx, ticket)
         elif s.status == MISSED:
-            eb = tr.cfg.early_bird
-            tr.print(f"no Early-Bird ticket within {eb.max_search_iters} iterations (eta={eb.eta}); "
-                     "continuing dense training")
-            st.facts["ticket"] = {"found": False, "iteration": st.iteration, "checks": s.detector.checks}
-            tr.log({"event": "eb_miss", "iter": st.iteration})
+            ctx.print(f"no Early-Bird ticket within {self.eb.max_search_iters} iterations (eta={self.eb.eta}); "
+                      "continuing dense training")
+            st.facts.ticket = TicketInfo.miss(st.iteration, s.detector.checks)
+            ctx.log({"event": "eb_miss", "iter": st.iteration})
             st.search = None
-            self._artifacts(tr, None)
+            self._artifacts(ctx, None)
 
-    def _extract(self, tr, ticket: Ticket) -> None:
-        from .models import build_from_config, format_count, size_of
-        from .pruning import extract
-
-        st, s, eb, mc = tr.state, self.search, tr.cfg.early_bird, tr.cfg.model
+    def _extract(self, ctx, ticket: Ticket) -> None:
+        st, s = ctx.state, self.search
         t0 = time.perf_counter()
-        plan = s.plan(ticket.mask)
-        small = extract(st.model, plan, reinit=eb.reinit, init_fn=lambda: build_from_config(mc))
+        small = cut(st.model, s.engine_for_plan(), ticket.mask, reinit=self.eb.reinit, init_fn=self.init_fn)
         s.release()
-        tr.adopt(small.train(), "ticket", plan)
-        size = size_of(small)
+        ctx.adopt(small.model.train(), "ticket", small.plan)
+        size = size_of(small.model)
         st.timing.extract_s += time.perf_counter() - t0
         st.timing.search_s = st.timing.dense_s
-        dense = st.facts["dense_size"]
-        info = {"found": ticket.found, "check": ticket.check, "iteration": ticket.iteration,
-                "max_distance": ticket.max_distance, "ratio": s.ratio, "criterion": s.criterion.name,
-                "eta": s.detector.eta, "queue": s.detector.queue, "check_every": s.check_every,
-                "mask_source": s.mask_source, "reinit": eb.reinit, "round_channels": s.round_channels,
-                "search_seconds": st.timing.dense_s + st.timing.check_s, **s.cost_summary(),
-                "extract_seconds": st.timing.extract_s, "dense": dense, "ticket": size,
-                "pruned_channel_fraction": ticket.mask.pruned_fraction}
-        st.facts["ticket"] = info
-        tr.log({"event": "ticket", **info})
-        self._artifacts(tr, info)
+        dense = st.facts.dense_size
+        info = TicketInfo(found=ticket.found, check=ticket.check, iteration=ticket.iteration,
+                          max_distance=ticket.max_distance, ratio=s.ratio, criterion=s.criterion.name,
+                          eta=s.detector.eta, queue=s.detector.queue, check_every=s.check_every,
+                          mask_source=s.mask_source, reinit=self.eb.reinit, round_channels=s.round_channels,
+                          search_seconds=st.timing.dense_s + st.timing.check_s, **s.cost_summary(),
+                          extract_seconds=st.timing.extract_s, dense=dense, ticket=size,
+                          pruned_channel_fraction=ticket.mask.pruned_fraction)
+        st.facts.ticket = info
+        ctx.log({"event": "ticket", **info.to_dict()})
+        self._artifacts(ctx, info)
         what = "ticket drawn" if ticket.found else "no ticket in the search budget; extracting anyway"
-        tr.print(f"Early-Bird: {what} at iteration {ticket.iteration} (check {ticket.check}): "
-                 f"{format_count(dense['params'])} -> {format_count(size['params'])} params, "
-                 f"{format_count(dense['macs'])} -> {format_count(size['macs'])} MACs")
+        ctx.print(f"Early-Bird: {what} at iteration {ticket.iteration} (check {ticket.check}): "
+                  f"{format_count(dense['params'])} -> {format_count(size['params'])} params, "
+                  f"{format_count(dense['macs'])} -> {format_count(size['macs'])} MACs")
 
-    def _artifacts(self, tr, info: dict | None) -> None:
-        if tr.main:
-            from .report import write_search_artifacts
+    def _artifacts(self, ctx, info: TicketInfo | None) -> None:
+        if ctx.main and self.artifacts is not None:
+            self.artifacts(ctx.run_dir, self.search, None if info is None else info.to_dict(),
+                           title=f"{self.search.criterion.name} p={self.search.ratio}")
 
-            write_search_artifacts(tr.run_dir, self.search, info,
-                                   title=f"{self.search.criterion.name} p={self.search.ratio}")
-
-    def on_end(self, tr) -> None:
-        st = tr.state
+    def on_end(self, ctx) -> None:
+        st = ctx.state
         if st.search is self.search and self.search.status == SEARCHING:
-            tr.print(f"no Early-Bird ticket was drawn in {st.iteration} iterations "
-                     f"({self.search.detector.checks} checks, eta={self.search.detector.eta})")
-            self._artifacts(tr, None)
-
+            ctx.print(f"no Early-Bird ticket was drawn in {st.iteration} iterations "
+                      f"({self.search.detector.checks} checks, eta={self.search.detector.eta})")
+            self._artifacts(ctx, None)

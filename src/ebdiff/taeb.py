@@ -36,12 +36,12 @@ from .taeb_spec import accounting_record, branch_config, branch_dir, region_set
 
 
 def _train_branch(cfg: Config, run: Path, k: int, group=None) -> dict:
-    from .trainer import Trainer
+    from .assemble import train
 
     regions = region_set(cfg)
     d = branch_dir(run, k)
     resume = ck.latest_checkpoint(d) is not None
-    return Trainer(branch_config(cfg, regions[k]), d, resume=resume, group=group).run()
+    return train(branch_config(cfg, regions[k]), d, resume=resume, group=group)
 
 
 def write_layout(cfg: Config, run: Path) -> None:

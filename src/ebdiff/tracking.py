@@ -1,5 +1,5 @@
 """Experiment trackers (TensorBoard, Weights & Biases) through accelerate's tracker classes, and sample
-grids during training. `metrics.jsonl` stays the source of truth: every record the trainer logs there
+grids during training. `metrics.jsonl` stays the source of truth: every record the loop logs there
 is mirrored to the tracker (its numbers), nothing else is.
 
 W&B without a network: `WANDB_MODE=offline` (the default ebdiff sets when no `WANDB_API_KEY` is
@@ -9,12 +9,18 @@ configured) writes the run under `RUN/wandb/` for a later `wandb sync`.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
+from .diffusion import Schedule
 from .errors import ConfigError
 from .hooks import Hook
+from .latents import LatentDecoder
+from .models import eps_fn, model_classes
+from .report import save_grid
+from .sampling import class_rows, generate, to_uint8
 
 TRACKERS = ("none", "tensorboard", "wandb")
 
@@ -67,40 +73,32 @@ class Tracker:
 class SampleGridHook(Hook):
     """Every `every` iterations: sample the EMA model (the run's sampler, fixed noise), save
     RUN/samples/iter-NNNNNNNNN.png and send the grid to the tracker. Its time is not training time: it runs
-    inside `Trainer.paused()` (counted in timing.eval_s, not in the wall clock or images/s)."""
+    inside the loop's `paused()` (counted in timing.eval_s, not in the wall clock or images/s)."""
 
-    def __init__(self, every: int, n: int = 16):
+    def __init__(self, cfg, every: int, n: int = 16):
+        self.sample, self.diffusion, self.preset = cfg.sample, cfg.diffusion, cfg.model.preset
         self.every, self.n = every, n
 
-    def after_step(self, tr) -> None:
-        st = tr.state
-        if st.iteration % self.every or not tr.main:
+    def after_step(self, ctx) -> None:
+        st = ctx.state
+        if st.iteration % self.every or not ctx.main:
             return
-        with tr.paused():  # kept out of the training time, the wall clock and images/s (timing.eval_s)
-            self._grid(tr, st)
+        with ctx.paused():  # kept out of the training time, the wall clock and images/s (timing.eval_s)
+            self._grid(ctx, st)
 
-    def _grid(self, tr, st) -> None:
-        import time
-
-        from .diffusion import Schedule
-        from .models import eps_fn, model_classes
-        from .report import save_grid
-        from .sampling import class_rows, generate, to_uint8
-
+    def _grid(self, ctx, st) -> None:
         t0 = time.perf_counter()
-        s, d = tr.cfg.sample, tr.cfg.diffusion
-        classes, latent = model_classes(st.ema.module), tr.data.latent
+        s, d = self.sample, self.diffusion
+        classes, latent = model_classes(st.ema.module), st.facts.latent
         labels, row = (None, None) if classes is None else class_rows(classes, self.n, s.classes)
-        x = generate(eps_fn(st.ema.module), self.n, tuple(tr.data.shape), Schedule.from_config(d), sampler=s.sampler,
-                     steps=min(s.steps, d.timesteps), spacing=s.spacing, batch_size=self.n, seed=s.seed,
-                     device=tr.device, eta=s.eta, variance=s.variance, clip_x0=s.clip_x0, labels=labels,
+        x = generate(eps_fn(st.ema.module), self.n, tuple(st.facts.image_shape), Schedule.from_config(d),
+                     sampler=s.sampler, steps=min(s.steps, d.timesteps), spacing=s.spacing, batch_size=self.n,
+                     seed=s.seed, device=ctx.device, eta=s.eta, variance=s.variance, clip_x0=s.clip_x0, labels=labels,
                      guidance=s.guidance, null_class=classes, clamp=latent is None)
         if latent is not None:
-            from .latents import LatentDecoder
-
-            x = LatentDecoder(latent, tr.device, tr.cfg.model.preset)(x)
+            x = LatentDecoder(latent, ctx.device, self.preset)(x)
         imgs = to_uint8(x)
-        save_grid(imgs, tr.run_dir / "samples" / f"iter-{st.iteration:09d}.png", nrow=row)
-        if tr.tracker is not None:
-            tr.tracker.log_images("samples", imgs, st.iteration)
-        tr.log({"event": "samples", "iter": st.iteration, "seconds": time.perf_counter() - t0})
+        save_grid(imgs, ctx.run_dir / "samples" / f"iter-{st.iteration:09d}.png", nrow=row)
+        if ctx.tracker is not None:
+            ctx.tracker.log_images("samples", imgs, st.iteration)
+        ctx.log({"event": "samples", "iter": st.iteration, "seconds": time.perf_counter() - t0})

@@ -10,7 +10,7 @@ one record to `metrics.jsonl`:
      "dependency_s": 0.0, "eval_s": 3.1, "eval_total_s": 12.4, "metric": "FD-FMNIST", "value": 143.2, ...}
 
 `train_s` is what the speed-up counts: the run's own training seconds plus, for a prune-from-run
-baseline, the dense run it was cut from. Evaluation runs inside `Trainer.paused()`: its seconds go to
+baseline, the dense run it was cut from. Evaluation runs inside the loop's `paused()`: its seconds go to
 `timing.eval_s`, never to the training time, the wall clock or images/s. Every point samples from the
 same noise (sample.seed), so consecutive points differ only by the weights. The last iteration of
 a call (train.iters or train.max_seconds) is always a point. The global RNG is left as it was, so a
@@ -32,9 +32,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from . import checkpoint as ck
-from .config import Config, parse_every
+from .config import Config, RunSpec, load_config, parse_every
+from .evaluate import Scorer, run_sample_config, sample_model, sampling_inputs
 from .hooks import Hook
+from .models import eps_fn
+from .regions import RegionRouter
+from .report import save_grid
+from .runs import read_regions
+from .sampling import to_uint8
 
 SNAPSHOTS = "snapshots"
 GRID = "samples_curve.png"  # the newest evaluation point's images (the report's sample grids)
@@ -74,92 +82,82 @@ def same_rng():
 def eval_sample_config(cfg: Config):
     """The run's diffusion and sampler settings for an evaluation point: train.eval_n images at
     train.eval_steps steps (default sample.steps), eager (no compilation for a few batches)."""
-    from .evaluate import run_sample_config
-
     return run_sample_config(cfg, n=cfg.train.eval_n, steps=cfg.train.eval_steps, compile="none")
 
 
 def make_scorer(cfg: Config, device, progress: bool = False):
-    from .evaluate import Scorer
-
     tc = cfg.train
     return Scorer(cfg, tc.eval_metric, str(device), tc.eval_inception_weights, tc.eval_classifier_epochs, progress)
 
 
 class EvalHook(Hook):
-    """Evaluation points during training (`train.eval_every`); snapshots only in a TA-EB branch."""
+    """Evaluation points during training (`train.eval_every` of `cfg`); snapshots only in a TA-EB branch."""
 
-    def __init__(self, trainer):
-        from .config import RunSpec
-
-        self.cadence = Cadence.of(trainer.cfg.train.eval_every)
-        self.snapshot_only = RunSpec.of(trainer.cfg).kind == "taeb-branch"
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.cadence = Cadence.of(cfg.train.eval_every)
+        self.snapshot_only = RunSpec.of(cfg).kind == "taeb-branch"
         self.scorer = None
         self.next = None
         self.last_iter = None
 
-    def on_start(self, tr) -> None:
-        st = tr.state
+    def on_start(self, ctx) -> None:
+        st = ctx.state
         self.next = self.cadence.next_due(self.cadence.position(st.iteration, st.timing.own_total))
-        if not tr.main:
+        if not ctx.main:
             return
         if self.snapshot_only:  # snapshots past the checkpoint belong to records the resume dropped
-            for d in sorted((tr.run_dir / SNAPSHOTS).glob("snap-*")):
+            for d in sorted((ctx.run_dir / SNAPSHOTS).glob("snap-*")):
                 if int(d.name.split("-")[1]) > st.iteration:
                     shutil.rmtree(d, ignore_errors=True)
         else:  # the classifier (trained once, cached) and the reference features, before training starts
-            with tr.paused(), same_rng():
-                self.scorer = make_scorer(tr.cfg, tr.device, progress=tr.cfg.train.progress)
+            with ctx.paused(), same_rng():
+                self.scorer = make_scorer(self.cfg, ctx.device, progress=self.cfg.train.progress)
 
-    def after_step(self, tr) -> None:
-        st = tr.state
+    def after_step(self, ctx) -> None:
+        st = ctx.state
         pos = self.cadence.position(st.iteration, st.timing.own_total)
-        if pos < self.next and not tr.stopping:
+        if pos < self.next and not ctx.stopping:
             return
         self.next = self.cadence.next_due(pos)
         if self.last_iter == st.iteration:
             return
         self.last_iter = st.iteration
-        with tr.paused(), same_rng():
+        with ctx.paused(), same_rng():
             t0 = time.perf_counter()
-            rec = self._snapshot(tr) if self.snapshot_only else self._score(tr)
+            rec = self._snapshot(ctx) if self.snapshot_only else self._score(ctx)
             rec["eval_s"] = time.perf_counter() - t0
-            tr.dist.barrier()  # data-parallel ranks wait for rank 0's evaluation here, not in a collective
-        if tr.main:
+            ctx.barrier()  # data-parallel ranks wait for rank 0's evaluation here, not in a collective
+        if ctx.main:
             rec = {"event": "eval_snapshot" if self.snapshot_only else "eval", "iter": st.iteration,
-                   "phase": st.phase, "train_s": tr.train_s, "own_train_s": st.timing.own_total,
-                   "dependency_s": tr.dependency_s, **rec, "eval_total_s": st.timing.eval_s + rec["eval_s"]}
-            tr.log(rec)
+                   "phase": st.phase, "train_s": st.train_s, "own_train_s": st.timing.own_total,
+                   "dependency_s": st.facts.dependency_s, **rec, "eval_total_s": st.timing.eval_s + rec["eval_s"]}
+            ctx.log(rec)
             if not self.snapshot_only:
-                tr.print(f"eval at iteration {st.iteration} ({rec['train_s']:.1f} s of training): "
-                         f"{rec['metric']} {rec['value']:.2f} ({rec['eval_s']:.1f} s)")
+                ctx.print(f"eval at iteration {st.iteration} ({rec['train_s']:.1f} s of training): "
+                          f"{rec['metric']} {rec['value']:.2f} ({rec['eval_s']:.1f} s)")
 
-    def _score(self, tr) -> dict:
-        if not tr.main:
+    def _score(self, ctx) -> dict:
+        if not ctx.main:
             return {}
-        from .evaluate import sample_model, sampling_inputs
-        from .models import eps_fn
-        from .report import save_grid
-        from .sampling import to_uint8
-
-        dcfg, scfg = eval_sample_config(tr.cfg)
-        model = tr.state.ema.module
-        inputs, _ = sampling_inputs(model, tr.model_meta(), scfg, tr.device, tr.run_dir)
-        x, speed = sample_model(eps_fn(model), tr.data.shape, dcfg, scfg, tr.device, progress=False,
-                                compile_cache=tr.cfg.train.compile_cache, **inputs)
+        dcfg, scfg = eval_sample_config(self.cfg)
+        model = ctx.state.ema.module
+        inputs, _ = sampling_inputs(model, ctx.arch, scfg, ctx.device, ctx.run_dir)
+        x, speed = sample_model(eps_fn(model), tuple(ctx.state.facts.image_shape), dcfg, scfg, ctx.device,
+                                progress=False, compile_cache=self.cfg.train.compile_cache, **inputs)
         m = self.scorer(x)
-        save_grid(to_uint8(x[:64]), tr.run_dir / GRID)
+        save_grid(to_uint8(x[:64]), ctx.run_dir / GRID)
         return {"metric": m["name"], "value": m["value"], "kid": m["kid"], "n": scfg.n, "steps": scfg.steps,
                 "extractor": m["extractor"], "weights": "ema", "sampling_s": speed["seconds"]}
 
-    def _snapshot(self, tr) -> dict:
-        if not tr.main:
+    def _snapshot(self, ctx) -> dict:
+        if not ctx.main:
             return {}
-        st = tr.state
-        d = tr.run_dir / SNAPSHOTS / f"snap-{st.iteration:09d}"
-        meta = {**tr.model_meta(), "phase": st.phase, "plan": st.plan, "image_shape": list(tr.data.shape)}
+        st = ctx.state
+        d = ctx.run_dir / SNAPSHOTS / f"snap-{st.iteration:09d}"
+        meta = {**ctx.arch, "phase": st.phase, "plan": st.plan, "image_shape": list(st.facts.image_shape)}
         ck.write_model_folder(d, st.iteration, meta, {"ema.safetensors": st.ema.module})
-        return {"snapshot": str(d.relative_to(tr.run_dir))}
+        return {"snapshot": str(d.relative_to(ctx.run_dir))}
 
 
 # ---------------------------------------------------------------------- TA-EB: the ensemble's curve
@@ -182,13 +180,6 @@ def ensemble_plan(branch_points: list[list[dict]]) -> list[dict]:
 def score_taeb_curve(run: Path, device: str = "cpu", progress: bool = True, log=print) -> list[dict]:
     """Score the TA-EB ensemble at every point of `ensemble_plan` not yet in RUN/metrics.jsonl (a point
     whose branches' snapshots changed since, after a resume to a longer budget, is scored again)."""
-    from .config import load_config
-    from .evaluate import sample_model, sampling_inputs
-    from .models import eps_fn
-    from .regions import RegionRouter
-    from .report import save_grid
-    from .sampling import to_uint8
-    from .runs import read_regions
 
     run = Path(run)
     cfg = load_config(run / "config.yaml")
@@ -202,8 +193,6 @@ def score_taeb_curve(run: Path, device: str = "cpu", progress: bool = True, log=
     todo = [p for p in plan if p["point"] not in done]
     if not todo:
         return [done[k] for k in sorted(done)]
-    from tqdm.auto import tqdm
-
     scorer = make_scorer(cfg, device, progress=False)
     dcfg, scfg = eval_sample_config(cfg)
     for p in tqdm(todo, desc="scoring the TA-EB ensemble", disable=not progress):
