@@ -36,7 +36,7 @@ import torch.nn as nn
 from . import checkpoint as ck
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError
-from .models import DiffusersLike
+from .backbones import DiffusersLike
 from .regions import RegionRouter, RegionSet
 from .sampling import ddim_timesteps, model_at, register_sampler
 
@@ -209,12 +209,12 @@ class RoutedUNet(DiffusersLike):
     def router(self) -> RegionRouter:
         """The eps-model router over the current members (built on use: a copy of this module routes to its
         own members)."""
-        from .models import eps_fn
+        from .backbones import eps_fn
 
         return RegionRouter([eps_fn(u) for u in self.unets], self.regions, self.route)
 
     def at(self, t: int):
-        from .models import eps_fn
+        from .backbones import eps_fn
 
         return eps_fn(self.unets[self.regions.route(int(t), self.route)])
 
@@ -313,7 +313,7 @@ def load(path: str | Path, ema: bool | None = None, device: str | torch.device =
 # ---------------------------------------------------------------------- export
 def export_facts(path: Path, got: Loaded, cfg) -> dict:
     """What the model card says, read from the run: sizes, quality (eval.json), training time."""
-    from .models import count_macs_params
+    from .backbones import count_macs_params
     from .taeb import visited_timesteps
 
     run = ck.run_folder(path)
@@ -358,7 +358,7 @@ def export_facts(path: Path, got: Loaded, cfg) -> dict:
 
 def model_card(name: str, kind: str, facts: dict) -> str:
     """The export's README.md (pure: facts -> Markdown)."""
-    from .models import format_count
+    from .backbones import format_count
 
     phase = facts["phases"][0]
     what = {"dense": "A dense DDPM", "ticket": "An Early-Bird ticket (a pruned DDPM found during training)",

@@ -156,7 +156,7 @@ class EarlyBirdHook(Hook):
             self._artifacts(tr, None)
 
     def _extract(self, tr, ticket: Ticket) -> None:
-        from .models import build_from_config, format_count, size_of
+        from .backbones import build_from_config, format_count, size_of
         from .pruning import extract
 
         st, s, eb, mc = tr.state, self.search, tr.cfg.early_bird, tr.cfg.model

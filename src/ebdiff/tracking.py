@@ -83,7 +83,7 @@ class SampleGridHook(Hook):
         import time
 
         from .diffusion import Schedule
-        from .models import eps_fn, model_classes
+        from .backbones import eps_fn, model_classes
         from .report import save_grid
         from .sampling import class_rows, generate, to_uint8
 

@@ -29,7 +29,8 @@ from .diffusion import DiffusionLoss, class_dropout
 from .distributed import make_dist, stop_requests
 from .errors import ConfigError, DataError, Interrupted, NonFiniteError
 from .hooks import CallbackHook, Hook
-from .models import build_from_config, preset_classes, size_of
+from . import latents  # noqa: F401  (registers the latent data source that latent backbones train on)
+from .backbones import backbone_of_preset, build_from_config, size_of
 from .step import EMA, TrainStep, apply_hparams, lr_factor, make_optimizer, prepare_model, resolve_fast_path
 from .tracking import SampleGridHook
 
@@ -57,7 +58,7 @@ class Trainer:
             self.hooks.append(SampleGridHook(cfg.train.sample_every))
         self.state: ck.TrainState | None = None
         self.tracker, self.meter = None, None
-        self.classes = preset_classes(cfg.model.preset, cfg.model.num_classes)  # None: unconditional
+        self.classes = backbone_of_preset(cfg.model.preset).classes(cfg.model.preset, cfg.model.num_classes)  # None: unconditional
         from .compile_cache import CompileCache
 
         self.compile_cache = CompileCache.from_setting(cfg.train.compile_cache, self.device)

@@ -138,7 +138,7 @@ class EvalHook(Hook):
         if not tr.main:
             return {}
         from .evaluate import sample_model, sampling_inputs
-        from .models import eps_fn
+        from .backbones import eps_fn
         from .report import save_grid
         from .sampling import to_uint8
 
@@ -184,7 +184,7 @@ def score_taeb_curve(run: Path, device: str = "cpu", progress: bool = True, log=
     whose branches' snapshots changed since, after a resume to a longer budget, is scored again)."""
     from .config import load_config
     from .evaluate import sample_model, sampling_inputs
-    from .models import eps_fn
+    from .backbones import eps_fn
     from .regions import RegionRouter
     from .report import save_grid
     from .sampling import to_uint8
