@@ -289,30 +289,33 @@ def _load_cifar10(root: str | None, split: str, cache_dir: str | None, limit: in
     )
 
 
-def _streamed_files(name: str, root: str | None, split: str, lsun_category: str) -> tuple[list[Path], str, Path]:
-    if not root:
-        raise DataError(f"dataset '{name}' needs data.root=DIR (it is never downloaded by ebdiff)")
-    base = Path(root).expanduser()
-    if name == "celeba":
-        cands = [base / "celeba" / "img_align_celeba", base / "img_align_celeba", base]
-        crop = "celeba"
-    elif name == "lsun":
-        cands = [base / f"{lsun_category}_{split}", base / lsun_category, base]
-        crop = "center"
-    else:
-        cands = [base / split, base]
-        crop = "center"
-    for c in cands:
-        if c.is_dir():
-            files = _list_images(c)
+@dataclass(frozen=True)
+class StreamedFolder:
+    """The loader of a dataset streamed from image files under data.root (never downloaded): `places(base,
+    dcfg)` are the folders looked in, in order (the first holding images serves); `crop` as `_decode`;
+    `class_folders`: the first sub-folder of each image is its class; `hint(dcfg)`: how to get the files."""
+
+    places: Callable[[Path, object], list[Path]]
+    crop: str
+    hint: Callable[[object], str]
+    class_folders: bool = False
+
+    def __call__(self, dcfg, size: int, progress: bool = True) -> "ImageData":
+        if not dcfg.root:
+            raise DataError(f"dataset '{dcfg.name}' needs data.root=DIR (it is never downloaded by ebdiff)")
+        base = Path(dcfg.root).expanduser()
+        cands = self.places(base, dcfg)
+        for folder in cands:
+            files = _list_images(folder) if folder.is_dir() else []
             if files:
-                return files, crop, c
-    hint = {
-        "celeba": "download img_align_celeba from the CelebA site and unpack it under DIR",
-        "lsun": f"export LSUN {lsun_category} to images (e.g. with the LSUN tools) under DIR/{lsun_category}_{split}",
-        "imagefolder": "DIR/<class>/*.jpg or DIR/*.jpg",
-    }[name]
-    raise DataError(f"no images for '{name}' under {base} (looked in {', '.join(map(str, cands))}): {hint}")
+                break
+        else:
+            raise DataError(f"no images for '{dcfg.name}' under {base} (looked in {', '.join(map(str, cands))}): "
+                            f"{self.hint(dcfg)}")
+        if dcfg.limit:
+            files = files[: dcfg.limit]
+        labels = _class_index(files, folder) if self.class_folders else None
+        return ImageData(labels=labels, files_dataset=FileImageDataset(files, size, self.crop, dcfg.bad_images))
 
 
 class ImageData:
@@ -422,19 +425,18 @@ def _cifar10(dcfg, size: int, progress: bool = True) -> "ImageData":
     return ImageData(x, y)
 
 
-def _streamed(dcfg, size: int, progress: bool = True) -> "ImageData":
-    files, crop, folder = _streamed_files(dcfg.name, dcfg.root, dcfg.split, dcfg.lsun_category)
-    if dcfg.limit:
-        files = files[: dcfg.limit]
-    labels = _class_index(files, folder) if dcfg.name == "imagefolder" else None
-    return ImageData(labels=labels, files_dataset=FileImageDataset(files, size, crop, dcfg.bad_images))
-
-
 register_dataset(Dataset("fashion-mnist", _fashion_mnist, hflip=False, labelled=True, fd_name="FMNIST"))
 register_dataset(Dataset("cifar10", _cifar10, hflip=True, labelled=True))
-register_dataset(Dataset("celeba", _streamed, hflip=True))
-register_dataset(Dataset("lsun", _streamed, hflip=True))
-register_dataset(Dataset("imagefolder", _streamed, hflip=False))
+register_dataset(Dataset("celeba", StreamedFolder(
+    lambda base, d: [base / "celeba" / "img_align_celeba", base / "img_align_celeba", base], "celeba",
+    lambda d: "download img_align_celeba from the CelebA site and unpack it under DIR"), hflip=True))
+register_dataset(Dataset("lsun", StreamedFolder(
+    lambda base, d: [base / f"{d.lsun_category}_{d.split}", base / d.lsun_category, base], "center",
+    lambda d: f"export LSUN {d.lsun_category} to images (e.g. with the LSUN tools) under "
+              f"DIR/{d.lsun_category}_{d.split}"), hflip=True))
+register_dataset(Dataset("imagefolder", StreamedFolder(
+    lambda base, d: [base / d.split, base], "center", lambda d: "DIR/<class>/*.jpg or DIR/*.jpg",
+    class_folders=True), hflip=False))
 
 
 def load_dataset(dcfg, size: int, progress: bool = True) -> ImageData:

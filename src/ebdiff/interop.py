@@ -313,7 +313,7 @@ def load(path: str | Path, ema: bool | None = None, device: str | torch.device =
 # ---------------------------------------------------------------------- export
 def export_facts(path: Path, got: Loaded, cfg) -> dict:
     """What the model card says, read from the run: sizes, quality (eval.json), training time."""
-    from .backbones import count_macs_params
+    from .backbones import backbone_of_preset, count_macs_params
     from .taeb import visited_timesteps
 
     run = ck.run_folder(path)
@@ -323,7 +323,7 @@ def export_facts(path: Path, got: Loaded, cfg) -> dict:
                              "phases": [m.get("phase") for m in got.metas], "members": []}
     m0 = got.metas[0]  # a dense unconditional pixel UNet is a diffusers DDIMPipeline folder as well
     facts["pipeline"] = (got.regions is None and m0.get("phase") == "dense" and m0.get("num_classes") is None
-                         and m0.get("latent") is None)
+                         and m0.get("latent") is None and backbone_of_preset(m0["preset"]).diffusers_pipeline)
     if m0.get("num_classes") is not None:
         facts["classes"] = m0["num_classes"]
     if m0.get("latent"):

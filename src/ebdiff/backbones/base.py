@@ -26,6 +26,8 @@ class Backbone:
     name: ClassVar[str] = ""
     presets: ClassVar[dict[str, Any]] = {}
     latent: ClassVar[bool] = False  # trains on an autoencoder's latents (the data source `latents`)
+    # a dense unconditional model loads in diffusers' DDIMPipeline (an export folder is one as well)
+    diffusers_pipeline: ClassVar[bool] = False
     # how `count_macs_params` counts (what `ebdiff info` and the run files report)
     macs_convention: ClassVar[str] = ("torch-pruning's count of one forward of one sample (multiply-accumulates), "
                                       "every parameter of the model")

@@ -68,6 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 class UNet(DiffusersUNetBackbone):
     name = "unet"
     presets = PRESETS
+    diffusers_pipeline = True
 
     def unet_config(self, preset: str, dropout: float = 0.1) -> dict[str, Any]:
         return {**_COMMON, **PRESETS[preset], "dropout": dropout}
