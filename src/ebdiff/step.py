@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import autocompile
-from .backbones import backbone_of
+from .backbones import eps_call
 from .diffusion import DiffusionLoss
 from .errors import ConfigError
 
@@ -253,7 +253,7 @@ class TrainStep:
         gradients add up before the one optimizer step (gradient accumulation; same result as the whole
         batch, less activation memory)."""
         self.model, self.raw, self.opt, self.ema, self.loss = model, raw, opt, ema, loss
-        self._call = backbone_of(raw).eps  # the backbone's eps call, applied to `model` (compiled or wrapped)
+        self._call = eps_call(raw)  # the backbone's eps call, applied to `model` (compiled or wrapped)
         self.grad_clip, self.fast, self.skip_nonfinite, self.accum = grad_clip, fast, skip_nonfinite, accum
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.device_type = loss.sqrt_ab.device.type

@@ -20,8 +20,9 @@ BACKBONES: dict[str, "Backbone"] = {}
 
 class Backbone:
     """One model family. Subclasses set `name`, `presets` (preset name -> the family's settings) and `latent`,
-    and implement `build`, `owns`, `image_shape`, `sample_shape` and `eps`; the rest has defaults that suit
-    a network without class conditioning, attention heads or layers the pruning engine must leave alone."""
+    and implement `build`, `owns`, `image_shape` and `sample_shape`, and `eps` unless the model is called as
+    diffusers' UNets are; the rest has defaults that suit a network without class conditioning, attention
+    heads or layers the pruning engine must leave alone."""
 
     name: ClassVar[str] = ""
     presets: ClassVar[dict[str, Any]] = {}
@@ -67,8 +68,12 @@ class Backbone:
 
     def eps(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
             cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's noise prediction for x_t at timesteps t (class labels `cond`, or None)."""
-        raise NotImplementedError
+        """The model's noise prediction for x_t at timesteps t (class labels `cond`, or None). By default the
+        call of diffusers' UNets, `model(x, t, class_labels=cond).sample` (also how a model that no registered
+        backbone owns is called: `eps_call`)."""
+        if cond is None:
+            return model(x, t).sample
+        return model(x, t, class_labels=cond).sample
 
     def example_inputs(self, model: nn.Module, batch: int = 1, res: int | None = None) -> dict[str, torch.Tensor]:
         """One forward's keyword inputs (counting, tracing): noise at the model's resolution (or `res`), t = 1,
@@ -147,13 +152,23 @@ def backbone_of_preset(preset: str) -> Backbone:
     raise ConfigError(f"unknown model preset '{preset}' (known: {', '.join(preset_names())})")
 
 
+def _owner(model: nn.Module) -> Backbone | None:
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper answers for the model inside
+    return next((b for b in BACKBONES.values() if b.owns(model)), None)
+
+
 def backbone_of(model: nn.Module) -> Backbone:
     """The backbone that built `model` (a torch.compile wrapper answers for the model inside)."""
-    model = getattr(model, "_orig_mod", model)
-    for b in BACKBONES.values():
-        if b.owns(model):
-            return b
-    raise TypeError(f"no registered backbone builds a {type(model).__name__} (known: {', '.join(BACKBONES)})")
+    b = _owner(model)
+    if b is None:
+        raise TypeError(f"no registered backbone builds a {type(model).__name__} (known: {', '.join(BACKBONES)})")
+    return b
+
+
+def eps_call(model: nn.Module):
+    """fn(model, x, t, cond) -> eps: the `Backbone.eps` of the model's backbone; for a module that no registered
+    backbone owns (a TA-EB ensemble, a test double), the default call of diffusers' UNets."""
+    return (_owner(model) or Backbone()).eps
 
 
 # ---------------------------------------------------------------------- any backbone's model
@@ -244,7 +259,7 @@ def eps_fn(model: nn.Module):
     """Wrap a model as the eps-model callable the samplers take: f(x, t) -> eps, or f(x, t, cond) -> eps for
     class labels `cond` (the one path conditions take; `sampling.conditioned` supplies them), through its
     backbone's `eps`."""
-    call = backbone_of(model).eps
+    call = eps_call(model)
 
     def f(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return call(model, x, t, cond)

@@ -71,18 +71,14 @@ def use_fixed_scale_attention(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class DiffusersUNetBackbone(Backbone):
-    """The shared half of the diffusers UNet backbones: `config` holds in_channels, sample_size and
-    block_out_channels; `conv_out` (also under `unet.`) is never pruned; attention q/k/v groups keep their
-    heads and GEGLU projections their pairs; Up/Downsample2D's channel attributes follow their convs."""
+    """The shared half of the diffusers UNet backbones: called as `model(sample, timestep, class_labels).sample`
+    (`Backbone.eps`); `config` holds in_channels, sample_size and block_out_channels; `conv_out` (also under
+    `unet.`) is never pruned; attention q/k/v groups keep their heads and GEGLU projections their pairs;
+    Up/Downsample2D's channel attributes follow their convs."""
 
     def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
         c, s = model.config.in_channels, model.config.sample_size
         return c, s, s
-
-    def eps(self, model, x, t, cond=None):
-        if cond is None:
-            return model(x, t).sample
-        return model(x, t, class_labels=cond).sample
 
     def trace_inputs(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The smallest resolution every down block accepts (the graph does not depend on it, and lsun256 traces
