@@ -2,6 +2,7 @@
 test only) train densely, run an Early-Bird search with ticket extraction, sample and reload through the
 public API, without any other module knowing them."""
 
+import contextlib
 import json
 from dataclasses import replace
 
@@ -60,13 +61,21 @@ def blob_images(dcfg, size, progress=True):
     return ImageData((torch.rand(64, 1, size, size, generator=g) * 255).to(torch.uint8))
 
 
-@pytest.fixture
-def blobs():
+@contextlib.contextmanager
+def registered_blobs():
     register_backbone(Blobs)
     register_dataset(Dataset("test-blobs", blob_images))
-    yield
-    unregister_backbone("test-blobs")
-    unregister_dataset("test-blobs")
+    try:
+        yield
+    finally:
+        unregister_backbone("test-blobs")
+        unregister_dataset("test-blobs")
+
+
+@pytest.fixture
+def blobs():
+    with registered_blobs():
+        yield
 
 
 def test_a_registered_backbone_and_dataset_train_search_sample_and_load(tmp_path, blobs):
@@ -92,18 +101,14 @@ def test_a_registered_backbone_and_dataset_train_search_sample_and_load(tmp_path
     assert y.shape == (4, 1, 8, 8) and info["size"]["params"] == sum(p.numel() for p in small.parameters())
 
 
-def test_registration_is_undone(blobs):
-    from ebdiff.backbones import preset_names
-    from ebdiff.config import choices
-
-    assert "blob" in preset_names() and "test-blobs" in choices()["data.name"]
-
-
-def test_unregistered_names_are_unknown():
+def test_registered_names_are_valid_settings_until_unregistered():
     from ebdiff.backbones import backbone_of_preset, preset_names
     from ebdiff.config import choices
     from ebdiff.errors import ConfigError
 
+    with registered_blobs():
+        assert "blob" in preset_names() and "test-blobs" in choices()["data.name"]
+        assert backbone_of_preset("blob").name == "test-blobs"
     assert "blob" not in preset_names() and "test-blobs" not in choices()["data.name"]
     with pytest.raises(ConfigError, match="unknown model preset 'blob' .known: cifar10, "):
         backbone_of_preset("blob")
