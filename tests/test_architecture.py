@@ -12,7 +12,7 @@ from conftest import tiny_args
 from ebdiff.cli import main
 from ebdiff.diffusion import DiffusionLoss, Schedule, TimestepSampler, min_snr_weights
 from ebdiff.earlybird import EarlyBirdDetector
-from ebdiff.models import build_model, eps_fn
+from ebdiff.backbones import build_model, eps_fn
 from ebdiff.pruning import CRITERIA, Criterion, PruningEngine, ScoreProbe, make_criterion, register_criterion
 from ebdiff.search import DRAWN, MISSED, EarlyBirdSearch
 

@@ -10,7 +10,7 @@ from ebdiff import compile_cache as cc
 from ebdiff.compile_cache import CompileCache, cache_key, compile_counters, resolve_dir, was_hit
 from ebdiff.config import TrainConfig
 from ebdiff.diffusion import DiffusionLoss, Schedule
-from ebdiff.models import build_model
+from ebdiff.backbones import build_model
 from ebdiff.step import FastPath, TrainStep, make_optimizer
 
 

@@ -15,7 +15,7 @@ from ebdiff.data import ImageData
 from ebdiff.errors import ConfigError, DataError
 from ebdiff.latents import TINY_VQ, LatentCache, encode_dataset, load_autoencoder, save_autoencoder
 from ebdiff.masks import ChannelMask
-from ebdiff.models import build_model, eps_fn, example_inputs
+from ebdiff.backbones import build_model, eps_fn, example_inputs
 from ebdiff.pruning import PruningEngine, channel_zero_mask_, extract
 from ebdiff.regions import RegionRouter, RegionSet
 from ebdiff.sampling import Conditioned, class_rows, conditioned, generate

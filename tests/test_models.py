@@ -3,7 +3,7 @@ import json
 import pytest
 
 from ebdiff.cli import main
-from ebdiff.models import build_model, count_macs_params
+from ebdiff.backbones import build_model, count_macs_params
 
 # REFERENCE.md section 3 (Torch-Pruning counting): exact numbers
 EXPECTED = {"cifar10": (35_746_307, 6_064_135_040), "celeba64": (78_700_803, 23_921_622_912),

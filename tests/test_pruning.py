@@ -3,7 +3,7 @@ import torch
 
 from ebdiff.checkpoint import load_model, save_checkpoint
 from ebdiff.diffusion import Schedule
-from ebdiff.models import build_model, count_macs_params, example_inputs
+from ebdiff.backbones import build_model, count_macs_params, example_inputs
 from ebdiff.pruning import PruningEngine, accumulate_taylor_grads, channel_zero_mask_, extract
 from ebdiff.masks import ChannelMask
 

@@ -61,7 +61,7 @@ def test_generate_is_seeded_and_batched():
 
 
 def test_bf16_sampling_path_is_close_to_fp32():
-    from ebdiff.models import autocast_eps, build_model, eps_fn
+    from ebdiff.backbones import autocast_eps, build_model, eps_fn
 
     torch.manual_seed(0)
     m = build_model("tiny").eval()
@@ -74,7 +74,7 @@ def test_bf16_sampling_path_is_close_to_fp32():
 
 
 def test_fixed_batch_eps_pads_without_changing_rows():
-    from ebdiff.models import build_model, eps_fn, fixed_batch_eps
+    from ebdiff.backbones import build_model, eps_fn, fixed_batch_eps
 
     torch.manual_seed(0)
     f = eps_fn(build_model("tiny").eval())

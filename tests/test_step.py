@@ -4,7 +4,7 @@ from conftest import needs_cxx
 from ebdiff.cli import main
 from ebdiff.config import TrainConfig
 from ebdiff.diffusion import DiffusionLoss, Schedule
-from ebdiff.models import build_model
+from ebdiff.backbones import build_model
 from ebdiff.step import EAGER_FP32, FastPath, TrainStep, make_optimizer, prepare_model, resolve_fast_path
 
 

@@ -11,7 +11,7 @@ from conftest import tiny_args
 from ebdiff.cli import main
 from ebdiff.config import TrainConfig
 from ebdiff.diffusion import DiffusionLoss, Schedule
-from ebdiff.models import build_model
+from ebdiff.backbones import build_model
 from ebdiff.step import EAGER_FP32, EMA, TrainStep, lr_factor, make_optimizer
 
 

@@ -12,7 +12,7 @@ from . import checkpoint as ck
 from .config import Config
 from .errors import CheckpointError, ConfigError
 from .facts import PrunedFrom
-from .models import build_from_config, count_macs_params, format_count, preset_classes
+from .backbones import backbone_of_preset, build_from_config, count_macs_params, format_count
 from .pruning import Pruned, make_criterion, prune
 
 
@@ -31,9 +31,10 @@ def prune_from_run(cfg: Config, device: torch.device, probe_fn, say=print) -> tu
     if meta["preset"] != mc.preset:
         raise ConfigError(f"prune.from_run={src} is a model.preset={meta['preset']} run; this run has "
                           f"model.preset={mc.preset}")
-    if meta.get("num_classes") != preset_classes(mc.preset, mc.num_classes):
+    classes = backbone_of_preset(mc.preset).classes(mc.preset, mc.num_classes)
+    if meta.get("num_classes") != classes:
         raise ConfigError(f"prune.from_run={src} has model.num_classes={meta.get('num_classes')}; this run has "
-                          f"model.num_classes={preset_classes(mc.preset, mc.num_classes)}")
+                          f"model.num_classes={classes}")
     summary = ck.read_json(src / "summary.json")
     if summary is None or summary.get("iterations") != meta["iteration"]:
         say(f"warning: {src} has no finished summary for its latest checkpoint (iteration {meta['iteration']}); "

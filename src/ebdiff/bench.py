@@ -16,7 +16,7 @@ import torch
 
 from .diffusion import DiffusionLoss, Schedule
 from .mfu import format_flops
-from .models import build_model, count_macs_params
+from .backbones import backbone_of, build_model, count_macs_params
 from .step import EAGER_FP32, EMA, FastPath, TrainStep, make_optimizer, prepare_model
 
 
@@ -168,10 +168,10 @@ def bench_one(preset: str, ratio: float, fast: FastPath, batch: int, steps: int,
     ema = EMA.from_config(model, tcfg)
     objective = DiffusionLoss(Schedule.linear(), device=device)
     step = TrainStep(model, model, opt, ema, objective, tcfg.grad_clip, fast, cache=cache, measure=False)
-    c, s = model.config.in_channels, model.config.sample_size
+    shape = backbone_of(model).sample_shape(model)
     g = torch.Generator(device=device).manual_seed(0)
-    x0 = torch.rand(batch, c, s, s, device=device, generator=g) * 2 - 1
-    noise = torch.randn(batch, c, s, s, device=device, generator=g)
+    x0 = torch.rand(batch, *shape, device=device, generator=g) * 2 - 1
+    noise = torch.randn(batch, *shape, device=device, generator=g)
     t = objective.timesteps(batch, torch.Generator().manual_seed(0)).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

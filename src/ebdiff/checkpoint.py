@@ -216,7 +216,7 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
 
 def build_from_meta(meta: dict[str, Any]) -> nn.Module:
     """The architecture a checkpoint describes: its preset, with its pruning plan replayed."""
-    from .models import build_model
+    from .backbones import build_model
     from .pruning import apply_plan
 
     model = build_model(meta["preset"], meta.get("dropout", 0.1), meta.get("num_classes"))

@@ -155,10 +155,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from .config import load_config
     from .distributed import resolve_device
     from .latents import latent_training_data
-    from .models import is_latent_preset
+    from .backbones import backbone_of_preset
 
     cfg = load_config(args.config, args.overrides)
-    if not is_latent_preset(cfg.model.preset):
+    if not backbone_of_preset(cfg.model.preset).latent:
         raise ConfigError(f"model.preset={cfg.model.preset} trains on pixels: encode is for latent presets (ldm-*)")
     t0 = time.perf_counter()
     data = latent_training_data(cfg.data, cfg.model, resolve_device(args.device), progress=True)

@@ -251,7 +251,6 @@ def identity_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 COMPILE_CHOICES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("fashion-mnist", "cifar10", "celeba", "lsun", "imagefolder"),
     "data.resize": ("pad", "resize"),
     "data.bad_images": ("error", "skip"),
     "diffusion.beta_schedule": ("linear", "cosine", "scaled_linear"),
@@ -282,14 +281,16 @@ def choices() -> dict[str, tuple[str, ...]]:
     so the schema sits above the registries and below every layer that reads it; they are imported here, on use,
     because they import torch and the schema does not. diffusers' schedulers are samplers once the entry points
     have called `interop.register_diffusers_samplers()`."""
-    from .models import preset_names
+    from .backbones import preset_names
+    from .data import dataset_names
     from .pruning import criterion_names
     from .regions import ROUTES
     from .sampling import SAMPLERS, SPACINGS
 
     crits = criterion_names()
-    return {**CHOICES, "model.preset": preset_names(), "early_bird.criterion": crits, "prune.criterion": crits,
-            "sample.sampler": tuple(SAMPLERS), "sample.spacing": SPACINGS, "taeb.route": ROUTES}
+    return {**CHOICES, "data.name": dataset_names(), "model.preset": preset_names(), "early_bird.criterion": crits,
+            "prune.criterion": crits, "sample.sampler": tuple(SAMPLERS), "sample.spacing": SPACINGS,
+            "taeb.route": ROUTES}
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -482,12 +483,12 @@ def _validate_model(mc: ModelConfig) -> None:
         raise ConfigError(f"config key 'model.num_classes' must be at least 1; got {mc.num_classes}")
     if not 0.0 <= mc.class_dropout < 1.0:
         raise ConfigError(f"config key 'model.class_dropout' must be in [0, 1); got {mc.class_dropout}")
-    from .models import is_latent_preset
+    from .backbones import backbone_of_preset  # import cost: torch (the schema imports no torch)
 
-    latent = is_latent_preset(mc.preset)
-    if mc.class_dropout and mc.num_classes is None and not latent:
+    backbone = backbone_of_preset(mc.preset)
+    if mc.class_dropout and backbone.classes(mc.preset, mc.num_classes) is None:
         raise ConfigError("model.class_dropout needs a class-conditional model: set model.num_classes")
-    if mc.autoencoder is not None and not latent:
+    if mc.autoencoder is not None and not backbone.latent:
         raise ConfigError(f"model.autoencoder is for latent presets (ldm-*); model.preset={mc.preset} trains on pixels")
     if isinstance(mc.latent_scale, str) and mc.latent_scale not in ("auto", "std"):
         raise ConfigError(f"config key 'model.latent_scale' must be auto, std or a positive number; got {mc.latent_scale!r}")

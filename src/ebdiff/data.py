@@ -3,8 +3,10 @@
 Small datasets (Fashion-MNIST, CIFAR-10) are decoded once into a uint8 tensor [N, C, H, W] that can
 live on the training device; batch b of epoch e is a fixed function of (seed, e, b), so a resumed run
 sees exactly the batches it would have seen. Large datasets (CelebA, LSUN, image folders) are read
-from files by a DataLoader with the same index order. Latent presets train on rows of a latent cache
-(latents.py), read per batch. Class labels (Fashion-MNIST, CIFAR-10, the class folders of an image
+from files by a DataLoader with the same index order. Datasets are registered by name (`register_dataset`,
+`DATASETS`: the loader, labelled or not, the default flips); what a run trains on comes from its backbone's
+data source (`SOURCES`): pixels here, the rows of a latent cache from latents.py (which registers itself),
+read per batch. Class labels (Fashion-MNIST, CIFAR-10, the class folders of an image
 folder) travel with the images: `BatchStream(..., labels=True)` yields (images, labels).
 """
 
@@ -16,17 +18,19 @@ import hashlib
 import os
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from types import SimpleNamespace
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from .backbones import backbone_of_preset
 from .errors import ConfigError, DataError
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
-DEFAULT_HFLIP = {"fashion-mnist": False, "cifar10": True, "celeba": True, "lsun": True, "imagefolder": False}
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX files)
@@ -285,30 +289,33 @@ def _load_cifar10(root: str | None, split: str, cache_dir: str | None, limit: in
     )
 
 
-def _streamed_files(name: str, root: str | None, split: str, lsun_category: str) -> tuple[list[Path], str, Path]:
-    if not root:
-        raise DataError(f"dataset '{name}' needs data.root=DIR (it is never downloaded by ebdiff)")
-    base = Path(root).expanduser()
-    if name == "celeba":
-        cands = [base / "celeba" / "img_align_celeba", base / "img_align_celeba", base]
-        crop = "celeba"
-    elif name == "lsun":
-        cands = [base / f"{lsun_category}_{split}", base / lsun_category, base]
-        crop = "center"
-    else:
-        cands = [base / split, base]
-        crop = "center"
-    for c in cands:
-        if c.is_dir():
-            files = _list_images(c)
+@dataclass(frozen=True)
+class StreamedFolder:
+    """The loader of a dataset streamed from image files under data.root (never downloaded): `places(base,
+    dcfg)` are the folders looked in, in order (the first holding images serves); `crop` as `_decode`;
+    `class_folders`: the first sub-folder of each image is its class; `hint(dcfg)`: how to get the files."""
+
+    places: Callable[[Path, object], list[Path]]
+    crop: str
+    hint: Callable[[object], str]
+    class_folders: bool = False
+
+    def __call__(self, dcfg, size: int, progress: bool = True) -> "ImageData":
+        if not dcfg.root:
+            raise DataError(f"dataset '{dcfg.name}' needs data.root=DIR (it is never downloaded by ebdiff)")
+        base = Path(dcfg.root).expanduser()
+        cands = self.places(base, dcfg)
+        for folder in cands:
+            files = _list_images(folder) if folder.is_dir() else []
             if files:
-                return files, crop, c
-    hint = {
-        "celeba": "download img_align_celeba from the CelebA site and unpack it under DIR",
-        "lsun": f"export LSUN {lsun_category} to images (e.g. with the LSUN tools) under DIR/{lsun_category}_{split}",
-        "imagefolder": "DIR/<class>/*.jpg or DIR/*.jpg",
-    }[name]
-    raise DataError(f"no images for '{name}' under {base} (looked in {', '.join(map(str, cands))}): {hint}")
+                break
+        else:
+            raise DataError(f"no images for '{dcfg.name}' under {base} (looked in {', '.join(map(str, cands))}): "
+                            f"{self.hint(dcfg)}")
+        if dcfg.limit:
+            files = files[: dcfg.limit]
+        labels = _class_index(files, folder) if self.class_folders else None
+        return ImageData(labels=labels, files_dataset=FileImageDataset(files, size, self.crop, dcfg.bad_images))
 
 
 class ImageData:
@@ -363,45 +370,94 @@ class ImageData:
         return self
 
 
-def load_dataset(dcfg, size: int, progress: bool = True) -> ImageData:
-    name = dcfg.name
-    hflip = DEFAULT_HFLIP[name] if dcfg.hflip is None else dcfg.hflip
-    if name == "fashion-mnist":
-        x, y = load_fashion_mnist(dcfg.root, dcfg.split, size, dcfg.resize, download=dcfg.download)
-        if dcfg.limit:
-            x, y = x[: dcfg.limit], y[: dcfg.limit]
-        return ImageData(x, y, hflip=hflip, name=name)
-    if name == "cifar10":
-        x, y = _load_cifar10(dcfg.root, dcfg.split, dcfg.cache_dir, dcfg.limit, progress, dcfg.bad_images)
-        if x.shape[-1] != size:
-            x = _fit(x, size, "resize")
-        return ImageData(x, y, hflip=hflip, name=name)
-    files, crop, folder = _streamed_files(name, dcfg.root, dcfg.split, dcfg.lsun_category)
+# ---------------------------------------------------------------- the dataset registry
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset ebdiff can train on, by name (`data.name`). `load(dcfg, size, progress)` -> `ImageData` of
+    uint8 images at `size` (dcfg: the `data` config section: root, split, limit, ...). `hflip`: data.hflip's
+    default. `labelled`: train and test splits with class labels, so `--metric fd` scores on ebdiff's own
+    classifier of it, named `FD-<fd_name>` (default: the name in capitals)."""
+
+    name: str
+    load: Callable[..., "ImageData"]
+    hflip: bool = False
+    labelled: bool = False
+    fd_name: str = ""
+
+    @property
+    def fd_metric(self) -> str:
+        return f"FD-{self.fd_name or self.name.upper()}"
+
+
+DATASETS: dict[str, Dataset] = {}
+
+
+def register_dataset(ds: Dataset) -> Dataset:
+    DATASETS[ds.name] = ds
+    return ds
+
+
+def unregister_dataset(name: str) -> None:
+    DATASETS.pop(name, None)
+
+
+def dataset_names() -> tuple[str, ...]:
+    return tuple(DATASETS)
+
+
+def get_dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset '{name}' (known: {', '.join(DATASETS)})")
+    return DATASETS[name]
+
+
+def _fashion_mnist(dcfg, size: int, progress: bool = True) -> "ImageData":
+    x, y = load_fashion_mnist(dcfg.root, dcfg.split, size, dcfg.resize, download=dcfg.download)
     if dcfg.limit:
-        files = files[: dcfg.limit]
-    labels = _class_index(files, folder) if name == "imagefolder" else None
-    return ImageData(labels=labels, files_dataset=FileImageDataset(files, size, crop, dcfg.bad_images), hflip=hflip,
-                     name=name)
+        x, y = x[: dcfg.limit], y[: dcfg.limit]
+    return ImageData(x, y)
 
 
-def load_training_data(dcfg, preset: str, device: torch.device, progress: bool = True, model=None) -> ImageData:
-    """The dataset a run trains on, at its preset's resolution (or data.image_size), checked against the
-    preset's channels; small datasets are moved to the GPU (no loader in the hot loop). A latent preset
-    trains on the latents of its autoencoder (`model`: the run's model config; latents.py)."""
-    from .models import is_latent_preset, preset_config, preset_shape
+def _cifar10(dcfg, size: int, progress: bool = True) -> "ImageData":
+    x, y = _load_cifar10(dcfg.root, dcfg.split, dcfg.cache_dir, dcfg.limit, progress, dcfg.bad_images)
+    if x.shape[-1] != size:
+        x = _fit(x, size, "resize")
+    return ImageData(x, y)
 
-    if is_latent_preset(preset):
-        from .latents import latent_training_data
 
-        if model is None:
-            raise ConfigError(f"model.preset={preset} trains on latents: its model settings are needed")
-        return latent_training_data(dcfg, model, device, progress)
+register_dataset(Dataset("fashion-mnist", _fashion_mnist, hflip=False, labelled=True, fd_name="FMNIST"))
+register_dataset(Dataset("cifar10", _cifar10, hflip=True, labelled=True))
+register_dataset(Dataset("celeba", StreamedFolder(
+    lambda base, d: [base / "celeba" / "img_align_celeba", base / "img_align_celeba", base], "celeba",
+    lambda d: "download img_align_celeba from the CelebA site and unpack it under DIR"), hflip=True))
+register_dataset(Dataset("lsun", StreamedFolder(
+    lambda base, d: [base / f"{d.lsun_category}_{d.split}", base / d.lsun_category, base], "center",
+    lambda d: f"export LSUN {d.lsun_category} to images (e.g. with the LSUN tools) under "
+              f"DIR/{d.lsun_category}_{d.split}"), hflip=True))
+register_dataset(Dataset("imagefolder", StreamedFolder(
+    lambda base, d: [base / d.split, base], "center", lambda d: "DIR/<class>/*.jpg or DIR/*.jpg",
+    class_folders=True), hflip=False))
 
-    c, size = preset_shape(preset)
-    levels = len(preset_config(preset)["block_out_channels"]) - 1
-    if dcfg.image_size is not None and dcfg.image_size % 2 ** levels:
+
+def load_dataset(dcfg, size: int, progress: bool = True) -> ImageData:
+    """The images of the dataset `dcfg.name` at `size`, with its flips (data.hflip, else its default)."""
+    ds = get_dataset(dcfg.name)
+    data = ds.load(dcfg, size, progress)
+    data.name, data.hflip = dcfg.name, ds.hflip if dcfg.hflip is None else dcfg.hflip
+    return data
+
+
+# ---------------------------------------------------------------- data sources: what a backbone trains on
+def pixel_training_data(dcfg, mcfg, device, progress: bool = True) -> ImageData:
+    """A pixel backbone's training data: the dataset at its preset's resolution (or data.image_size), checked
+    against the preset's channels; small datasets are moved to the GPU (no loader in the hot loop)."""
+    preset = mcfg.preset
+    backbone = backbone_of_preset(preset)
+    c, size = backbone.image_shape(preset)
+    multiple = backbone.size_multiple(preset)
+    if dcfg.image_size is not None and dcfg.image_size % multiple:
         raise ConfigError(f"data.image_size={dcfg.image_size} does not fit model.preset={preset}: it halves the "
-                          f"image {levels} times, so the size must be a multiple of {2 ** levels}")
+                          f"image {multiple.bit_length() - 1} times, so the size must be a multiple of {multiple}")
     data = load_dataset(dcfg, dcfg.image_size or size, progress=progress)
     if data.shape[0] != c:
         raise ConfigError(f"model.preset={preset} takes {c}-channel images but data.name={dcfg.name} gives "
@@ -409,6 +465,40 @@ def load_training_data(dcfg, preset: str, device: torch.device, progress: bool =
     if data.images is not None and torch.device(device).type == "cuda":
         data.to(device)
     return data
+
+
+# name -> fn(dcfg, mcfg, device, progress) -> ImageData; `latents` registers the latent source on import
+SOURCES: dict[str, Callable[..., ImageData]] = {"pixels": pixel_training_data}
+
+
+def register_source(name: str, fn: Callable[..., ImageData]) -> None:
+    SOURCES[name] = fn
+
+
+def source_of(preset: str) -> str:
+    """The data source a preset's backbone trains on: `latents` (an autoencoder's latents) or `pixels`."""
+    return "latents" if backbone_of_preset(preset).latent else "pixels"
+
+
+def load_training_data(dcfg, preset: str, device: torch.device, progress: bool = True, model=None) -> ImageData:
+    """The dataset a run trains on, from its backbone's data source (`SOURCES`): pixels at the preset's
+    resolution, or a latent backbone's latents of its autoencoder (`model`: the run's model config)."""
+    source = source_of(preset)
+    if model is None:
+        if source != "pixels":
+            raise ConfigError(f"model.preset={preset} trains on {source}: its model settings are needed")
+        model = SimpleNamespace(preset=preset)
+    if source not in SOURCES:
+        raise ConfigError(f"model.preset={preset} trains on {source}, a data source not loaded "
+                          f"(import ebdiff.{source})")
+    return SOURCES[source](dcfg, model, device, progress)
+
+
+def preflight_training_data(dcfg, mcfg, device) -> ImageData:
+    """Load a run's training data once before its processes start: a source that prepares it (latents: the
+    cache is encoded, on `device`, with progress) does so for all of them; pixels load on the CPU, quietly."""
+    prepares = source_of(mcfg.preset) != "pixels"
+    return load_training_data(dcfg, mcfg.preset, device if prepares else "cpu", progress=prepares, model=mcfg)
 
 
 # ---------------------------------------------------------------- deterministic batches

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .evaluate import sample_run
 from .experiment import load_experiment, run_experiment
 from .latents import train_autoencoder
-from .models import preset_shape
+from .backbones import backbone_of_preset
 from .quality_curves import verdict
 from .assemble import train
 
@@ -33,7 +33,7 @@ def demo_autoencoder(cfg: Config, folder: Path, log=print) -> None:
     """The latent demo's autoencoder: a small VQ model trained on the demo's images, once (OUT/autoencoder)."""
     if (folder / "config.json").is_file():
         return
-    data = load_dataset(cfg.data, preset_shape(cfg.model.preset)[1])
+    data = load_dataset(cfg.data, backbone_of_preset(cfg.model.preset).image_shape(cfg.model.preset)[1])
     log(f"training the demo's VQ autoencoder (1x32x32 -> 3x8x8) on {len(data)} images -> {folder}")
     r = train_autoencoder(data.images, folder, steps=DEMO_AUTOENCODER_STEPS)
     log(f"autoencoder: {r['steps']} steps in {r['seconds']:.0f} s, reconstruction MSE {r['reconstruction_mse']:.4f}")

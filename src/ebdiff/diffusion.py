@@ -60,7 +60,7 @@ class DiffusionLoss:
     `loss(eps_model, x0, noise, t)` is what the training step, Taylor/Diff-Pruning scoring and
     `ebdiff bench` compute (the NVlabs/edm `training/loss.py` shape: hyper-parameters in the
     constructor, one call). `eps_model(x_t, t) -> eps` is any callable (a UNet wrapped by
-    `models.eps_fn`, under autocast or not); a class-conditional one also takes the labels, eps_model(x_t, t, cond)."""
+    `backbones.eps_fn`, under autocast or not); a class-conditional one also takes the labels, eps_model(x_t, t, cond)."""
 
     def __init__(self, schedule: Schedule, timesteps: "TimestepSampler | None" = None,
                  weights: torch.Tensor | None = None, reduction: str = "mean",

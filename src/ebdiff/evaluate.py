@@ -12,16 +12,16 @@ import torch
 
 from .checkpoint import atomic_write_json
 from .config import Config, DiffusionConfig, SampleConfig
-from .data import load_dataset
+from .data import DATASETS, get_dataset, load_dataset
 from .diffusion import Schedule
 from .errors import ConfigError
 from .interop import read_models
-from .models import autocast_eps, count_macs_params, eps_fn, fixed_batch_eps, model_classes, preset_shape
+from .backbones import (autocast_eps, backbone_of, backbone_of_preset, count_macs_params, eps_fn, fixed_batch_eps,
+                        model_classes)
 from .regions import RegionRouter
 from .runs import require_checkpoints, run_config
 from .sampling import generate, sampler_timesteps, visited_timesteps
 
-LABELLED = ("fashion-mnist", "cifar10")
 COMPILE_MIN_CALLS = 2000  # sample.compile=auto compiles on a GPU from this many eps-model calls on
 
 
@@ -109,7 +109,7 @@ def per_model(fn, wrap):
 
 
 def compile_eps(fn, mode: str):
-    """torch.compile the UNet behind an eps callable of `models.eps_fn`."""
+    """torch.compile the UNet behind an eps callable of `backbones.eps_fn`."""
     return eps_fn(torch.compile(fn.model, mode=None if mode == "default" else mode))
 
 
@@ -164,8 +164,7 @@ def sample_model(fn, shape: tuple[int, int, int], dcfg: DiffusionConfig, scfg: S
 
 
 def model_shape(meta: dict, model) -> tuple[int, int, int]:
-    return tuple(meta.get("image_shape") or (model.config.in_channels, model.config.sample_size,
-                                             model.config.sample_size))
+    return tuple(meta.get("image_shape") or backbone_of(model).sample_shape(model))
 
 
 def sample_checkpoint(path: Path, device: str, ema: bool = True, progress: bool = True, route: str | None = None,
@@ -234,18 +233,20 @@ class Scorer:
                  classifier_epochs: int | None = None, progress: bool = True, train=None, test=None):
         from .metrics import ClassifierFeatures, InceptionFeatures, reference_stats
 
-        if kind == "fd" and cfg.data.name not in LABELLED:
-            raise ConfigError(f"--metric fd needs a labelled dataset ({', '.join(LABELLED)}); "
+        dataset = get_dataset(cfg.data.name)
+        if kind == "fd" and not dataset.labelled:
+            labelled = [d.name for d in DATASETS.values() if d.labelled]
+            raise ConfigError(f"--metric fd needs a labelled dataset ({', '.join(labelled)}); "
                               f"{cfg.data.name} has none: use --metric fid")
         self.cfg, self.kind, self.progress = cfg, kind, progress
-        size = cfg.data.image_size or preset_shape(cfg.model.preset)[1]
+        size = cfg.data.image_size or backbone_of_preset(cfg.model.preset).image_shape(cfg.model.preset)[1]
         self.train = train or load_dataset(replace(cfg.data, split="train"), size, progress=progress)
         self.test = test
         if kind == "fd":
             self.test = test or load_dataset(replace(cfg.data, split="test"), size, progress=progress)
             self.extractor = ClassifierFeatures.load_or_train(
                 cfg.data.name, (self.train.images, self.train.labels), (self.test.images, self.test.labels),
-                device=device, epochs=classifier_epochs, progress=progress)
+                device=device, epochs=classifier_epochs, progress=progress, metric=dataset.fd_metric)
         else:
             self.extractor = InceptionFeatures(inception_weights, device=device)
         ref = self.train.images

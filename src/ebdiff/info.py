@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ConfigError
-from .models import build_model, count_macs_params, is_latent_preset, preset_names
+from .backbones import backbone_of_preset, build_model, count_macs_params, preset_names
 from .pruning import PruningEngine, SizeOnly, prune
 from .report import count_text
 
@@ -46,9 +46,7 @@ def size_row(name: str, ratio: float | None, model, dense: dict | None) -> dict:
     preset also the paper's convention (UNet params without the class table, MACs of 6 latents)."""
     macs, params = count_macs_params(model)
     row = {"preset": name, "params": params, "macs": macs, "ratio": ratio}
-    if is_latent_preset(name):
-        row["unet_params"] = sum(p.numel() for p in model.unet.parameters())
-        row["macs_batch6"] = 6 * macs  # the counter's total for a batch is linear in it
+    row.update(backbone_of_preset(name).paper_count(model, macs))  # the paper's convention, where it differs
     if dense is not None:
         row.update(params_ratio=params / dense["params"], macs_ratio=macs / dense["macs"])
     return row
@@ -61,7 +59,7 @@ def format_sizes(rows: list[dict]) -> str:
         ratio = "dense" if r["ratio"] is None else f"{r['ratio']:.3f}".rstrip("0")
         mx = "" if r["ratio"] is None else f"{1 / r['macs_ratio']:.2f}x"
         lines.append(f"{r['preset']:<16} {ratio:>6} {count_text(r['params']):>10} {count_text(r['macs']):>10} {mx:>8}")
-    latent = [r for r in rows if is_latent_preset(r["preset"])]
+    latent = [r for r in rows if "macs_batch6" in r]
     if latent:
         lines.append("\nLatent presets, the paper's convention (Table 6): the UNet's parameters without the "
                      "class-embedding table, and the MACs of a batch of 6 latents, as Diff-Pruning's prune_ldm.py "

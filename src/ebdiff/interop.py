@@ -37,7 +37,7 @@ from . import checkpoint as ck
 from .config import Config, dump_yaml
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError
-from .models import DiffusersLike, count_macs_params, eps_fn, format_count
+from .backbones import DiffusersLike, backbone_of_preset, count_macs_params, eps_fn, format_count
 from .regions import RegionRouter, RegionSet
 from .runs import EXPORT_FORMAT, MANIFEST, REGIONS_FILE, read_manifest, read_regions, regions_record, run_config, run_kind
 from .sampling import SAMPLERS, ddim_timesteps, model_at, register_sampler, visited_timesteps
@@ -308,7 +308,7 @@ def export_facts(path: Path, got: Loaded, cfg) -> dict:
                              "phases": [m.get("phase") for m in got.metas], "members": []}
     m0 = got.metas[0]  # a dense unconditional pixel UNet is a diffusers DDIMPipeline folder as well
     facts["pipeline"] = (got.regions is None and m0.get("phase") == "dense" and m0.get("num_classes") is None
-                         and m0.get("latent") is None)
+                         and m0.get("latent") is None and backbone_of_preset(m0["preset"]).diffusers_pipeline)
     if m0.get("num_classes") is not None:
         facts["classes"] = m0["num_classes"]
     if m0.get("latent"):

@@ -2,6 +2,7 @@
 
 - `load_autoencoder(path)`: a diffusers `VQModel` (the paper's LDM: CompVis's VQ-f4) or `AutoencoderKL`
   from a local folder in diffusers format (config.json + safetensors weights; offline, nothing unpickled).
+- `latent_training_data`: the data source `latents` (registered in `data.SOURCES`) of latent backbones.
 - `LatentCache`: a dataset encoded once into shards `shard-NNNNN.npy` (float16 latents, unscaled) with their
   class labels `shard-NNNNN.labels.npy` and a `manifest.json`. Encoding resumes at the first missing shard,
   and one process encodes while the others wait (a lock file), so DDP ranks and TA-EB branches share it.
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .backbones import backbone_of_preset
+from .data import ImageData, load_dataset, register_source, to_model_range
 from .errors import ConfigError, DataError
 
 AUTOENCODERS = {"VQModel": "vq", "AutoencoderKL": "kl"}  # diffusers class -> kind
@@ -109,15 +112,13 @@ def load_autoencoder(path: str | None, preset: str = "", device: torch.device | 
 
 def check_autoencoder(ae: Autoencoder, preset: str, image_channels: int, image_size: int) -> tuple[int, int]:
     """The latent (channels, size) of `image_size` images, checked against the preset's UNet."""
-    from .models import preset_config
-
-    unet = preset_config(preset)
+    latent_channels = backbone_of_preset(preset).latent_channels(preset)
     if ae.image_channels != image_channels:
         raise ConfigError(f"model.autoencoder={ae.path} encodes {ae.image_channels}-channel images but the data "
                           f"has {image_channels} channels")
-    if ae.latent_channels != unet["in_channels"]:
+    if ae.latent_channels != latent_channels:
         raise ConfigError(f"model.autoencoder={ae.path} gives {ae.latent_channels}-channel latents but "
-                          f"model.preset={preset} takes {unet['in_channels']}")
+                          f"model.preset={preset} takes {latent_channels}")
     if image_size % ae.factor:
         raise ConfigError(f"image size {image_size} is not a multiple of the autoencoder's factor {ae.factor}")
     return ae.latent_channels, image_size // ae.factor
@@ -245,7 +246,6 @@ def encode_dataset(data, ae: Autoencoder, folder: Path, identity: dict, shard_si
     from tqdm.auto import tqdm
 
     from .checkpoint import atomic_write_json
-    from .data import to_model_range
 
     folder = Path(folder)
     with _locked(folder):
@@ -298,10 +298,7 @@ def _image_batches(data, lo: int, hi: int, batch: int, num_workers: int):
 def latent_training_data(dcfg, mcfg, device, progress: bool = True):
     """The run's training data as latents: load the autoencoder, encode the dataset once (or find its cache),
     return a `data.ImageData` whose rows are read from the cache, with `latent` = what the run records."""
-    from .data import ImageData, load_dataset
-    from .models import preset_shape
-
-    c, size = preset_shape(mcfg.preset)
+    c, size = backbone_of_preset(mcfg.preset).image_shape(mcfg.preset)
     size = dcfg.image_size or size
     if dcfg.hflip:
         raise ConfigError("data.hflip=true: flips are not applied in latent space (the latents are encoded once); "
@@ -329,6 +326,9 @@ def latent_training_data(dcfg, mcfg, device, progress: bool = True):
     latent = {"autoencoder": ae.path, "kind": ae.kind, "scale": cache.scale, "cache": str(folder),
               "image_shape": [c, size, size]}
     return ImageData(labels=cache.labels, rows=cache, name=dcfg.name, latent=latent)
+
+
+register_source("latents", latent_training_data)  # what latent backbones (`Backbone.latent`) train on
 
 
 # ---------------------------------------------------------------------- decoding
@@ -383,8 +383,6 @@ def train_autoencoder(images: torch.Tensor, folder: Path, steps: int = 1500, bat
 
     from diffusers import VQModel
     from tqdm.auto import tqdm
-
-    from .data import to_model_range
 
     torch.manual_seed(seed)
     model = VQModel(**(config or TINY_VQ))

@@ -238,7 +238,7 @@ def cache_dir() -> Path:
 class ClassifierFeatures:
     """Penultimate features of the dataset's own classifier (trained once, cached)."""
 
-    def __init__(self, model: nn.Module, info: dict, device: str = "cpu"):
+    def __init__(self, model: nn.Module, info: dict, device: str = "cpu", metric: str | None = None):
         # one memory format for fresh and reloaded weights, so that their features agree bit for bit
         self.model = model.to(device).to(memory_format=torch.channels_last).eval()
         self.info, self.device = info, device
@@ -246,12 +246,14 @@ class ClassifierFeatures:
         epochs = "" if info.get("epochs", CLASSIFIERS[arch]["epochs"]) == CLASSIFIERS[arch]["epochs"] else \
             f"-e{info['epochs']}"
         self.name = f"classifier-{info['dataset']}-{arch}-{info['hash']}{epochs}"  # keys the reference features
-        self.metric = f"FD-{info['dataset'].upper().replace('FASHION-MNIST', 'FMNIST')}"
+        self.metric = metric or f"FD-{info['dataset'].upper()}"  # the dataset's `data.Dataset.fd_metric`
 
     @classmethod
     def load_or_train(cls, dataset: str, train: tuple, test: tuple, device: str = "cpu", epochs: int | None = None,
-                      progress: bool = True, root: Path | None = None, arch: str | None = None) -> "ClassifierFeatures":
-        """The cached classifier for (dataset, architecture, training data), training it on first use."""
+                      progress: bool = True, root: Path | None = None, arch: str | None = None,
+                      metric: str | None = None) -> "ClassifierFeatures":
+        """The cached classifier for (dataset, architecture, training data), training it on first use. metric:
+        the name its FD goes by (default FD-<DATASET>)."""
         from safetensors.torch import load_file, save_file
 
         from .checkpoint import atomic_save, atomic_write_json
@@ -269,7 +271,7 @@ class ClassifierFeatures:
         if meta_path.is_file() and stem.with_suffix(".safetensors").is_file():
             info = json.loads(meta_path.read_text())
             model.load_state_dict(load_file(str(stem.with_suffix(".safetensors"))))
-            return cls(model, info, device)
+            return cls(model, info, device, metric)
         model, acc = train_classifier(*train, *test, arch=arch, epochs=epochs, device=device, progress=progress)
         with torch.no_grad():
             feature_dim = model.features(_to_input(test[0][:2]).to(device)).shape[1]
@@ -279,7 +281,7 @@ class ClassifierFeatures:
         atomic_save(stem.with_suffix(".safetensors"),
                     lambda p: save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, p))
         atomic_write_json(meta_path, info)
-        return cls(model, info, device)
+        return cls(model, info, device, metric)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch: int = 500, progress: bool = False) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn as nn
 
+from .backbones import Backbone, backbone_of, eps_fn
 from .diffusion import DiffusionLoss, Schedule
 from .masks import ChannelMask, select_pruned
 
@@ -37,14 +38,6 @@ def _tp():
     import torch_pruning as tp
 
     return tp
-
-
-def _example(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Tracing input: the smallest resolution every down block accepts (the graph does not depend
-    on it, and lsun256 traces 16x faster at 64x64 than at 256x256); a class for a conditional model."""
-    from .models import example_inputs
-
-    return example_inputs(model, 1, min(model.config.sample_size, 2 ** len(model.config.block_out_channels)))
 
 
 def build_graph(model: nn.Module):
@@ -58,7 +51,8 @@ def build_graph(model: nn.Module):
     try:
         with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=_example(model), verbose=False)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=backbone_of(model).trace_inputs(model),
+                                                            verbose=False)
     finally:
         model.train(was_training)
         for p, f in zip(model.parameters(), flags):
@@ -108,12 +102,6 @@ class _FrozenGradFn:
         return cls(fn.name(), saved)
 
 
-def _ignored(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
-    """The modules named (in a `ClassConditionalUNet` also under its `unet.`)."""
-    mods = dict(model.named_modules())
-    return [mods[p + n] for n in names for p in ("", "unet.") if p + n in mods]
-
-
 @dataclass(frozen=True)
 class GroupInfo:
     name: str  # root module
@@ -134,19 +122,12 @@ class GroupInfo:
         return select_pruned(scores, ratio, self.gn_groups, multiple)
 
 
-def group_kind(graph, group, names: dict, modules: dict) -> tuple[str, int]:
-    """(kind, rule groups) of a torch-pruning group: see `GroupInfo`."""
-    root = names[group[0].dep.target.module]
-    if root.endswith("ff.net.0.proj"):  # diffusers' GEGLU: proj -> chunk(2) -> value * gelu(gate)
-        return "geglu", 1
-    for dep, _ in group:
-        mod = dep.target.module
-        name = names.get(mod, "")
-        if (isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v")
-                and graph.is_out_channel_pruning_fn(dep.handler)):
-            attn = modules.get(name.rsplit(".", 1)[0])
-            heads = int(getattr(attn, "heads", 1) or 1)
-            return ("heads", heads) if heads > 1 else ("plain", 1)
+def group_kind(graph, group, names: dict, modules: dict, backbone: Backbone | None = None) -> tuple[str, int]:
+    """(kind, rule groups) of a torch-pruning group: see `GroupInfo`. The backbone recognises its own kinds
+    (attention heads, GEGLU pairs: `Backbone.group_kind`); the rest is plain or GroupNorm-coupled."""
+    own = backbone.group_kind(graph, group, names, modules) if backbone is not None else None
+    if own is not None:
+        return own
     gns = {d.target.module.num_groups for d, _ in group if isinstance(d.target.module, nn.GroupNorm)}
     return ("norm", max(gns)) if gns else ("plain", 1)
 
@@ -159,20 +140,23 @@ class PruningEngine:
     so removing a channel is zeroing it) and GEGLU pairs. Nothing produces a cross-attention context inside
     the UNet, so no group holds the context width or a class-embedding table (`ClassConditionalUNet`)."""
 
-    def __init__(self, model: nn.Module, ignored: tuple[str, ...] = ("conv_out",)):
+    def __init__(self, model: nn.Module, ignored: tuple[str, ...] | None = None):
+        """ignored: names of modules never pruned (None: the backbone's `ignored_layers`, e.g. conv_out)."""
         self.model = model
         self.graph = build_graph(model)
+        backbone = backbone_of(model)
         names = {m: n for n, m in model.named_modules()}
-        groups = self.graph.get_all_groups(ignored_layers=_ignored(model, ignored), root_module_types=[nn.Conv2d, nn.Linear])
+        mods = dict(model.named_modules())
+        skip = backbone.ignored_layers(model) if ignored is None else [mods[n] for n in ignored if n in mods]
+        groups = self.graph.get_all_groups(ignored_layers=skip, root_module_types=[nn.Conv2d, nn.Linear])
         # canonical order (by root module name): masks of two engines over the same preset compare
         self.groups = sorted(groups, key=lambda g: names[g[0].dep.target.module])
         if not self.groups:
             raise RuntimeError("torch-pruning found no prunable group in the model")
-        modules = dict(model.named_modules())
         info = []
         for g in self.groups:
             root = g[0].dep.target.module
-            kind, rule = group_kind(self.graph, g, names, modules)
+            kind, rule = group_kind(self.graph, g, names, mods, backbone)
             size = self.graph.get_out_channels(root)
             info.append(GroupInfo(names[root], int(size), rule, kind))
         self.info = info
@@ -352,8 +336,6 @@ def accumulate_taylor_grads(model: nn.Module, loss: "DiffusionLoss | Schedule", 
     eval mode while scoring (no dropout), so an unchanged model always gives the same scores. labels: the
     batch's classes (a class-conditional model).
     """
-    from .models import eps_fn
-
     if isinstance(loss, Schedule):
         loss = DiffusionLoss(loss, device=x0.device)
     was_training = model.training
@@ -379,17 +361,6 @@ def accumulate_taylor_grads(model: nn.Module, loss: "DiffusionLoss | Schedule", 
 
 
 # ---------------------------------------------------------------------- extraction and replay
-def fix_stale_attributes(model: nn.Module) -> None:
-    """Upsample2D/Downsample2D keep their pre-pruning `channels`; set them from their conv."""
-    for m in model.modules():
-        cls = type(m).__name__
-        if cls in ("Upsample2D", "Downsample2D"):
-            conv = getattr(m, "conv", None)
-            if isinstance(conv, nn.Conv2d):
-                m.channels = conv.in_channels
-                m.out_channels = conv.out_channels
-
-
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Prune `model` in place by a plan (group order matters: each group's indices are its own)."""
     graph = build_graph(model)
@@ -402,7 +373,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         module = mods[name]
         fn = graph.get_pruner_of_module(module).prune_out_channels
         graph.get_pruning_group(module, fn, idxs).prune()
-    fix_stale_attributes(model)
+    backbone_of(model).after_pruning(model)  # attributes that keep the dense widths
     return model
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from .checkpoint import atomic_write_json, read_json
 from .curves import read_curve
 from .errors import ConfigError
-from .models import format_count
+from .backbones import format_count
 from .quality_curves import read_quality_curve, time_to_quality
 
 

@@ -22,7 +22,7 @@ from .earlybird import EarlyBirdDetector, Ticket
 from .facts import TicketInfo
 from .hooks import Hook
 from .masks import ChannelMask
-from .models import format_count, size_of
+from .backbones import format_count, size_of
 from .pruning import Criterion, Plan, PruningEngine, ScoreProbe, cut, make_criterion
 
 SEARCHING, DRAWN, MISSED = "searching", "drawn", "missed"

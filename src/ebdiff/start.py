@@ -27,7 +27,8 @@ from .data import ImageData, iterations_per_epoch, load_training_data
 from .errors import ConfigError, DataError
 from .facts import RunFacts
 from .hooks import Hook
-from .models import build_from_config, preset_classes, size_of
+from . import latents  # noqa: F401  (registers the latent data source that latent backbones train on)
+from .backbones import backbone_of_preset, build_from_config, size_of
 from .pruning import ScoreProbe
 from .search import EarlyBirdHook, EarlyBirdSearch
 from .step import apply_hparams, lr_factor
@@ -126,7 +127,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, dist, loss, say=print,
     data = _load_data(cfg, dist)
     torch.manual_seed(cfg.train.seed + dist.rank)
     np.random.seed((cfg.train.seed + dist.rank) % 2**32)
-    classes = preset_classes(cfg.model.preset, cfg.model.num_classes)  # None: unconditional
+    classes = backbone_of_preset(cfg.model.preset).classes(cfg.model.preset, cfg.model.num_classes)  # None: unconditional
     probe = _Probe(data, loss, cfg.train.seed, dist.device, classes is not None)
     strategy = resumed if resume else pruned_from_run if RunSpec.of(cfg).kind == "prune-from-run" else fresh
     first = strategy(cfg, run_dir, probe, say)

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import autocompile
+from .backbones import eps_call
 from .diffusion import DiffusionLoss
 from .errors import ConfigError
 
@@ -252,6 +253,7 @@ class TrainStep:
         gradients add up before the one optimizer step (gradient accumulation; same result as the whole
         batch, less activation memory)."""
         self.model, self.raw, self.opt, self.ema, self.loss = model, raw, opt, ema, loss
+        self._call = eps_call(raw)  # the backbone's eps call, applied to `model` (compiled or wrapped)
         self.grad_clip, self.fast, self.skip_nonfinite, self.accum = grad_clip, fast, skip_nonfinite, accum
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.device_type = loss.sqrt_ab.device.type
@@ -368,9 +370,7 @@ class TrainStep:
         # autocast's weight cache must be off under graph capture (PyTorch's CUDA graphs notes)
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.fast.bf16,
                             cache_enabled=not self.fast.cuda_graph):
-            if cond is None:
-                return self.model(xt, t).sample
-            return self.model(xt, t, class_labels=cond).sample
+            return self._call(self.model, xt, t, cond)
 
     def _forward_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                       cond: torch.Tensor | None = None) -> torch.Tensor:

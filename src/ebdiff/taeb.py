@@ -97,13 +97,11 @@ def run_rank(run: Path, cfg: Config | None = None) -> None:
 def preflight(cfg: Config) -> None:
     """User errors that every branch would hit (a missing or unreadable dataset, a wrong preset for it)
     stop here with one line, before any process is started."""
-    from .data import load_training_data
+    from .data import preflight_training_data
     from .distributed import resolve_device
-    from .models import is_latent_preset
 
-    latent = is_latent_preset(cfg.model.preset)  # and encodes a latent preset's cache once, for every branch
-    load_training_data(cfg.data, cfg.model.preset, resolve_device(cfg.train.device) if latent else "cpu",
-                       progress=latent, model=cfg.model)
+    # and prepares data once for every branch (a latent preset's cache is encoded here)
+    preflight_training_data(cfg.data, cfg.model, resolve_device(cfg.train.device))
 
 
 def die_with_parent() -> None:
@@ -192,7 +190,7 @@ def run_taeb(cfg: Config, run: Path) -> dict | None:
 
 def accounting(run: Path, cfg: Config) -> dict:
     """Weighted params/MACs (over the sampler's timesteps, and over all T), per-branch times, TA-EB time."""
-    from .models import count_macs_params
+    from .backbones import count_macs_params
 
     regions, spec = read_regions(run)
     visited = visited_timesteps(cfg.sample, regions.T)

@@ -18,7 +18,7 @@ from .diffusion import Schedule
 from .errors import ConfigError
 from .hooks import Hook
 from .latents import LatentDecoder
-from .models import eps_fn, model_classes
+from .backbones import eps_fn, model_classes
 from .report import save_grid
 from .sampling import class_rows, generate, to_uint8
 

@@ -32,7 +32,7 @@ from .diffusion import DiffusionLoss, class_dropout
 from .distributed import make_dist, stop_requests
 from .errors import ConfigError, Interrupted, NonFiniteError
 from .hooks import Hook, RunContext
-from .models import size_of
+from .backbones import size_of
 from .start import start_run
 from .step import EMA, TrainStep, lr_factor, make_optimizer, prepare_model, resolve_fast_path
 

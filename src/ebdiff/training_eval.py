@@ -38,7 +38,7 @@ from . import checkpoint as ck
 from .config import Config, RunSpec, load_config, parse_every
 from .evaluate import Scorer, run_sample_config, sample_model, sampling_inputs
 from .hooks import Hook
-from .models import eps_fn
+from .backbones import eps_fn
 from .regions import RegionRouter
 from .report import save_grid
 from .runs import read_regions
