@@ -120,7 +120,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .interop import export, read_manifest
 
-    out = export(Path(args.run), Path(args.out), ema=not args.no_ema)
+    out = export(Path(args.run), Path(args.out), ema=not args.no_ema, formats=args.format)
     man = read_manifest(out)
     size = man["size"]
     print(f"exported {args.run} ({man['kind']}, {len(man['members'])} model{'s' * (len(man['members']) > 1)}, "
@@ -553,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("run", help="run folder, checkpoint folder or TA-EB run folder")
     xp.add_argument("--out", required=True, help="new folder (must not exist, or be empty)")
     xp.add_argument("--no-ema", action="store_true", help="export the online weights instead of the EMA")
+    xp.add_argument("--format", action="append", default=[], metavar="{onnx,torch-export}",
+                    help="also write each model as ONNX (model.onnx) or torch.export (model.pt2), to run without "
+                         "ebdiff; repeat for both (the folder is always written)")
     xp.set_defaults(fn=cmd_export)
 
     e = sub.add_parser("eval", help="sample a run and measure FD-<dataset>/FID, KID, params, MACs -> eval.json")

@@ -1,0 +1,77 @@
+"""Deploying and feeding ebdiff: model files that run without ebdiff (ONNX, torch.export)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import ebdiff
+from ebdiff.cli import main
+from test_interop import runs  # noqa: F401  (the module's dense, ticket and TA-EB runs)
+
+ONNX_ATOL = 1e-4  # onnxruntime's CPU kernels against torch's, float32 (observed: ~2e-6)
+PT2_ATOL = 1e-5  # the same aten graph (observed: 0)
+
+# what a user without ebdiff runs: onnxruntime and torch.export.load on every member, dynamic batch
+PLAIN = textwrap.dedent("""
+    import json, sys
+    import numpy as np, onnxruntime as ort, torch
+    folder, inputs, out = sys.argv[1:]
+    man = json.load(open(f"{folder}/ebdiff.json"))
+    ins = dict(np.load(inputs))
+    res = {}
+    for m in man["members"]:
+        sess = ort.InferenceSession(f"{folder}/{m}/model.onnx")
+        feed = {i.name: ins[i.name] for i in sess.get_inputs()}
+        res[f"{m}/onnx"] = sess.run(None, feed)[0]
+        prog = torch.export.load(f"{folder}/{m}/model.pt2").module()
+        with torch.no_grad():
+            res[f"{m}/pt2"] = prog(*[torch.from_numpy(feed[k]) for k in feed]).numpy()
+    k = [sum(int(t) >= s for s in man.get("switch_points", [])) for t in ins["timestep"]]
+    np.savez(out, route=np.array(k), **res)
+    assert "ebdiff" not in sys.modules and "diffusers" not in sys.modules, "imported ebdiff or diffusers"
+""")
+
+
+@pytest.mark.parametrize("kind", ["dense", "eb", "ta"])
+def test_onnx_and_pt2_files_run_without_ebdiff_like_ebdiff_load(runs, tmp_path, kind, capsys):  # noqa: F811
+    out = tmp_path / f"{kind}-model"
+    assert main(["export", str(runs[kind]), "--out", str(out), "--format", "onnx", "--format", "torch-export"]) == 0
+    man = json.loads((out / "ebdiff.json").read_text())
+    assert man["files"] == {f: [f"{m}/model.{e}" for m in man["members"]]
+                            for f, e in (("onnx", "onnx"), ("torch-export", "pt2"))}
+    card = (out / "README.md").read_text()
+    assert "## Without ebdiff" in card and "onnxruntime" in card and "torch.export.load" in card
+    model = ebdiff.load(out)
+    unets = list(model.unets) if kind == "ta" else [model]
+    g = torch.Generator().manual_seed(0)
+    b = 5  # exported at batch 2: another batch size
+    x = torch.randn(b, 1, 32, 32, generator=g)
+    t = torch.tensor([0, 250, 490, 510, 999])
+    np.savez(tmp_path / "in.npz", sample=x.numpy(), timestep=t.numpy())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # not even on the path
+    subprocess.run([sys.executable, "-c", PLAIN, str(out), str(tmp_path / "in.npz"), str(tmp_path / "o.npz")],
+                   check=True, env=env, cwd=tmp_path)
+    got = np.load(tmp_path / "o.npz")
+    with torch.no_grad():
+        for m, unet in zip(man["members"], unets):
+            ref = unet(x, t).sample.numpy()
+            assert np.abs(got[f"{m}/onnx"] - ref).max() < ONNX_ATOL, m
+            assert np.abs(got[f"{m}/pt2"] - ref).max() < PT2_ATOL, m
+        if kind == "ta":  # the manifest's switch points route as RoutedUNet does
+            assert got["route"].tolist() == [model.regions.route(int(v), model.route) for v in t]
+            routed = np.stack([got[f"{man['members'][k]}/pt2"][i] for i, k in enumerate(got["route"])])
+            assert np.abs(routed - model(x, t).sample.numpy()).max() < PT2_ATOL
+    assert ebdiff.load(out) is not None  # the folder still loads in ebdiff
+
+
+def test_unknown_export_format_is_one_line_and_writes_nothing(runs, tmp_path, capsys):  # noqa: F811
+    assert main(["export", str(runs["dense"]), "--out", str(tmp_path / "m"), "--format", "tflite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ebdiff: error: unknown export format 'tflite'")
+    assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
