@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -67,7 +68,12 @@ def test_onnx_and_pt2_files_run_without_ebdiff_like_ebdiff_load(runs, tmp_path, 
             assert got["route"].tolist() == [model.regions.route(int(v), model.route) for v in t]
             routed = np.stack([got[f"{man['members'][k]}/pt2"][i] for i, k in enumerate(got["route"])])
             assert np.abs(routed - model(x, t).sample.numpy()).max() < PT2_ATOL
-    assert ebdiff.load(out) is not None  # the folder still loads in ebdiff
+    # the card's loops sample without ebdiff (2 steps here)
+    blocks = re.findall(r"```python\n(.*?)```", card.split("## Without ebdiff")[1], re.S)
+    assert len(blocks) == 2
+    code = "\n".join(blocks).replace("set_timesteps(50)", "set_timesteps(2)")
+    code += "\nimport sys; assert 'ebdiff' not in sys.modules; assert np.isfinite(np.asarray(x)).all()"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
 
 
 def test_unknown_export_format_is_one_line_and_writes_nothing(runs, tmp_path, capsys):  # noqa: F811
