@@ -130,13 +130,16 @@ def write_files(folder: Path, model: nn.Module, formats: Sequence[str]) -> dict[
         return {}
     was_training = model.training
     param = next(model.parameters())
-    dtype, device = param.dtype, param.device
-    model.float().cpu().eval()
+    moved = (param.dtype, param.device) != (torch.float32, torch.device("cpu"))
+    if moved:
+        model.to(device="cpu", dtype=torch.float32)
     try:
         for f in formats:
-            WRITERS[f](model, Path(folder) / FILES[f])
+            WRITERS[f](model.eval(), Path(folder) / FILES[f])
     finally:
-        model.to(device=device, dtype=dtype).train(was_training)
+        if moved:
+            model.to(device=param.device, dtype=param.dtype)
+        model.train(was_training)
     return {f: FILES[f] for f in formats}
 
 
