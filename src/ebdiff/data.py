@@ -173,10 +173,10 @@ def load_image_folder(folder: Path, size: int, crop: str = "center", cache_dir: 
                 return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
         except (OSError, ValueError, KeyError, EOFError):  # a damaged cache is rebuilt
             pass
-    from tqdm.auto import tqdm
+    from .progress import progress_bar, tqdm
 
     decoded, good = [], []
-    for p in tqdm(files, desc=f"decoding {folder.name}", disable=not progress):
+    for p in progress_bar(files, desc=f"decoding {folder.name}", disable=not progress):
         try:
             decoded.append(_decode(p, size, crop))
             good.append(p)

@@ -259,7 +259,7 @@ class Trainer:
                     self.tracker.close()
 
     def _loop(self, stop: list[int]) -> dict:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
         tc, st = self.cfg.train, self.state
         done = st.timing.budget_reached(st.iteration, tc.iters, tc.max_seconds)
@@ -271,7 +271,7 @@ class Trainer:
         batches = BatchStream(self.data, self.local_batch, tc.seed, self.device, self.rank, self.world,
                               self.cfg.data.num_workers, labels=self.classes is not None)(st.iteration)
         self.model_p.train()
-        bar = tqdm(total=tc.iters, initial=st.iteration, disable=not (self.main and tc.progress), desc=st.phase,
+        bar = progress_bar(total=tc.iters, initial=st.iteration, disable=not (self.main and tc.progress), desc=st.phase,
                    dynamic_ncols=True)
         self._wall0, self.stopping = time.perf_counter() - st.timing.wall_s, None
         self.meter = LossMeter(self.device, st.iteration)
