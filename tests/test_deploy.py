@@ -81,3 +81,76 @@ def test_unknown_export_format_is_one_line_and_writes_nothing(runs, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ebdiff: error: unknown export format 'tflite'")
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- folders from others stay inside
+def _refused(capsys, *argv, match):
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ebdiff: error:") and match in err[0], err
+
+
+def _files(root):
+    return sorted(p for p in root.rglob("*"))
+
+
+def test_paths_from_an_export_or_a_regions_file_stay_inside_it(runs, tmp_path, capsys):  # noqa: F811
+    from ebdiff import interop
+
+    exp = interop.export(runs["eb"], tmp_path / "m")
+    before = _files(tmp_path)
+    man_path = exp / "ebdiff.json"
+    man = json.loads(man_path.read_text())
+    for bad in ("../../other-run/checkpoints/ckpt-8", "/etc", "unet/../.."):
+        man_path.write_text(json.dumps(dict(man, members=[bad])))
+        _refused(capsys, "sample", str(exp), "--n", "2", "--steps", "2", match="ebdiff.json member")
+    man_path.write_text(json.dumps(man))
+    # a weights file that is a link out of the folder
+    (tmp_path / "elsewhere.safetensors").write_bytes((exp / "unet" / interop.WEIGHTS_FILE).read_bytes())
+    (exp / "unet" / interop.WEIGHTS_FILE).unlink()
+    (exp / "unet" / interop.WEIGHTS_FILE).symlink_to(tmp_path / "elsewhere.safetensors")
+    _refused(capsys, "sample", str(exp), "--n", "2", "--steps", "2", match="leads outside")
+    # a TA-EB run's regions.json
+    ta = tmp_path / "ta"
+    import shutil
+
+    shutil.copytree(runs["ta"], ta)
+    spec = json.loads((ta / "regions.json").read_text())
+    (ta / "regions.json").write_text(json.dumps(dict(spec, members=[spec["members"][0], "../../x"])))
+    _refused(capsys, "sample", str(ta), "--n", "2", "--steps", "2", match="regions.json member")
+    assert [p for p in _files(tmp_path) if p not in before and ta not in p.parents and p != ta
+            and p.name != "elsewhere.safetensors"] == []
+
+
+@pytest.mark.parametrize("plan, match", [
+    ([["conv_in", [3, 1]]], "sorted and unique"),
+    ([["conv_in", [1, 1]]], "sorted and unique"),
+    ([["conv_in", [-1]]], "non-negative integers"),
+    ([["conv_in", [0, 9999]]], "do not fit its 16"),
+    ([["conv_in", list(range(16))]], "some must stay"),
+    ([["no.such.block", [0]]], "no prunable module 'no.such.block'"),
+    ([["conv_in"]], "expected [module name"),
+    ("all", "expected a list"),
+])
+def test_a_pruning_plan_is_checked_before_it_is_replayed(runs, tmp_path, capsys, plan, match):  # noqa: F811
+    from ebdiff import interop
+    from ebdiff.pruning import check_plan
+
+    exp = interop.export(runs["eb"], tmp_path / "m")
+    meta = json.loads((exp / "unet" / "plan.json").read_text())
+    assert check_plan(meta["plan"])  # the plan a run wrote passes
+    (exp / "unet" / "plan.json").write_text(json.dumps(dict(meta, plan=plan)))
+    _refused(capsys, "sample", str(exp), "--n", "2", "--steps", "2", match=match)
+
+
+def test_inside():
+    from pathlib import Path
+
+    from ebdiff.confine import inside
+    from ebdiff.errors import CheckpointError
+
+    assert inside(Path("/a/b"), "c/d", "x") == Path("/a/b/c/d")
+    for bad in ("..", "../b2", "/a/b/c", "", None, 3):
+        with pytest.raises(CheckpointError, match="x "):
+            inside(Path("/a/b"), bad, "x")

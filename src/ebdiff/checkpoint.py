@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .accounting import Timing
+from .confine import inside
 from .errors import CheckpointError
 
 FORMAT = 1
@@ -216,11 +217,12 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
 def build_from_meta(meta: dict[str, Any]) -> nn.Module:
     """The architecture a checkpoint describes: its preset, with its pruning plan replayed."""
     from .models import build_model
-    from .pruning import apply_plan
+    from .pruning import apply_plan, check_plan
 
+    plan = check_plan(meta.get("plan") or [])  # before any model is built
     model = build_model(meta["preset"], meta.get("dropout", 0.1), meta.get("num_classes"))
-    if meta.get("plan"):
-        apply_plan(model, [(n, list(i)) for n, i in meta["plan"]])
+    if plan:
+        apply_plan(model, plan)
     return model
 
 
@@ -370,7 +372,7 @@ def resolve_checkpoint(path: Path) -> Path:
     ck = latest_checkpoint(path)
     if ck is None:
         raise CheckpointError(f"{path} holds no checkpoint (expected {path}/checkpoints/ckpt-*/meta.json)")
-    return ck
+    return inside(path, ck.relative_to(path), "checkpoint")
 
 
 # ---------------------------------------------------------------------- training state

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ck
+from .confine import inside
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError
 from .models import DiffusersLike
@@ -252,12 +253,14 @@ def read_manifest(path: Path) -> dict:
     m = ck.read_json(Path(path) / MANIFEST)
     if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT or m.get("kind") not in ("unet", "ta-eb"):
         raise CheckpointError(f"{path}/{MANIFEST} is not an ebdiff export manifest (format {EXPORT_FORMAT})")
+    for name in m.get("members") or ():
+        inside(path, name, f"{MANIFEST} member")
     return m
 
 
 def load_member(folder: Path, device) -> tuple[nn.Module, dict]:
     """One exported model: its preset, with its plan replayed, and its safetensors weights (no pickle)."""
-    meta = ck.read_json(folder / PLAN_FILE)
+    meta = ck.read_json(inside(folder, PLAN_FILE, "plan file"))
     if not isinstance(meta, dict) or "preset" not in meta:
         raise CheckpointError(f"{folder}/{PLAN_FILE} is missing or unreadable")
     try:
@@ -265,7 +268,7 @@ def load_member(folder: Path, device) -> tuple[nn.Module, dict]:
     except (KeyError, IndexError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{folder}/{PLAN_FILE}: the pruning plan does not replay on preset "
                               f"{meta['preset']} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    ck.load_weights(model, folder / WEIGHTS_FILE)
+    ck.load_weights(model, inside(folder, WEIGHTS_FILE, "weights file"))
     return model.to(device).eval(), meta
 
 

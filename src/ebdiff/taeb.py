@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ck
+from .confine import inside
 from .config import Config, dump_yaml, load_config
 from .distributed import stop_requests
 from .errors import CheckpointError, ConfigError, Interrupted
@@ -202,9 +203,12 @@ def is_taeb_run(path: Path) -> bool:
 def read_regions(run: Path) -> tuple[RegionSet, dict]:
     try:
         spec = json.loads((Path(run) / REGIONS_FILE).read_text())
-        return RegionSet.from_config(spec["regions"], spec["T"]), spec
+        regions = RegionSet.from_config(spec["regions"], spec["T"])
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{run}/{REGIONS_FILE} is unreadable ({type(exc).__name__})") from None
+    for name in spec.get("members", ()):
+        inside(run, name, f"{REGIONS_FILE} member")
+    return regions, spec
 
 
 def visited_timesteps(scfg, T: int) -> list[int]:
