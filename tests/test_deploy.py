@@ -154,3 +154,26 @@ def test_inside():
     for bad in ("..", "../b2", "/a/b/c", "", None, 3):
         with pytest.raises(CheckpointError, match="x "):
             inside(Path("/a/b"), bad, "x")
+
+
+# ---------------------------------------------------------------------- resume past a damaged checkpoint
+def test_resume_skips_a_damaged_newest_checkpoint_and_leaves_it(tmp_path, has_fmnist, capsys):
+    from conftest import tiny_args
+
+    run = tmp_path / "R"
+    assert main(["train", *tiny_args(run, "train.iters=4", "train.ckpt_every=2")]) == 0
+    ck4 = run / "checkpoints" / "ckpt-000000004"
+    ema = ck4 / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.iters=3"]) == 0
+    out = capsys.readouterr().out
+    assert "skipping checkpoint ckpt-000000004" in out and "ema.safetensors" in out and "left in place" in out
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 3
+    assert ema.stat().st_size == 100  # never deleted or rewritten
+    # the checkpoint itself, named: still refused in one line
+    _refused(capsys, "train", "--resume", str(ck4), match="")
+    # none reads: one line
+    for c in (run / "checkpoints").iterdir():
+        (c / "state.pt").write_bytes(b"garbage")
+    _refused(capsys, "train", "--resume", str(run), "train.iters=5", match="none of the 3 checkpoints")

@@ -14,6 +14,7 @@ writes and a resume restores (NVlabs/edm2's `CheckpointIO`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -325,14 +326,34 @@ class RunLock:
             self.fd = None
 
 
-def read_for_resume(run_dir: Path) -> tuple[Path, nn.Module, dict[str, Any], dict[str, Any]]:
-    """(checkpoint folder, model with its online weights, meta, training state) of a run's newest checkpoint."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"--resume: {run_dir} has no checkpoint to resume from")
+def read_resumable(ckpt: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """(model with its online weights, meta, training state) of one checkpoint, every file a resume reads
+    checked (the EMA weights too, which `TrainState.restore` loads later), or CheckpointError."""
     meta = read_meta(ckpt)
-    model = load_weights(build_from_meta(meta), ckpt / "model.safetensors")
-    return ckpt, model, meta, load_state(ckpt)
+    try:
+        model = load_weights(build_from_meta(meta), ckpt / "model.safetensors")
+    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: its meta.json does not rebuild a model ({type(exc).__name__})"
+                              ) from None
+    load_weights(copy.deepcopy(model), ckpt / "ema.safetensors")
+    return model, meta, load_state(ckpt)
+
+
+def read_for_resume(run_dir: Path, log=print) -> tuple[Path, nn.Module, dict[str, Any], dict[str, Any]]:
+    """(checkpoint folder, model with its online weights, meta, training state) of a run's newest checkpoint
+    that reads; each newer one that does not is skipped with one line through `log` saying why (it is left
+    in place). CheckpointError when none reads."""
+    cks = list_checkpoints(run_dir)
+    if not cks:
+        raise CheckpointError(f"--resume: {run_dir} has no checkpoint to resume from")
+    first = None
+    for ckpt in reversed(cks):
+        try:
+            return (ckpt, *read_resumable(ckpt))
+        except CheckpointError as exc:
+            first = first or exc
+            log(f"--resume: skipping checkpoint {ckpt.name}, which does not read ({exc}); it is left in place")
+    raise CheckpointError(f"--resume: none of the {len(cks)} checkpoints of {run_dir} reads (the newest: {first})")
 
 
 def newest_run(path: Path, depth: int = 2) -> Path | None:

@@ -77,7 +77,7 @@ class Trainer:
         if self.data.latent is not None:  # what decodes this run's samples: autoencoder, scale
             facts["latent"] = self.data.latent
         if self.resume:
-            ckpt, model, meta, saved = ck.read_for_resume(self.run_dir)
+            ckpt, model, meta, saved = ck.read_for_resume(self.run_dir, log=self.print)
             changes = identity_changes(meta.get("identity") or {"model.preset": meta["preset"]}, run_identity(cfg))
             if changes:
                 raise ConfigError(f"--resume {self.run_dir}: {'; '.join(changes)}: these settings define the model "
