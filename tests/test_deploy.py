@@ -177,3 +177,51 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_leaves_it(tmp_path, has_fm
     for c in (run / "checkpoints").iterdir():
         (c / "state.pt").write_bytes(b"garbage")
     _refused(capsys, "train", "--resume", str(run), "train.iters=5", match="none of the 3 checkpoints")
+
+
+# ---------------------------------------------------------------------- bad images found before training
+def _image_folder(root, n=20, bad=(7,)):
+    from PIL import Image
+
+    (root / "a").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((40, 40, 3), i * 10, np.uint8)).save(root / "a" / f"{i:02d}.png")
+    for i in bad:
+        (root / "a" / f"{i:02d}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+def test_bad_images_are_found_before_the_first_iteration(tmp_path, capsys, monkeypatch):
+    from ebdiff import imagecheck
+    from ebdiff.config import DataConfig
+    from ebdiff.data import load_dataset
+
+    imgs = _image_folder(tmp_path / "imgs", bad=(7, 12))
+    cache = tmp_path / "cache"
+    run = tmp_path / "r"
+    _refused(capsys, "train", "--out", str(run), "model.preset=cifar10", "data.name=imagefolder",
+             f"data.root={imgs}", f"data.cache_dir={cache}", "train.device=cpu", "train.progress=false",
+             match="07.png")
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    dcfg = DataConfig(name="imagefolder", root=str(imgs), cache_dir=str(cache), bad_images="skip")
+    data = load_dataset(dcfg, 32, progress=False)
+    assert len(data) == 18 and data.left_out_images == 2
+    assert "left out 2 unreadable image(s) of 20" in capsys.readouterr().err
+    # remembered: the next load opens no file again, except one that changed
+    opened = []
+    real = imagecheck.check_file
+    monkeypatch.setattr(imagecheck, "check_file", lambda p: opened.append(p.name) or real(p))
+    assert len(load_dataset(dcfg, 32, progress=False)) == 18 and opened == []
+    _image_folder(tmp_path / "fresh", bad=())
+    (imgs / "a" / "07.png").write_bytes((tmp_path / "fresh" / "a" / "07.png").read_bytes())
+    assert len(load_dataset(dcfg, 32, progress=False)) == 19 and opened == ["07.png"]
+
+
+def test_skip_counts_the_left_out_images_in_the_summary(tmp_path, capsys):
+    imgs = _image_folder(tmp_path / "imgs")
+    run = tmp_path / "r"
+    assert main(["train", "--out", str(run), "model.preset=cifar10", "data.name=imagefolder", f"data.root={imgs}",
+                 f"data.cache_dir={tmp_path / 'c'}", "data.bad_images=skip", "train.device=cpu",
+                 "train.progress=false", "train.iters=1", "train.batch_size=4", "train.ckpt_every=1",
+                 "sample.steps=2"]) == 0
+    assert json.loads((run / "summary.json").read_text())["left_out_images"] == 1

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .imagecheck import check_images
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -379,9 +380,12 @@ def load_dataset(dcfg, size: int, progress: bool = True) -> ImageData:
     files, crop, folder = _streamed_files(name, dcfg.root, dcfg.split, dcfg.lsun_category)
     if dcfg.limit:
         files = files[: dcfg.limit]
+    files, left_out = check_images(files, dcfg.bad_images, dcfg.cache_dir, progress)  # before any training
     labels = _class_index(files, folder) if name == "imagefolder" else None
-    return ImageData(labels=labels, files_dataset=FileImageDataset(files, size, crop, dcfg.bad_images), hflip=hflip,
+    data = ImageData(labels=labels, files_dataset=FileImageDataset(files, size, crop, dcfg.bad_images), hflip=hflip,
                      name=name)
+    data.left_out_images = left_out
+    return data
 
 
 def load_training_data(dcfg, preset: str, device: torch.device, progress: bool = True, model=None) -> ImageData:

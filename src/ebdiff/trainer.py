@@ -341,12 +341,14 @@ class Trainer:
     def summary(self, stopped: str | None = None) -> dict:
         st = self.state
         size = None if st.phase == "dense" else size_of(st.model)
-        return run_summary(run_dir=str(self.run_dir), iteration=st.iteration, stopped=stopped, phase=st.phase,
+        left_out = getattr(self.data, "left_out_images", 0)  # unreadable images data.bad_images=skip left out
+        return {**run_summary(run_dir=str(self.run_dir), iteration=st.iteration, stopped=stopped, phase=st.phase,
                            timing=st.timing,
                            dense_size=st.facts.get("dense_size"), size=size, ticket=st.facts.get("ticket"),
                            pruned_from=st.facts.get("pruned_from"), device=str(self.device), processes=self.world,
                            fast_path=self.step.fast.to_dict(), skipped_steps=st.facts.get("skipped_steps") or 0,
-                           compile_decisions=st.facts.get("compile_decisions"))
+                           compile_decisions=st.facts.get("compile_decisions")),
+                **({"left_out_images": left_out} if left_out else {})}
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
