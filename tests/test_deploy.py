@@ -202,7 +202,7 @@ def test_bad_images_are_found_before_the_first_iteration(tmp_path, capsys, monke
     _refused(capsys, "train", "--out", str(run), "model.preset=cifar10", "data.name=imagefolder",
              f"data.root={imgs}", f"data.cache_dir={cache}", "train.device=cpu", "train.progress=false",
              match="07.png")
-    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    assert not run.exists()
     dcfg = DataConfig(name="imagefolder", root=str(imgs), cache_dir=str(cache), bad_images="skip")
     data = load_dataset(dcfg, 32, progress=False)
     assert len(data) == 18 and data.left_out_images == 2
@@ -225,3 +225,62 @@ def test_skip_counts_the_left_out_images_in_the_summary(tmp_path, capsys):
                  "train.progress=false", "train.iters=1", "train.batch_size=4", "train.ckpt_every=1",
                  "sample.steps=2"]) == 0
     assert json.loads((run / "summary.json").read_text())["left_out_images"] == 1
+
+
+# ---------------------------------------------------------------------- Hugging Face datasets, offline
+@pytest.fixture(scope="module")
+def hf_saved(tmp_path_factory):
+    """A tiny Fashion-MNIST-like dataset: saved with save_to_disk (train/test splits) and as parquet files."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("hf")
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), mode="L") for _ in range(24)]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"]),
+                               "caption": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"image": imgs, "label": [i % 3 for i in range(24)],
+                                     "caption": ["x"] * 24}, features=feats)
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(8))}).save_to_disk(str(root / "saved"))
+    (root / "pq" / "train").mkdir(parents=True)
+    ds.to_parquet(str(root / "pq" / "train" / "part-0.parquet"))
+    return root
+
+
+@pytest.mark.parametrize("where", ["saved", "pq"])
+def test_hf_dataset_from_disk_trains_with_its_labels(hf_saved, tmp_path, where, monkeypatch):
+    from ebdiff import hf_data
+    from ebdiff.config import DataConfig
+    from ebdiff.data import load_dataset
+
+    dcfg = DataConfig(name="hf", root=str(hf_saved / where), label_column="label")
+    data = load_dataset(dcfg, 32, progress=False)
+    assert data.images.shape == (24, 1, 32, 32) and data.labels.tolist()[:4] == [0, 1, 2, 0]
+    monkeypatch.setattr(hf_data, "IN_MEMORY_BYTES", 0)  # a large dataset: decoded item by item
+    lazy = load_dataset(dcfg, 32, progress=False)
+    assert lazy.images is None and torch.equal(lazy.files_dataset[5], data.images[5])
+    if where == "saved":
+        test = load_dataset(DataConfig(name="hf", root=str(hf_saved / where), split="test"), 32, progress=False)
+        assert len(test) == 8 and test.labels is None
+        run = tmp_path / "r"
+        assert main(["train", "--out", str(run), "model.preset=tiny", "data.name=hf", f"data.root={hf_saved / where}",
+                     "data.label_column=label", "model.num_classes=3", "train.iters=2", "train.batch_size=8",
+                     "train.device=cpu", "train.progress=false", "sample.steps=2"]) == 0
+
+
+@pytest.mark.parametrize("over, match", [
+    (["data.image_column=picture"], "data.image_column=picture: the dataset has no such column"),
+    (["data.image_column=caption"], "is a Value column, not images"),
+    (["data.label_column=caption"], "not class indices"),
+    (["data.split=validation"], "no split 'validation' (it has: train, test)"),
+])
+def test_hf_dataset_refusals_are_one_line(hf_saved, tmp_path, capsys, over, match):
+    _refused(capsys, "train", "--out", str(tmp_path / "r"), "model.preset=tiny", "data.name=hf",
+             f"data.root={hf_saved / 'saved'}", "train.device=cpu", *over, match=match)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_hub_name_without_a_local_copy_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, "train", "--out", str(tmp_path / "r"), "model.preset=tiny", "data.name=hf",
+             "data.root=zalando-datasets/fashion_mnist", "train.device=cpu", match="reads a local copy only")

@@ -366,6 +366,10 @@ class ImageData:
 
 def load_dataset(dcfg, size: int, progress: bool = True) -> ImageData:
     name = dcfg.name
+    if name == "hf":  # Hugging Face datasets, offline (hf_data.py; imports datasets)
+        from .hf_data import load_hf
+
+        return load_hf(dcfg, size, progress)
     hflip = DEFAULT_HFLIP[name] if dcfg.hflip is None else dcfg.hflip
     if name == "fashion-mnist":
         x, y = load_fashion_mnist(dcfg.root, dcfg.split, size, dcfg.resize, download=dcfg.download)
