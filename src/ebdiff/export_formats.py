@@ -152,31 +152,35 @@ def card_lines(name: str, members: Sequence[str], formats: Sequence[str], shape:
     c, h, w = shape
     ta = len(members) > 1
     pick = ("k = sum(int(t) >= s for s in switch)  # the region of t\n    " if ta else "")
-    cond = ', "class_labels": labels' if classes is not None else ""
+    cond = ", 'class_labels': labels" if classes is not None else ""
     head = ["import json, numpy as np, torch", "from diffusers import DDIMScheduler", "",
             f"sched = DDIMScheduler.from_pretrained('{name}', subfolder='scheduler')", "sched.set_timesteps(50)"]
     if ta:
-        head.append(f"man = json.load(open('{name}/ebdiff.json')); members, switch = man['members'], man['switch_points']")
+        head.append(f"man = json.load(open('{name}/ebdiff.json'))")
+        head.append("members, switch = man['members'], man['switch_points']")
     if classes is not None:
         head.append(f"labels = np.arange(16, dtype=np.int64) % {classes}  # class {classes}: the null class")
     lines = ["", "## Without ebdiff", "",
              f"Each model file takes `sample` (B, {c}, {h}, {w}) float32 and `timestep` (B,) int64"
              + (", `class_labels` (B,) int64" if classes is not None else "")
              + " for any batch size B and returns the predicted noise"
-             + (f"; `ebdiff.json`'s `switch_points` route a timestep to its region's file" if ta else "")
+             + ("; `ebdiff.json`'s `switch_points` route a timestep to its region's file" if ta else "")
              + ("; the samples are latents, which the run's autoencoder decodes" if latent else "") + "."]
     if "onnx" in formats:
         sess = (f"sess = {{m: ort.InferenceSession(f'{name}/{{m}}/{FILES['onnx']}') for m in members}}" if ta
                 else f"sess = ort.InferenceSession('{name}/{members[0]}/{FILES['onnx']}')")
         run = "sess[members[k]]" if ta else "sess"
-        lines += ["", "ONNX (`pip install onnxruntime diffusers`):", "", "```python", *head, "import onnxruntime as ort",
-                  sess, f"x = np.random.default_rng(0).standard_normal((16, {c}, {h}, {w})).astype(np.float32)",
+        lines += ["", "ONNX (`pip install onnxruntime diffusers`):", "", "```python", *head,
+                  "import onnxruntime as ort", sess,
+                  f"x = np.random.default_rng(0).standard_normal((16, {c}, {h}, {w})).astype(np.float32)",
                   "for t in sched.timesteps:",
-                  f"    {pick}eps = {run}.run(None, {{'sample': x, 'timestep': np.full(len(x), int(t), np.int64){cond}}})[0]",
+                  f"    {pick}eps = {run}.run(None, {{'sample': x, "
+                  f"'timestep': np.full(len(x), int(t), np.int64){cond}}})[0]",
                   "    x = sched.step(torch.from_numpy(eps), t, torch.from_numpy(x)).prev_sample.numpy()", "```"]
     if "torch-export" in formats:
-        progs = (f"eps_of = {{m: torch.export.load(f'{name}/{{m}}/{FILES['torch-export']}').module() for m in members}}"
-                 if ta else f"eps_of = torch.export.load('{name}/{members[0]}/{FILES['torch-export']}').module()")
+        pt2 = FILES["torch-export"]
+        progs = (f"eps_of = {{m: torch.export.load(f'{name}/{{m}}/{pt2}').module() for m in members}}" if ta
+                 else f"eps_of = torch.export.load('{name}/{members[0]}/{pt2}').module()")
         fn = "eps_of[members[k]]" if ta else "eps_of"
         targs = ", torch.from_numpy(labels)" if classes is not None else ""
         lines += ["", "torch.export (`.pt2`, `pip install torch diffusers`):", "", "```python", *head, progs,
