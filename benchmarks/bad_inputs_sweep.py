@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.preset=tiny", "data.limit=256", "train.batch_size=8", "train.device=cpu", "train.progress=false",
         "train.log_every=2", "train.ckpt_every=2", "sample.steps=3"]
@@ -27,10 +29,60 @@ def ebdiff(*args: str, cwd: Path) -> tuple[int, str]:
     return p.returncode, p.stderr
 
 
+def _hostile_folders(w: Path, good: Path) -> dict[str, Path]:
+    """Exports and runs from others that point outside themselves or carry bad plans, an image folder with an
+    unreadable file, and (with the datasets package) a saved Hugging Face dataset."""
+    import json
+
+    rc, err = ebdiff("export", str(good), "--out", str(w / "export"), cwd=ROOT)
+    assert rc == 0, err
+    made = {}
+
+    def edit(name: str, file: str, change) -> None:
+        shutil.copytree(w / "export", w / name)
+        p = w / name / file
+        p.write_text(json.dumps(change(json.loads(p.read_text()))))
+        made[name] = w / name
+
+    edit("member", "ebdiff.json", lambda m: dict(m, members=["../../other-run/checkpoints/ckpt-8"]))
+    edit("range", "unet/plan.json", lambda m: dict(m, plan=[["conv_in", [0, 9999]]]))
+    edit("unsorted", "unet/plan.json", lambda m: dict(m, plan=[["conv_in", [3, 1]]]))
+    edit("group", "unet/plan.json", lambda m: dict(m, plan=[["no.such.block", [0]]]))
+    shutil.copytree(w / "export", w / "link")
+    weights = w / "link" / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.move(weights, w / "elsewhere.safetensors")
+    weights.symlink_to(w / "elsewhere.safetensors")
+    made["link"] = w / "link"
+    shutil.copytree(good, w / "regions")
+    (w / "regions" / "regions.json").write_text(json.dumps({"format": 1, "T": 1000, "route": "higher-noise",
+                                                            "regions": [{"t": [0, 999], "ratio": 0.5}],
+                                                            "members": ["../../elsewhere"]}))
+    made["regions"] = w / "regions"
+    from PIL import Image
+
+    (w / "images" / "a").mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(np.full((40, 40, 3), i * 20, np.uint8)).save(w / "images" / "a" / f"{i:02d}.png")
+    (w / "images" / "a" / "05.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    made["images"] = w / "images"
+    try:
+        import datasets
+    except ImportError:
+        return made
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    ds = datasets.Dataset.from_dict({"image": [Image.new("L", (28, 28)) for _ in range(8)], "label": [0, 1] * 4},
+                                    features=feats)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(w / "hf"))
+    made["hf"] = w / "hf"
+    return made
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    out = Path(ap.parse_args().out)
+    ap.add_argument("--only", help="run only the cases whose name contains this")
+    args = ap.parse_args()
+    out, only = Path(args.out), args.only
     out.mkdir(parents=True, exist_ok=True)
     w = Path(tempfile.mkdtemp(prefix="ebdiff-bad-"))
     good = w / "good"
@@ -61,11 +113,12 @@ def main() -> None:
     shutil.copy(good / "config.yaml", noct / "config.yaml")
     badmeta = w / "badmeta"
     shutil.copytree(good, badmeta)
-    ck = sorted((badmeta / "checkpoints").iterdir())[-1]
-    (ck / "meta.json").write_text("{not json")
+    for ck in (badmeta / "checkpoints").iterdir():  # every one: --resume falls back to an older one that reads
+        (ck / "meta.json").write_text("{not json")
     badstate = w / "badstate"
     shutil.copytree(good, badstate)
-    (sorted((badstate / "checkpoints").iterdir())[-1] / "state.pt").write_bytes(b"PK\x03\x04 truncated")
+    for ck in (badstate / "checkpoints").iterdir():
+        (ck / "state.pt").write_bytes(b"PK\x03\x04 truncated")
     badcfg = w / "badcfg"
     shutil.copytree(good, badcfg)
     (badcfg / "config.yaml").write_text("model: [")
@@ -73,6 +126,8 @@ def main() -> None:
     ro = w / "ro"
     ro.mkdir()
     ro.chmod(0o500)
+    outside = _hostile_folders(w, good)
+    cache = Path(tempfile.mkdtemp(prefix="ebdiff-bad-cache-"))  # the image check's record: kept by design
     cases = [
         ("--out is an existing file", ["train", "--out", str(w / "file"), *TINY, "train.iters=2"]),
         *([("--out inside a read-only folder", ["train", "--out", str(ro / "run"), *TINY, "train.iters=2"])]
@@ -147,7 +202,36 @@ def main() -> None:
         ("report --target without evaluation points", ["report", str(good), "--target", "30", "--out", str(w / "rep")]),
         ("demo --compare --latent", ["demo", "--compare", "--latent", "--out", str(w / "demo")]),
         ("info --round 0", ["info", "--preset", "tiny", "--ratio", "0.5", "--round", "0"]),
+        # deploying and feeding: model files, folders from others, damaged checkpoints, bad images, hf datasets
+        ("export --format tflite", ["export", str(good), "--out", str(w / "exp"), "--format", "tflite"]),
+        ("sample an export whose ebdiff.json member leads outside", ["sample", str(outside["member"]),
+                                                                     "--out", str(w / "s.png")]),
+        ("sample an export whose weights are a link outside", ["sample", str(outside["link"]), "--out", str(w / "s.png")]),
+        ("sample an export whose plan's channels are out of range", ["sample", str(outside["range"]),
+                                                                     "--out", str(w / "s.png")]),
+        ("sample an export whose plan's channels are unsorted", ["sample", str(outside["unsorted"]),
+                                                                 "--out", str(w / "s.png")]),
+        ("sample an export whose plan names an unknown group", ["sample", str(outside["group"]),
+                                                                "--out", str(w / "s.png")]),
+        ("sample a TA-EB run whose regions.json member leads outside", ["sample", str(outside["regions"]),
+                                                                        "--out", str(w / "s.png")]),
+        ("--resume naming a damaged checkpoint", ["train", "--resume",
+                                                  str(sorted((badstate / "checkpoints").iterdir())[-1])]),
+        ("image folder with an unreadable image", ["train", "--out", str(w / "x10"), *TINY, "model.preset=cifar10",
+                                                   "data.name=imagefolder", f"data.root={outside['images']}",
+                                                   f"data.cache_dir={cache}"]),
+        ("data.name=hf with a hub name", ["train", "--out", str(w / "x10"), *TINY, "data.name=hf",
+                                          "data.root=zalando-datasets/fashion_mnist"]),
+        *([("data.name=hf with a missing image column", ["train", "--out", str(w / "x10"), *TINY, "data.name=hf",
+                                                         f"data.root={outside['hf']}", "data.image_column=picture"]),
+           ("data.name=hf with a non-image column", ["train", "--out", str(w / "x10"), *TINY, "data.name=hf",
+                                                     f"data.root={outside['hf']}", "data.image_column=label"]),
+           ("data.name=hf with a missing split", ["train", "--out", str(w / "x10"), *TINY, "data.name=hf",
+                                                  f"data.root={outside['hf']}", "data.split=validation"])]
+          if "hf" in outside else []),
     ]
+    if only:
+        cases = [c for c in cases if only in c[0]]
     rows = []
     for name, args in cases:
         before = {p.name for p in w.iterdir()}
@@ -166,6 +250,7 @@ def main() -> None:
     (out / "README.md").write_text("\n".join(lines) + "\n")
     ro.chmod(0o700)
     shutil.rmtree(w, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
     print(f"{ok}/{len(rows)} one-line errors; table: {out / 'README.md'}")
 
 

@@ -14,6 +14,7 @@ writes and a resume restores (NVlabs/edm2's `CheckpointIO`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .accounting import Timing
+from .confine import inside
 from .errors import CheckpointError
 from .facts import RunFacts
 
@@ -217,11 +219,12 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
 def build_from_meta(meta: dict[str, Any]) -> nn.Module:
     """The architecture a checkpoint describes: its preset, with its pruning plan replayed."""
     from .backbones import build_model
-    from .pruning import apply_plan
+    from .pruning import apply_plan, check_plan
 
+    plan = check_plan(meta.get("plan") or [])  # before any model is built
     model = build_model(meta["preset"], meta.get("dropout", 0.1), meta.get("num_classes"))
-    if meta.get("plan"):
-        apply_plan(model, [(n, list(i)) for n, i in meta["plan"]])
+    if plan:
+        apply_plan(model, plan)
     return model
 
 
@@ -324,14 +327,34 @@ class RunLock:
             self.fd = None
 
 
-def read_for_resume(run_dir: Path) -> tuple[Path, nn.Module, dict[str, Any], dict[str, Any]]:
-    """(checkpoint folder, model with its online weights, meta, training state) of a run's newest checkpoint."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"--resume: {run_dir} has no checkpoint to resume from")
+def read_resumable(ckpt: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """(model with its online weights, meta, training state) of one checkpoint, every file a resume reads
+    checked (the EMA weights too, which `TrainState.restore` loads later), or CheckpointError."""
     meta = read_meta(ckpt)
-    model = load_weights(build_from_meta(meta), ckpt / "model.safetensors")
-    return ckpt, model, meta, load_state(ckpt)
+    try:
+        model = load_weights(build_from_meta(meta), ckpt / "model.safetensors")
+    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: its meta.json does not rebuild a model ({type(exc).__name__})"
+                              ) from None
+    load_weights(copy.deepcopy(model), ckpt / "ema.safetensors")
+    return model, meta, load_state(ckpt)
+
+
+def read_for_resume(run_dir: Path, log=print) -> tuple[Path, nn.Module, dict[str, Any], dict[str, Any]]:
+    """(checkpoint folder, model with its online weights, meta, training state) of a run's newest checkpoint
+    that reads; each newer one that does not is skipped with one line through `log` saying why (it is left
+    in place). CheckpointError when none reads."""
+    cks = list_checkpoints(run_dir)
+    if not cks:
+        raise CheckpointError(f"--resume: {run_dir} has no checkpoint to resume from")
+    first = None
+    for ckpt in reversed(cks):
+        try:
+            return (ckpt, *read_resumable(ckpt))
+        except CheckpointError as exc:
+            first = first or exc
+            log(f"--resume: skipping checkpoint {ckpt.name}, which does not read ({exc}); it is left in place")
+    raise CheckpointError(f"--resume: none of the {len(cks)} checkpoints of {run_dir} reads (the newest: {first})")
 
 
 def newest_run(path: Path, depth: int = 2) -> Path | None:
@@ -371,7 +394,7 @@ def resolve_checkpoint(path: Path) -> Path:
     ck = latest_checkpoint(path)
     if ck is None:
         raise CheckpointError(f"{path} holds no checkpoint (expected {path}/checkpoints/ckpt-*/meta.json)")
-    return ck
+    return inside(path, ck.relative_to(path), "checkpoint")
 
 
 # ---------------------------------------------------------------------- training state

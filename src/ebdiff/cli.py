@@ -56,7 +56,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .interop import export
     from .runs import read_manifest
 
-    out = export(Path(args.run), Path(args.out), ema=not args.no_ema)
+    out = export(Path(args.run), Path(args.out), ema=not args.no_ema, formats=args.format)
     man = read_manifest(out)
     size = man["size"]
     print(f"exported {args.run} ({man['kind']}, {len(man['members'])} model{'s' * (len(man['members']) > 1)}, "
@@ -289,7 +289,10 @@ COMMANDS = {  # name: (function, help, arguments)
                "ebdiff.load rebuilds without the run", [
         A("run", help="run folder, checkpoint folder or TA-EB run folder"),
         A("--out", required=True, help="new folder (must not exist, or be empty)"),
-        A("--no-ema", **BOOL, help="export the online weights instead of the EMA")]),
+        A("--no-ema", **BOOL, help="export the online weights instead of the EMA"),
+        A("--format", action="append", default=[], metavar="{onnx,torch-export}",
+          help="also write each model as ONNX (model.onnx) or torch.export (model.pt2), to run without ebdiff; "
+               "repeat for both (the folder is always written)")]),
     "eval": (cmd_eval, "sample a run and measure FD-<dataset>/FID, KID, params, MACs -> eval.json", [
         A("run"), A("--n", type=int, default=10_000, help="samples (the paper: 50000 with --metric fid)"),
         A("--metric", choices=["fd", "fid", "both"], default="fd", help="fd: FD on ebdiff's own dataset-classifier "

@@ -33,7 +33,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"  # fashion-mnist | cifar10 | celeba | lsun | imagefolder
+    name: str = "fashion-mnist"  # fashion-mnist | cifar10 | celeba | lsun | imagefolder | hf
     root: str | None = None  # where the dataset lives; None = the dataset's default places
     split: str = "train"
     image_size: int | None = None  # None = the preset's resolution
@@ -47,6 +47,8 @@ class DataConfig:
     bad_images: str = "error"  # an unreadable image file: error (one line naming it) | skip (left out, counted)
     latent_cache: str | None = None  # latent presets: where encoded latents are cached; None = ~/.cache/ebdiff/latents
     latent_shard_size: int = 10_000  # latents per cache shard (float16 files read through memory maps)
+    image_column: str = "image"  # data.name=hf: the dataset's Image column
+    label_column: str | None = None  # data.name=hf: its class column (ClassLabel or integers), if any
 
 
 @dataclass

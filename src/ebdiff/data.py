@@ -28,6 +28,7 @@ import torch
 
 from .backbones import backbone_of_preset
 from .errors import ConfigError, DataError
+from .imagecheck import check_images
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -131,13 +132,13 @@ def _decode(path: Path, size: int, crop: str) -> np.ndarray:
     from PIL import Image
 
     try:
-        return _decode_image(Image, path, size, crop)
+        return decode_image(Image, path, size, crop)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                         "remove it, or set data.bad_images=skip to leave unreadable images out") from None
 
 
-def _decode_image(Image, path: Path, size: int, crop: str) -> np.ndarray:  # noqa: N803
+def decode_image(Image, path: Path, size: int, crop: str) -> np.ndarray:  # noqa: N803
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -177,10 +178,10 @@ def load_image_folder(folder: Path, size: int, crop: str = "center", cache_dir: 
                 return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
         except (OSError, ValueError, KeyError, EOFError):  # a damaged cache is rebuilt
             pass
-    from tqdm.auto import tqdm
+    from .progress import progress_bar, tqdm
 
     decoded, good = [], []
-    for p in tqdm(files, desc=f"decoding {folder.name}", disable=not progress):
+    for p in progress_bar(files, desc=f"decoding {folder.name}", disable=not progress):
         try:
             decoded.append(_decode(p, size, crop))
             good.append(p)
@@ -314,8 +315,11 @@ class StreamedFolder:
                             f"{self.hint(dcfg)}")
         if dcfg.limit:
             files = files[: dcfg.limit]
+        files, left_out = check_images(files, dcfg.bad_images, dcfg.cache_dir, progress)  # before any training
         labels = _class_index(files, folder) if self.class_folders else None
-        return ImageData(labels=labels, files_dataset=FileImageDataset(files, size, self.crop, dcfg.bad_images))
+        data = ImageData(labels=labels, files_dataset=FileImageDataset(files, size, self.crop, dcfg.bad_images))
+        data.left_out_images = left_out
+        return data
 
 
 class ImageData:

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from . import checkpoint as ck
 from .config import Config, dump_yaml
+from .confine import inside
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError
 from .backbones import DiffusersLike, backbone_of_preset, count_macs_params, eps_fn, format_count
@@ -246,7 +247,7 @@ class Loaded:
 
 def load_member(folder: Path, device) -> tuple[nn.Module, dict]:
     """One exported model: its preset, with its plan replayed, and its safetensors weights (no pickle)."""
-    meta = ck.read_json(folder / PLAN_FILE)
+    meta = ck.read_json(inside(folder, PLAN_FILE, "plan file"))
     if not isinstance(meta, dict) or "preset" not in meta:
         raise CheckpointError(f"{folder}/{PLAN_FILE} is missing or unreadable")
     try:
@@ -254,7 +255,7 @@ def load_member(folder: Path, device) -> tuple[nn.Module, dict]:
     except (KeyError, IndexError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{folder}/{PLAN_FILE}: the pruning plan does not replay on preset "
                               f"{meta['preset']} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    ck.load_weights(model, folder / WEIGHTS_FILE)
+    ck.load_weights(model, inside(folder, WEIGHTS_FILE, "weights file"))
     return model.to(device).eval(), meta
 
 
@@ -413,16 +414,20 @@ def write_member(folder: Path, model: nn.Module, meta: dict) -> None:
     (folder / "config.json").write_text(model.to_json_string())
 
 
-def export(run: str | Path, out: str | Path, ema: bool = True) -> Path:
+def export(run: str | Path, out: str | Path, ema: bool = True, formats: Sequence[str] = ("folder",)) -> Path:
     """Write a self-contained model folder of a run (see the module doc); atomic: built under a temporary name
-    beside `out`, then renamed. Refuses an `out` that exists and is not an empty folder."""
+    beside `out`, then renamed. Refuses an `out` that exists and is not an empty folder. formats: besides the
+    folder, `onnx` and/or `torch-export` files in each member folder (`export_formats`)."""
     import diffusers
+
+    from . import export_formats as xf
 
     from . import __version__
 
     run, out = Path(run), Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise CheckpointError(f"--out {out} already exists and is not an empty folder: choose another")
+    extra = xf.check_formats(formats)
     got = read_models(run, ema)
     cfg = as_config(run)
     kind = "unet" if got.regions is None else "ta-eb"
@@ -433,6 +438,7 @@ def export(run: str | Path, out: str | Path, ema: bool = True) -> Path:
     try:
         for name, model, meta in zip(members, got.models, got.metas):
             write_member(tmp / name, model, meta)
+            xf.write_files(tmp / name, model, extra)
         sched = scheduler("ddim", cfg)
         sched.save_config(str(tmp / "scheduler"))
         if facts["pipeline"]:  # plain diffusers loads this folder
@@ -447,8 +453,9 @@ def export(run: str | Path, out: str | Path, ema: bool = True) -> Path:
             "format": EXPORT_FORMAT, "kind": kind, "weights": got.weights, "members": members, "route": got.route,
             "source": {"path": facts["source"], "checkpoints": [m["checkpoint"] for m in got.metas]},
             "ebdiff_version": __version__, "diffusers_version": diffusers.__version__,
-            "size": {"params": facts["params"], "macs": facts["macs"]}}, indent=2, default=ck.json_default) + "\n")
-        (tmp / "README.md").write_text(model_card(out.name, kind, facts))
+            "size": {"params": facts["params"], "macs": facts["macs"]}, **xf.manifest_entries(got, members, extra)},
+            indent=2, default=ck.json_default) + "\n")
+        (tmp / "README.md").write_text(model_card(out.name, kind, facts) + xf.card(out.name, got, members, extra))
         os.chmod(tmp, ck.usual_mode(folder=True))  # mkdtemp's folder is private; an export is meant to be shared
         os.replace(tmp, out)  # onto a missing or empty folder
     finally:

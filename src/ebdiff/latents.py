@@ -243,7 +243,7 @@ def encode_dataset(data, ae: Autoencoder, folder: Path, identity: dict, shard_si
                    batch: int = 64, progress: bool = True, num_workers: int = 2) -> LatentCache:
     """Encode `data` (a `data.ImageData`, in memory or streamed from files) into `folder` unless it is already
     complete; shards already written are kept (an interrupted encoding resumes)."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from .checkpoint import atomic_write_json
 
@@ -263,7 +263,7 @@ def encode_dataset(data, ae: Autoencoder, folder: Path, identity: dict, shard_si
         ae.to(device)
         todo = [k for k, f in enumerate(names) if _rows_of(folder / f) != min(shard_size, n - k * shard_size)
                 or _rows_of(folder / shard_labels(f)) != min(shard_size, n - k * shard_size)]
-        bar = tqdm(total=n, initial=n - sum(min(shard_size, n - k * shard_size) for k in todo),
+        bar = progress_bar(total=n, initial=n - sum(min(shard_size, n - k * shard_size) for k in todo),
                    desc=f"encoding latents ({ae.kind})", disable=not progress, dynamic_ncols=True)
         for k in todo:
             lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
@@ -382,7 +382,7 @@ def train_autoencoder(images: torch.Tensor, folder: Path, steps: int = 1500, bat
     import time
 
     from diffusers import VQModel
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     torch.manual_seed(seed)
     model = VQModel(**(config or TINY_VQ))
@@ -390,7 +390,7 @@ def train_autoencoder(images: torch.Tensor, folder: Path, steps: int = 1500, bat
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    for _ in tqdm(range(steps), desc="autoencoder", disable=not progress, dynamic_ncols=True):
+    for _ in progress_bar(range(steps), desc="autoencoder", disable=not progress, dynamic_ncols=True):
         x = to_model_range(images[torch.randint(len(images), (batch,), generator=g)])
         out = model(x)
         loss = torch.nn.functional.mse_loss(out.sample, x) + out.commit_loss.mean()

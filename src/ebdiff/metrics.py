@@ -78,9 +78,9 @@ def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 100
 
 # ---------------------------------------------------------------------- extractors
 def _batches(images: torch.Tensor, batch: int, progress: bool, desc: str) -> Iterable[torch.Tensor]:
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-    for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
         yield images[i: i + batch]
 
 
@@ -176,7 +176,7 @@ def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
 def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                      arch: str = "cnn-small", epochs: int | None = None, seed: int = 0,
                      device: str = "cpu", progress: bool = True) -> tuple[nn.Module, float]:
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     r = CLASSIFIERS[arch]
     epochs, batch = epochs or r["epochs"], r["batch"]
@@ -195,7 +195,7 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=steps, pct_start=0.25)
              if steps >= 8 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=steps, desc=f"training feature classifier ({arch})", disable=not progress)
+    bar = progress_bar(total=steps, desc=f"training feature classifier ({arch})", disable=not progress)
     for _ in range(epochs):
         perm = torch.randperm(len(train_x), generator=g)
         model.train()

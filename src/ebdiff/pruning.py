@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .backbones import Backbone, backbone_of, eps_fn
 from .diffusion import DiffusionLoss, Schedule
+from .errors import CheckpointError
 from .masks import ChannelMask, select_pruned
 
 Plan = list[tuple[str, list[int]]]  # (root module name, pruned output-channel indices), in group order
@@ -361,15 +362,48 @@ def accumulate_taylor_grads(model: nn.Module, loss: "DiffusionLoss | Schedule", 
 
 
 # ---------------------------------------------------------------------- extraction and replay
+def check_plan(plan) -> Plan:
+    """A plan read from a file, checked without any model: a list of [module name, channel indices] with
+    the indices non-negative integers, sorted and unique; CheckpointError names the first bad entry."""
+    if not isinstance(plan, (list, tuple)):
+        raise CheckpointError(f"pruning plan: expected a list of [module, channels], got {type(plan).__name__}")
+    out: Plan = []
+    for k, entry in enumerate(plan):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], (list, tuple))):
+            raise CheckpointError(f"pruning plan entry {k}: expected [module name, [channel, ...]], got {entry!r:.80}")
+        name, idxs = entry
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idxs):
+            raise CheckpointError(f"pruning plan entry {k} ({name}): channels must be non-negative integers")
+        if any(a >= b for a, b in zip(idxs, idxs[1:])):
+            raise CheckpointError(f"pruning plan entry {k} ({name}): channels must be sorted and unique")
+        out.append((name, list(idxs)))
+    return out
+
+
+def check_plan_on(model: nn.Module, plan: Plan) -> None:
+    """Every entry of a plan names a module of `model` with an output-channel count, and prunes some but not
+    all of its channels, in range: CheckpointError otherwise."""
+    mods = dict(model.named_modules())
+    for k, (name, idxs) in enumerate(plan):
+        weight = getattr(mods.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise CheckpointError(f"pruning plan entry {k}: the model has no prunable module '{name}'")
+        if idxs and (idxs[-1] >= weight.shape[0] or len(idxs) >= weight.shape[0]):
+            raise CheckpointError(f"pruning plan entry {k} ({name}): channels {idxs[0]}..{idxs[-1]} ({len(idxs)}) "
+                                  f"do not fit its {weight.shape[0]} (some must stay)")
+
+
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Prune `model` in place by a plan (group order matters: each group's indices are its own)."""
+    """Prune `model` in place by a plan (group order matters: each group's indices are its own); each group
+    is checked against the model (`check_plan_on`) before it is pruned."""
+    check_plan_on(model, plan)  # every name and range against the unpruned widths, before any pruning
     graph = build_graph(model)
     mods = dict(model.named_modules())
     for name, idxs in plan:
         if not idxs:
             continue
-        if name not in mods:
-            raise KeyError(f"pruning plan names unknown module '{name}'")
+        check_plan_on(model, [(name, idxs)])  # against the widths the groups before it left
         module = mods[name]
         fn = graph.get_pruner_of_module(module).prune_out_channels
         graph.get_pruning_group(module, fn, idxs).prune()

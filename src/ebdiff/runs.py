@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import checkpoint as ck
 from .config import Config, load_config
+from .confine import inside
 from .errors import CheckpointError, ConfigError
 from .regions import RegionSet
 
@@ -46,9 +47,12 @@ def read_regions(run: Path) -> tuple[RegionSet, dict]:
     """The region set of a TA-EB run or export and its regions.json record (route, members)."""
     try:
         spec = json.loads((Path(run) / REGIONS_FILE).read_text())
-        return RegionSet.from_config(spec["regions"], spec["T"]), spec
+        regions = RegionSet.from_config(spec["regions"], spec["T"])
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{run}/{REGIONS_FILE} is unreadable ({type(exc).__name__})") from None
+    for name in spec.get("members", ()):
+        inside(run, name, f"{REGIONS_FILE} member")
+    return regions, spec
 
 
 def read_manifest(path: Path) -> dict:
@@ -56,6 +60,8 @@ def read_manifest(path: Path) -> dict:
     m = ck.read_json(Path(path) / MANIFEST)
     if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT or m.get("kind") not in EXPORT_KINDS:
         raise CheckpointError(f"{path}/{MANIFEST} is not an ebdiff export manifest (format {EXPORT_FORMAT})")
+    for name in m.get("members") or ():
+        inside(path, name, f"{MANIFEST} member")
     return m
 
 

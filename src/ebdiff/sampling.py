@@ -200,7 +200,7 @@ def generate(model: EpsModel, n: int, shape: tuple[int, int, int], schedule: Sch
     classifier-free guidance). clamp=False (latents): nothing is clipped to [-1, 1], neither the output nor a
     sampler's predicted x0. options: sampler settings (eta, clip_x0, variance); each sampler takes those it
     knows."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     spec = SAMPLERS[sampler]
     kw = {k: v for k, v in options.items() if k in spec.options}
@@ -209,7 +209,7 @@ def generate(model: EpsModel, n: int, shape: tuple[int, int, int], schedule: Sch
     timesteps = spec.timesteps(schedule.T, steps, spacing)
     out = []
     n_batches = (n + batch_size - 1) // batch_size
-    for b in tqdm(range(n_batches), desc=f"sampling ({sampler})", disable=not progress, leave=False):
+    for b in progress_bar(range(n_batches), desc=f"sampling ({sampler})", disable=not progress, leave=False):
         m = min(batch_size, n - b * batch_size)
         g = torch.Generator(device=device).manual_seed(seed * 100_003 + b)
         x = torch.randn((m, *shape), generator=g, device=device)

@@ -67,7 +67,7 @@ def fresh(cfg: Config, run_dir: Path, probe, say) -> First:
 
 
 def resumed(cfg: Config, run_dir: Path, probe, say) -> First:
-    ckpt, model, meta, saved = ck.read_for_resume(run_dir)
+    ckpt, model, meta, saved = ck.read_for_resume(run_dir, log=say)
     changes = identity_changes(meta.get("identity") or {"model.preset": meta["preset"]}, run_identity(cfg))
     if changes:
         raise ConfigError(f"--resume {run_dir}: {'; '.join(changes)}: these settings define the model "

@@ -32,6 +32,7 @@ from .diffusion import DiffusionLoss, class_dropout
 from .distributed import make_dist, stop_requests
 from .errors import ConfigError, Interrupted, NonFiniteError
 from .hooks import Hook, RunContext
+from .progress import progress_bar
 from .backbones import size_of
 from .start import start_run
 from .step import EMA, TrainStep, lr_factor, make_optimizer, prepare_model, resolve_fast_path
@@ -180,7 +181,7 @@ class Trainer:
         batches = BatchStream(self.data, self.local_batch, tc.seed, self.device, self.rank, self.world,
                               self.cfg.data.num_workers, labels=self.classes is not None)(st.iteration)
         self.model_p.train()
-        bar = tqdm(total=tc.iters, initial=st.iteration, disable=not (self.main and tc.progress), desc=st.phase,
+        bar = progress_bar(total=tc.iters, initial=st.iteration, disable=not (self.main and tc.progress), desc=st.phase,
                    dynamic_ncols=True)
         self._wall0, ctx.stopping = time.perf_counter() - st.timing.wall_s, None
         self.meter = LossMeter(self.device, st.iteration)
@@ -228,7 +229,8 @@ class Trainer:
 
     def _finish(self, stopped: str | None) -> dict:
         """The run's summary (`stopped`: the budget that ended it), written to summary.json."""
-        summary = summarize(self.state, self.run_dir, self.device, self.world, self.step.fast, stopped)
+        summary = summarize(self.state, self.run_dir, self.device, self.world, self.step.fast, stopped,
+                            getattr(self.data, "left_out_images", 0))
         if self.main:
             ck.atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -247,15 +249,18 @@ def stop_reason(st: ck.TrainState, tc, world: int, mean, device) -> str | None:
     return "max_seconds" if float(mean(over)) > 0 else None
 
 
-def summarize(st: ck.TrainState, run_dir: Path, device, processes: int, fast, stopped: str | None) -> dict:
-    """summary.json of a run in `st` (`accounting.run_summary`; `fast`: the fast path it trained with)."""
+def summarize(st: ck.TrainState, run_dir: Path, device, processes: int, fast, stopped: str | None,
+              left_out_images: int = 0) -> dict:
+    """summary.json of a run in `st` (`accounting.run_summary`; `fast`: the fast path it trained with;
+    left_out_images: unreadable images data.bad_images=skip left out, recorded when there are any)."""
     f = st.facts
     return run_summary(run_dir=str(run_dir), iteration=st.iteration, stopped=stopped, phase=st.phase,
                        timing=st.timing, dense_size=f.dense_size, size=None if st.phase == "dense" else size_of(st.model),
                        ticket=f.ticket.to_dict() if f.ticket else None,
                        pruned_from=f.pruned_from.to_dict() if f.pruned_from else None, device=str(device),
                        processes=processes, fast_path=fast.to_dict(), skipped_steps=f.skipped_steps or 0,
-                       compile_decisions=f.compile_decisions or None)
+                       compile_decisions=f.compile_decisions or None) | (
+        {"left_out_images": left_out_images} if left_out_images else {})
 
 
 def nonfinite_error(run_dir: Path, iteration: int, what: str) -> NonFiniteError:

@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from . import checkpoint as ck
 from .config import Config, RunSpec, load_config, parse_every
@@ -193,9 +192,11 @@ def score_taeb_curve(run: Path, device: str = "cpu", progress: bool = True, log=
     todo = [p for p in plan if p["point"] not in done]
     if not todo:
         return [done[k] for k in sorted(done)]
+    from .progress import progress_bar
+
     scorer = make_scorer(cfg, device, progress=False)
     dcfg, scfg = eval_sample_config(cfg)
-    for p in tqdm(todo, desc="scoring the TA-EB ensemble", disable=not progress):
+    for p in progress_bar(todo, desc="scoring the TA-EB ensemble", disable=not progress):
         t0 = time.perf_counter()
         models = [ck.load_model(b / s, ema=True, device=device)[0] for b, s in zip(branches, p["snapshots"])]
         router = RegionRouter([eps_fn(m) for m in models], regions, spec["route"])
