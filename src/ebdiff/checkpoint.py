@@ -31,65 +31,11 @@ from .accounting import Timing
 from .confine import inside
 from .errors import CheckpointError
 from .facts import RunFacts
+from .files import (atomic_save, atomic_write_json, atomic_write_text, json_default, json_line,  # noqa: F401
+                    read_json, usual_mode)  # run files are written and read through these (ck.atomic_save ...)
 
 FORMAT = 1
 METRICS_FILE = "metrics.jsonl"  # the run's log: one JSON record per line, each with the iteration it belongs to
-
-
-def usual_mode(folder: bool = False) -> int:
-    """The permissions a plain open() or mkdir() would give under the process's umask: what the files and
-    folders that tempfile makes private (0600 / 0700) get before they are renamed into place, so that run
-    folders, reports and exports stay readable by the user's group as any other file they write."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if folder else 0o666) & ~umask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, usual_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
-
-
-def atomic_save(path: Path, save_fn) -> None:
-    """Call save_fn(tmp_path), then rename tmp_path onto path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_fn(tmp)
-        os.chmod(tmp, usual_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def json_line(rec: dict) -> str:
-    """One record of a metrics.jsonl, newline included."""
-    return json.dumps(rec, default=json_default) + "\n"
-
-
-def json_default(o):
-    """json.dumps(default=...) for tensors and numpy scalars."""
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
 def _state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -196,14 +142,6 @@ def read_records(path: Path) -> list[dict]:
         except ValueError:
             continue
     return out
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None when it is missing or unreadable (summary/ticket/eval files)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:

@@ -174,7 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import bench_settings, device_label, format_profile, format_table, format_taeb, run_bench, taeb_rows
-    from .checkpoint import atomic_write_json
+    from .files import atomic_write_json
     from .compile_cache import CompileCache
     from .distributed import resolve_device
 

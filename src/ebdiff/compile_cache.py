@@ -144,7 +144,7 @@ def cache_key(models: torch.nn.Module | Iterable[torch.nn.Module], settings: Map
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Readers see the old file or the whole new one (`checkpoint.atomic_save`), flushed to disk before the
     rename. Raises OSError."""
-    from .checkpoint import atomic_save
+    from .files import atomic_save
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:

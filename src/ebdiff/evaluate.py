@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_json
+from .files import atomic_write_json
 from .config import Config, DiffusionConfig, SampleConfig
 from .data import DATASETS, get_dataset, load_dataset
 from .diffusion import Schedule
@@ -44,7 +44,7 @@ def sample_run(path: Path, out: Path | None = None, device: str = "cpu", ema: bo
     """Sample a run (dense, ticket or TA-EB) with its own sampler settings (overrides: sample.* values,
     None = the run's), write a PNG grid and the uint8 images as .npz; returns the sampling info with
     the two paths (`grid`, `images`). Default grid: RUN/samples_<sampler><steps>.png."""
-    from .checkpoint import atomic_save
+    from .files import atomic_save
     from .report import save_grid
     from .sampling import to_uint8
 

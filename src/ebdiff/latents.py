@@ -140,7 +140,7 @@ def resolve_scale(setting: Any, ae: Autoencoder, cache: "LatentCache") -> float:
 
 # ---------------------------------------------------------------------- the latent cache
 def cache_root(setting: str | None) -> Path:
-    from .metrics import cache_dir
+    from .files import cache_dir
 
     return Path(setting).expanduser() if setting else cache_dir() / "latents"
 
@@ -208,7 +208,7 @@ def shard_labels(name: str) -> str:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    from .checkpoint import atomic_save
+    from .files import atomic_save
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would add .npy to a temporary name
@@ -245,7 +245,7 @@ def encode_dataset(data, ae: Autoencoder, folder: Path, identity: dict, shard_si
     complete; shards already written are kept (an interrupted encoding resumes)."""
     from .progress import progress_bar
 
-    from .checkpoint import atomic_write_json
+    from .files import atomic_write_json
 
     folder = Path(folder)
     with _locked(folder):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -23,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import EbdiffError
+from .files import cache_dir
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -231,10 +231,6 @@ def _data_hash(x: torch.Tensor) -> str:
     return h.hexdigest()[:12]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("EBDIFF_CACHE", "~/.cache/ebdiff")).expanduser()
-
-
 class ClassifierFeatures:
     """Penultimate features of the dataset's own classifier (trained once, cached)."""
 
@@ -256,7 +252,7 @@ class ClassifierFeatures:
         the name its FD goes by (default FD-<DATASET>)."""
         from safetensors.torch import load_file, save_file
 
-        from .checkpoint import atomic_save, atomic_write_json
+        from .files import atomic_save, atomic_write_json
 
         arch = arch or default_classifier(train[0].shape[1])
         if arch not in CLASSIFIERS:
@@ -338,7 +334,7 @@ def reference_stats(extractor: Callable, name: str, images: torch.Tensor, key: s
                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mu, sigma, features) of a reference set, cached as .npz per dataset split and extractor. images: a
     uint8 tensor, or a sequence of batches with a `digest()` (`data.ImageRows`, a streamed dataset)."""
-    from .checkpoint import atomic_save
+    from .files import atomic_save
 
     digest = _data_hash(images) if torch.is_tensor(images) else images.digest()
     path = cache_dir() / "stats" / f"{key}-{name}-{digest}.npz"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_json, read_json
+from .files import atomic_write_json, read_json
 from .curves import read_curve
 from .errors import ConfigError
 from .backbones import format_count
@@ -48,7 +48,7 @@ def plot_hamming(dm: np.ndarray, path: Path, mark: int | None = None, title: str
 def write_search_artifacts(run_dir: Path, search, ticket: dict | None, title: str = "") -> None:
     """An Early-Bird search's files in its run folder: masks.npz (every mask, its iteration and cost),
     hamming.npy / hamming.png (pairwise mask distances, the ticket's check outlined), ticket.json."""
-    from .checkpoint import atomic_save, atomic_write_json
+    from .files import atomic_save, atomic_write_json
     from .masks import distance_matrix
 
     run_dir = Path(run_dir)
