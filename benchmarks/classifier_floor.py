@@ -13,8 +13,8 @@ import time
 from dataclasses import replace
 
 from ebdiff.config import DataConfig
-from ebdiff.data import load_dataset
-from ebdiff.metrics import ClassifierFeatures, fd_from_features, feature_stats, kid
+from ebdiff.data.datasets import load_dataset
+from ebdiff.evaluate.metrics import ClassifierFeatures, fd_from_features, feature_stats, kid
 
 
 def main() -> None:

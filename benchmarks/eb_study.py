@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ebdiff.assemble import train
+from ebdiff.app.assemble import train
 from ebdiff.config import load_config
-from ebdiff.diffusion import DiffusionLoss
-from ebdiff.earlybird import EarlyBirdDetector
-from ebdiff.hooks import RunContext
-from ebdiff.masks import distance_matrix, hamming
+from ebdiff.core.diffusion import DiffusionLoss
+from ebdiff.core.earlybird import EarlyBirdDetector
+from ebdiff.train.hooks import RunContext
+from ebdiff.core.masks import distance_matrix, hamming
 from ebdiff.models import build_model
-from ebdiff.pruning import PruningEngine, ScoreProbe, criterion_names, make_criterion
-from ebdiff.report import plot_hamming
+from ebdiff.pruning.engine import PruningEngine, ScoreProbe, criterion_names, make_criterion
+from ebdiff.evaluate.report import plot_hamming
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ebdiff.export_formats import FILES, write_files
+from ebdiff.runs.export_formats import FILES, write_files
 from ebdiff.models import build_model, count_macs_params
-from ebdiff.pruning import ticket_of
+from ebdiff.pruning.engine import ticket_of
 
 
 def per_image(fn, batch: int, repeats: int) -> float:

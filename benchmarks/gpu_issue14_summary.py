@@ -136,7 +136,7 @@ def summarize(out: Path) -> tuple[str, list[dict]]:
     lines += [f"| {v['target']} | {v['value']} | {v['wanted']} | "
               f"{'-' if v['pass'] is None else ('pass' if v['pass'] else 'miss')} |" for v in verdicts]
     if curves:
-        from ebdiff.curves import format_comparison
+        from ebdiff.evaluate.curves import format_comparison
 
         lines += ["", "## Loss curves vs fp32 eager", ""] + [format_comparison(n, c) for n, c in curves["curves"].items()]
     if any(r.get("profile") for _, r in rows):

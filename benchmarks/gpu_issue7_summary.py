@@ -9,7 +9,7 @@ MAC); other ratios (80%, TA-EB regions: "likewise by their MACs") at least 0.75x
 the 50% target's share of its 4x. Rows of one mode are compared with that mode's dense row from the
 same file only. The loss-curve target (the fast path's curve matches fp32 eager within bf16 noise over
 2,000 Fashion-MNIST iterations) is judged by benchmarks/loss_curves.py against two seeds of the fast
-path (ebdiff.curves).
+path (ebdiff.evaluate.curves).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main() -> None:
     print(text)
     curves = {}
     if args.curves:
-        from ebdiff.curves import format_comparison
+        from ebdiff.evaluate.curves import format_comparison
 
         curves = json.load(open(args.curves))["curves"]
         print("\n## Loss curves vs fp32 eager (seed-noise floor: two seeds of the fast path)\n")

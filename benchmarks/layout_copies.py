@@ -34,7 +34,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.decomposition import select_decomp_table
 from torch._prims_common import suggest_memory_format
 
-from ebdiff.diffusion import DiffusionLoss, Schedule
+from ebdiff.core.diffusion import DiffusionLoss, Schedule
 from ebdiff.models import build_model
 
 CL, NCHW = torch.channels_last, torch.contiguous_format

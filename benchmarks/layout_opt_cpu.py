@@ -15,9 +15,9 @@ import sys
 
 import torch
 
-from ebdiff.bench import bench_one
-from ebdiff.compile_cache import CompileCache
-from ebdiff.step import FastPath
+from ebdiff.evaluate.bench import bench_one
+from ebdiff.train.compile_cache import CompileCache
+from ebdiff.train.step import FastPath
 
 
 def main() -> int:

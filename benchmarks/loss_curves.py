@@ -4,7 +4,7 @@
 
 REF_RUN and each CAND_RUN are run folders (their metrics.jsonl); RUN_A and RUN_B are two runs of one
 mode that differ only in train.seed. A candidate is "within noise" when its mean relative distance
-to the reference is at most --tolerance times that of the seed pair (see ebdiff.curves). Issue 7's
+to the reference is at most --tolerance times that of the seed pair (see ebdiff.evaluate.curves). Issue 7's
 target "the fast path's loss curve matches fp32 eager within bf16 noise" is judged this way by
 gpu_issue7.sh; the JSON is what gpu_issue7_summary.py --curves reads.
 """
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ebdiff.curves import TOLERANCE, compare, distance, format_comparison, read_curve
+from ebdiff.evaluate.curves import TOLERANCE, compare, distance, format_comparison, read_curve
 
 
 def main() -> int:

@@ -10,11 +10,11 @@ import torch
 
 from conftest import tiny_args
 from ebdiff.cli import main
-from ebdiff.diffusion import DiffusionLoss, Schedule, TimestepSampler, min_snr_weights
-from ebdiff.earlybird import EarlyBirdDetector
+from ebdiff.core.diffusion import DiffusionLoss, Schedule, TimestepSampler, min_snr_weights
+from ebdiff.core.earlybird import EarlyBirdDetector
 from ebdiff.backbones import build_model, eps_fn
-from ebdiff.pruning import CRITERIA, Criterion, PruningEngine, ScoreProbe, make_criterion, register_criterion
-from ebdiff.search import DRAWN, MISSED, EarlyBirdSearch
+from ebdiff.pruning.engine import CRITERIA, Criterion, PruningEngine, ScoreProbe, make_criterion, register_criterion
+from ebdiff.train.search import DRAWN, MISSED, EarlyBirdSearch
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ebdiff"
 
@@ -157,7 +157,7 @@ def test_unknown_criterion_is_refused_with_the_registered_names(tmp_path, capsys
 def test_registered_sampler_is_a_valid_setting():
     from ebdiff.config import load_config
     from ebdiff.errors import ConfigError
-    from ebdiff.sampling import SAMPLERS, generate, register_sampler
+    from ebdiff.core.sampling import SAMPLERS, generate, register_sampler
 
     @register_sampler("x0-zero", lambda T, steps, spacing: [0])
     def zero_sampler(model, x, schedule, timesteps, *, generator=None):
@@ -236,7 +236,7 @@ def test_after_the_ticket_nothing_keeps_an_autograd_graph_or_the_dense_model(tmp
 
     from conftest import tiny_args
     from ebdiff.config import load_config
-    from ebdiff.assemble import train
+    from ebdiff.app.assemble import train
 
     seen_dense, checked = [], []
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from ebdiff.curves import compare, distance, format_comparison, read_curve
+from ebdiff.evaluate.curves import compare, distance, format_comparison, read_curve
 
 
 def _curve(seed, scale=0.03, bias=0.0, iters=range(50, 2001, 50)):

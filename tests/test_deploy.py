@@ -96,8 +96,7 @@ def _files(root):
 
 
 def test_paths_from_an_export_or_a_regions_file_stay_inside_it(runs, tmp_path, capsys):  # noqa: F811
-    from ebdiff import interop
-
+    from ebdiff.runs import interop
     exp = interop.export(runs["eb"], tmp_path / "m")
     before = _files(tmp_path)
     man_path = exp / "ebdiff.json"
@@ -134,8 +133,8 @@ def test_paths_from_an_export_or_a_regions_file_stay_inside_it(runs, tmp_path, c
     ("all", "expected a list"),
 ])
 def test_a_pruning_plan_is_checked_before_it_is_replayed(runs, tmp_path, capsys, plan, match):  # noqa: F811
-    from ebdiff import interop
-    from ebdiff.pruning import check_plan
+    from ebdiff.runs import interop
+    from ebdiff.pruning.engine import check_plan
 
     exp = interop.export(runs["eb"], tmp_path / "m")
     meta = json.loads((exp / "unet" / "plan.json").read_text())
@@ -147,7 +146,7 @@ def test_a_pruning_plan_is_checked_before_it_is_replayed(runs, tmp_path, capsys,
 def test_inside():
     from pathlib import Path
 
-    from ebdiff.confine import inside
+    from ebdiff.runs.confine import inside
     from ebdiff.errors import CheckpointError
 
     assert inside(Path("/a/b"), "c/d", "x") == Path("/a/b/c/d")
@@ -192,9 +191,9 @@ def _image_folder(root, n=20, bad=(7,)):
 
 
 def test_bad_images_are_found_before_the_first_iteration(tmp_path, capsys, monkeypatch):
-    from ebdiff import imagecheck
+    from ebdiff.data import imagecheck
     from ebdiff.config import DataConfig
-    from ebdiff.data import load_dataset
+    from ebdiff.data.datasets import load_dataset
 
     imgs = _image_folder(tmp_path / "imgs", bad=(7, 12))
     cache = tmp_path / "cache"
@@ -249,9 +248,9 @@ def hf_saved(tmp_path_factory):
 
 @pytest.mark.parametrize("where", ["saved", "pq"])
 def test_hf_dataset_from_disk_trains_with_its_labels(hf_saved, tmp_path, where, monkeypatch):
-    from ebdiff import hf_data
+    from ebdiff.data import hf as hf_data
     from ebdiff.config import DataConfig
-    from ebdiff.data import load_dataset
+    from ebdiff.data.datasets import load_dataset
 
     dcfg = DataConfig(name="hf", root=str(hf_saved / where), label_column="label")
     data = load_dataset(dcfg, 32, progress=False)

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from ebdiff.diffusion import Schedule, TimestepSampler, eps_loss, q_sample
+from ebdiff.core.diffusion import Schedule, TimestepSampler, eps_loss, q_sample
 
 
 def test_linear_schedule_closed_form():

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from ebdiff.earlybird import EarlyBirdDetector
-from ebdiff.masks import ChannelMask
+from ebdiff.core.earlybird import EarlyBirdDetector
+from ebdiff.core.masks import ChannelMask
 
 N = 100
 

@@ -7,10 +7,10 @@ import pytest
 import yaml
 
 from ebdiff.cli import main
-from ebdiff.experiment import load_experiment, method_config, run_experiment, scale_config
+from ebdiff.app.experiment import load_experiment, method_config, run_experiment, scale_config
 from ebdiff.config import load_config
 from ebdiff.errors import ConfigError
-from ebdiff.assemble import train
+from ebdiff.app.assemble import train
 
 TINY = ["model.preset=tiny", "data.limit=256", "train.batch_size=8", "train.device=cpu", "train.progress=false",
         "train.log_every=2", "train.ckpt_every=2", "sample.steps=3", "train.iters=6"]
@@ -102,7 +102,7 @@ def run_experiment_only_error(exp):
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("configs/experiments/*.yaml")),
                          ids=lambda p: p.stem)
 def test_shipped_experiment_files_load(path, tmp_path):
-    from ebdiff.experiment import plan
+    from ebdiff.app.experiment import plan
 
     exp = load_experiment(path, out=tmp_path / "x")
     rows = plan(exp)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import tiny_args
-from ebdiff import interop
+from ebdiff.runs import interop
 from ebdiff.cli import main
-from ebdiff.diffusion import Schedule
+from ebdiff.core.diffusion import Schedule
 from ebdiff.errors import CheckpointError, ConfigError
-from ebdiff.sampling import SAMPLERS, ddim_timesteps, generate
+from ebdiff.core.sampling import SAMPLERS, ddim_timesteps, generate
 from test_sampling import MU, SD, gaussian_eps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def _eps(model):
 
 
 def _ebdiff_samples(path, **overrides):
-    from ebdiff.evaluate import sample_checkpoint
+    from ebdiff.evaluate.evaluate import sample_checkpoint
 
     return sample_checkpoint(path, "cpu", progress=False, **{"n": 2, "steps": 4, "batch_size": 2, "seed": 1,
                                                               **overrides})[0]
@@ -50,8 +50,8 @@ def _ebdiff_samples(path, **overrides):
 
 def _loaded_samples(model, run, **overrides):
     """The same job as `_ebdiff_samples`, through the generic sampler loop over a loaded model."""
-    from ebdiff.evaluate import run_sample_config
-    from ebdiff.runs import run_config
+    from ebdiff.evaluate.evaluate import run_sample_config
+    from ebdiff.runs.folders import run_config
 
     cfg = run_config(run)
     dcfg, scfg = run_sample_config(cfg, **{"n": 2, "steps": 4, "batch_size": 2, "seed": 1, **overrides})
@@ -122,7 +122,7 @@ def test_scheduler_is_configured_to_the_run_schedule():
 def test_load_and_export_give_ebdiffs_own_samples(runs, tmp_path, capsys):
     from diffusers import UNet2DModel
 
-    from ebdiff.checkpoint import list_checkpoints, load_model
+    from ebdiff.runs.checkpoint import list_checkpoints, load_model
 
     for kind, run in runs.items():
         model = interop.load(run)
@@ -192,7 +192,7 @@ def test_dense_export_is_a_diffusers_pipeline_folder(runs, tmp_path):
 def test_diffusers_pipeline_samples_a_ticket_and_an_ensemble_like_ebdiff_ddim(runs, capsys):
     from diffusers import DDIMPipeline
 
-    from ebdiff.sampling import ddim_sample
+    from ebdiff.core.sampling import ddim_sample
 
     for kind in ("eb", "ta"):
         run = runs[kind]
@@ -237,7 +237,7 @@ def test_routed_unet_routes_each_sample_by_its_timestep(runs):
 # ---------------------------------------------------------------------- bundled configs and the README's Python API
 def test_configs_are_found_by_name_outside_the_repository(tmp_path, monkeypatch, capsys):
     from ebdiff.config import bundled_configs, find_config, load_config
-    from ebdiff.experiment import load_experiment
+    from ebdiff.app.experiment import load_experiment
 
     assert (REPO / "configs").resolve() == bundled_configs()  # one copy: the repository links to the package's
     monkeypatch.chdir(tmp_path)

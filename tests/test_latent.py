@@ -11,14 +11,14 @@ from safetensors.torch import load_file
 
 from conftest import tiny_args
 from ebdiff.cli import main
-from ebdiff.data import ImageData
+from ebdiff.data.datasets import ImageData
 from ebdiff.errors import ConfigError, DataError
-from ebdiff.latents import TINY_VQ, LatentCache, encode_dataset, load_autoencoder, save_autoencoder
-from ebdiff.masks import ChannelMask
+from ebdiff.data.latents import TINY_VQ, LatentCache, encode_dataset, load_autoencoder, save_autoencoder
+from ebdiff.core.masks import ChannelMask
 from ebdiff.backbones import build_model, eps_fn, example_inputs
-from ebdiff.pruning import PruningEngine, channel_zero_mask_, extract
-from ebdiff.regions import RegionRouter, RegionSet
-from ebdiff.sampling import Conditioned, class_rows, conditioned, generate
+from ebdiff.pruning.engine import PruningEngine, channel_zero_mask_, extract
+from ebdiff.core.regions import RegionRouter, RegionSet
+from ebdiff.core.sampling import Conditioned, class_rows, conditioned, generate
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_classifier_free_guidance_scale_one_is_the_conditional_model():
         assert torch.allclose(Conditioned(f, y, 0.0, 10)(x, t), null, atol=1e-5)
         # through a whole sampler: guidance 1 samples what the conditional model samples
         kw_gen = dict(sampler="ddim", steps=4, batch_size=3, seed=1, clamp=False, labels=torch.arange(5) % 10)
-        from ebdiff.diffusion import Schedule
+        from ebdiff.core.diffusion import Schedule
 
         a = generate(f, 5, shape, Schedule.linear(), guidance=None, **kw_gen)
         b = generate(f, 5, shape, Schedule.linear(), guidance=1.0, null_class=10, **kw_gen)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ebdiff.masks import ChannelMask, channels_to_prune, distance_matrix, hamming, select_pruned
+from ebdiff.core.masks import ChannelMask, channels_to_prune, distance_matrix, hamming, select_pruned
 
 
 def m(bits, sizes=None):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ebdiff.errors import EbdiffError
-from ebdiff.metrics import (ClassifierFeatures, InceptionFeatures, fd_from_features, feature_stats,
+from ebdiff.evaluate.metrics import (ClassifierFeatures, InceptionFeatures, fd_from_features, feature_stats,
                             frechet_distance, kid, train_classifier)
 
 

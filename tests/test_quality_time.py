@@ -8,12 +8,12 @@ import shutil
 import pytest
 
 from conftest import tiny_args
-from ebdiff.checkpoint import read_records, records_upto
+from ebdiff.runs.checkpoint import read_records, records_upto
 from ebdiff.cli import main
 from ebdiff.config import load_config
 from ebdiff.errors import ConfigError
-from ebdiff.quality_curves import Point, time_to_quality, time_to_target, verdict
-from ebdiff.training_eval import Cadence, ensemble_plan
+from ebdiff.evaluate.quality_curves import Point, time_to_quality, time_to_target, verdict
+from ebdiff.evaluate.training_eval import Cadence, ensemble_plan
 
 EVAL = ["train.eval_n=16", "train.eval_steps=3", "train.eval_classifier_epochs=1"]
 
@@ -85,9 +85,9 @@ def test_cadence_log_truncation_and_ensemble_plan():
 def test_taeb_size_weightings_on_the_cifar10_regions():
     """The paper's Table 4 TA-EB size (7.2M / 1.3G) is the weighting by timesteps (uniform over T), not by
     the 100 quad-spaced DDIM steps. Per-region sizes: `ebdiff info --preset cifar10 --ratio 0.3 ...`."""
-    from ebdiff.regions import RegionSet
-    from ebdiff.sampling import ddim_timesteps
-    from ebdiff.taeb_spec import size_weightings
+    from ebdiff.core.regions import RegionSet
+    from ebdiff.core.sampling import ddim_timesteps
+    from ebdiff.train.taeb_spec import size_weightings
 
     regions = RegionSet.from_config([{"t": [0, 260], "ratio": 0.3}, {"t": [240, 460], "ratio": 0.6},
                                      {"t": [440, 999], "ratio": 0.8}])
@@ -150,11 +150,11 @@ def test_training_time_excludes_evaluation_and_wall_clock_budget(tmp_path, has_f
     """On a clock that moves only while a (stand-in) scorer works, evaluation shows in eval_s and nowhere
     else: not in the training time, the points' train_s, the logged wall clock. train.max_seconds stops
     a run cleanly (real clock)."""
-    from ebdiff import trainer as trainer_module
-    from ebdiff import training_eval
+    from ebdiff.train import trainer as trainer_module
+    from ebdiff.evaluate import training_eval
     from ebdiff.config import load_config
-    from ebdiff.experiment import run_status
-    from ebdiff.assemble import train
+    from ebdiff.app.experiment import run_status
+    from ebdiff.app.assemble import train
 
     class Clock:
         now = 0.0
@@ -219,9 +219,8 @@ def test_demo_compare_same_time_both_grids_and_a_verdict(tmp_path, has_fmnist, m
     """`ebdiff demo --compare` on a clock that moves 1/8 s per reading (fast and exact), with a stand-in
     scorer: both runs stop on the same time budget, the report has the curves and both grids, and one
     line says which reached the better quality."""
-    from ebdiff import trainer as trainer_module
-    from ebdiff import training_eval
-
+    from ebdiff.train import trainer as trainer_module
+    from ebdiff.evaluate import training_eval
     class Ticking:
         now = 0.0
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from ebdiff.diffusion import Schedule, TimestepSampler
-from ebdiff.regions import RegionError, RegionRouter, RegionSet
-from ebdiff.sampling import ddim_sample, ddim_timesteps, ddpm_sample
+from ebdiff.core.diffusion import Schedule, TimestepSampler
+from ebdiff.core.regions import RegionError, RegionRouter, RegionSet
+from ebdiff.core.sampling import ddim_sample, ddim_timesteps, ddpm_sample
 
 PAPER = [{"t": [0, 260], "ratio": 0.3}, {"t": [240, 460], "ratio": 0.6}, {"t": [440, 999], "ratio": 0.8}]
 

@@ -152,7 +152,7 @@ def test_resume_refuses_an_edited_model_and_applies_new_training_settings(tmp_pa
 
 def test_resume_after_a_crash_logs_each_iteration_once(tmp_path, has_fmnist):
     from ebdiff.config import load_config
-    from ebdiff.assemble import train
+    from ebdiff.app.assemble import train
 
     run = tmp_path / "C"
     cfg = load_config(None, tiny_args(run, "train.iters=10", "train.log_every=1")[2:] + ["train.ckpt_every=4"])
@@ -189,7 +189,7 @@ def _branch_pids(run: Path) -> list[int]:
                 cmd = (d / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if "ebdiff.taeb_worker" in cmd and str(run) in cmd and "torch.distributed.run" not in cmd:
+            if "ebdiff.app.taeb_worker" in cmd and str(run) in cmd and "torch.distributed.run" not in cmd:
                 pids.append(int(d.name))  # a branch process (not the torchrun agent that started it)
     return pids
 
@@ -263,7 +263,7 @@ def test_corrupt_fashion_mnist_and_images(tmp_path, capsys):
     for i in range(20):
         Image.fromarray(np.full((40, 40, 3), i * 10, np.uint8)).save(imgs / "a" / f"{i:02d}.jpg")
     (imgs / "a" / "07.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    from ebdiff.data import FileImageDataset, load_image_folder
+    from ebdiff.data.datasets import FileImageDataset, load_image_folder
     from ebdiff.errors import DataError
 
     files = sorted((imgs / "a").glob("*.jpg"))
@@ -359,8 +359,7 @@ def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
 
     import torch.nn as nn
 
-    from ebdiff import checkpoint as ck
-
+    from ebdiff.runs import checkpoint as ck
     old = os.umask(0o022)
     try:
         ck.atomic_write_json(tmp_path / "summary.json", {"a": 1})

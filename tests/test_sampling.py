@@ -1,7 +1,7 @@
 import torch
 
-from ebdiff.diffusion import Schedule
-from ebdiff.sampling import ddim_sample, ddim_timesteps, ddpm_sample, generate
+from ebdiff.core.diffusion import Schedule
+from ebdiff.core.sampling import ddim_sample, ddim_timesteps, ddpm_sample, generate
 
 MU, SD = 0.3, 0.5
 
@@ -95,7 +95,7 @@ def test_fixed_batch_eps_pads_without_changing_rows():
 
 def test_sample_compile_auto_policy():
     from ebdiff.config import SampleConfig
-    from ebdiff.evaluate import COMPILE_MIN_CALLS, sample_compile_mode
+    from ebdiff.evaluate.evaluate import COMPILE_MIN_CALLS, sample_compile_mode
 
     long_job = SampleConfig(n=10_000, batch_size=256, steps=100)  # 40 batches x 100 steps
     assert sample_compile_mode(long_job, "cuda") == "reduce-overhead"

@@ -3,9 +3,9 @@ import torch
 from conftest import needs_cxx
 from ebdiff.cli import main
 from ebdiff.config import TrainConfig
-from ebdiff.diffusion import DiffusionLoss, Schedule
+from ebdiff.core.diffusion import DiffusionLoss, Schedule
 from ebdiff.backbones import build_model
-from ebdiff.step import EAGER_FP32, FastPath, TrainStep, make_optimizer, prepare_model, resolve_fast_path
+from ebdiff.train.step import EAGER_FP32, FastPath, TrainStep, make_optimizer, prepare_model, resolve_fast_path
 
 
 def _losses(fast: FastPath, steps: int = 4) -> list[float]:
@@ -106,7 +106,7 @@ def test_bench_taeb_rows_on_cpu(tmp_path, capsys):
 
 
 def test_kernel_kinds():
-    from ebdiff.bench import kernel_kind
+    from ebdiff.evaluate.bench import kernel_kind
 
     assert kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv (cuDNN)"
     assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"

@@ -4,7 +4,7 @@ import torch
 from scipy import stats
 
 from ebdiff.config import DiffusionConfig
-from ebdiff.diffusion import (Schedule, TimestepSampler, make_timestep_sampler, min_snr_weights, speed_meaningful_step,
+from ebdiff.core.diffusion import (Schedule, TimestepSampler, make_timestep_sampler, min_snr_weights, speed_meaningful_step,
                               speed_probabilities, speed_weights)
 
 

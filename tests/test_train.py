@@ -215,7 +215,7 @@ def test_speed_and_min_snr_train(tmp_path, has_fmnist, extra):
 
 
 def test_reinit_ticket_is_freshly_initialised(tmp_path, has_fmnist):
-    from ebdiff.checkpoint import load_model, resolve_checkpoint
+    from ebdiff.runs.checkpoint import load_model, resolve_checkpoint
 
     eb = ["early_bird.ratio=0.5", "early_bird.check_every=2", "early_bird.queue=2", "early_bird.eta=0.9"]
     a, b = tmp_path / "keep", tmp_path / "reinit"

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from conftest import tiny_args
 from ebdiff.cli import main
 from ebdiff.config import TrainConfig
-from ebdiff.diffusion import DiffusionLoss, Schedule
+from ebdiff.core.diffusion import DiffusionLoss, Schedule
 from ebdiff.backbones import build_model
-from ebdiff.step import EAGER_FP32, EMA, TrainStep, lr_factor, make_optimizer
+from ebdiff.train.step import EAGER_FP32, EMA, TrainStep, lr_factor, make_optimizer
 
 
 def _train_steps(accum: int, steps: int = 3) -> dict:

@@ -12,11 +12,11 @@ The library in a few names (each imported on first use, so `import ebdiff` stays
 __version__ = "0.1.0"
 
 _API = {
-    "load": ("interop", "load"),
-    "export": ("interop", "export"),
-    "scheduler": ("interop", "scheduler"),
-    "RoutedUNet": ("interop", "RoutedUNet"),
-    "train": ("assemble", "train"),
+    "load": ("runs.interop", "load"),
+    "export": ("runs.interop", "export"),
+    "scheduler": ("runs.interop", "scheduler"),
+    "RoutedUNet": ("runs.interop", "RoutedUNet"),
+    "train": ("app.assemble", "train"),
     "load_config": ("config", "load_config"),
     "Config": ("config", "Config"),
 }
@@ -27,7 +27,7 @@ def __getattr__(name: str):
     if name in _API:
         import importlib
 
-        from .interop import register_diffusers_samplers
+        from .runs.interop import register_diffusers_samplers
 
         register_diffusers_samplers()  # the library assembled: diffusers' schedulers are samplers (configs name them)
         module, attr = _API[name]

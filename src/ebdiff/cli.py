@@ -15,14 +15,14 @@ from pathlib import Path
 
 from .config import choices
 from .errors import ConfigError, EbdiffError
-from .interop import SAMPLER_PREFIX, SCHEDULERS, register_diffusers_samplers
-from .report import count_text, format_train_summary, report_tables, write_report
+from .runs.interop import SAMPLER_PREFIX, SCHEDULERS, register_diffusers_samplers
+from .evaluate.report import count_text, format_train_summary, report_tables, write_report
 
 
 # ---------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from .assemble import train
-    from .runs import train_run
+    from .app.assemble import train
+    from .runs.folders import train_run
 
     cfg, run_dir = train_run(args.resume, args.config, args.out, args.overrides)
     if args.resume and run_dir != Path(args.resume):
@@ -38,8 +38,8 @@ def _print_train_summary(s: dict) -> None:
 
 # ---------------------------------------------------------------------- sample, export, eval, report
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .distributed import resolve_device
-    from .evaluate import SAMPLE_OPTIONS, format_sample_info, sample_run
+    from .train.distributed import resolve_device
+    from .evaluate.evaluate import SAMPLE_OPTIONS, format_sample_info, sample_run
 
     if args.scheduler:
         if args.sampler:
@@ -53,8 +53,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .interop import export
-    from .runs import read_manifest
+    from .runs.interop import export
+    from .runs.folders import read_manifest
 
     out = export(Path(args.run), Path(args.out), ema=not args.no_ema, formats=args.format)
     man = read_manifest(out)
@@ -66,10 +66,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import RunLock
-    from .distributed import resolve_device
-    from .evaluate import evaluate_run, one_line
-    from .runs import require_checkpoints
+    from .runs.checkpoint import RunLock
+    from .train.distributed import resolve_device
+    from .evaluate.evaluate import evaluate_run, one_line
+    from .runs.folders import require_checkpoints
 
     if args.n <= 1:
         raise ConfigError("--n must be at least 2")
@@ -101,9 +101,9 @@ def _print_tables(md: Path) -> None:
 
 # ---------------------------------------------------------------------- ta-eb, experiment
 def cmd_taeb(args: argparse.Namespace) -> int:
-    from .runs import taeb_run
-    from .taeb import run_taeb
-    from .taeb_spec import format_accounting
+    from .runs.folders import taeb_run
+    from .app.taeb import run_taeb
+    from .train.taeb_spec import format_accounting
 
     cfg, run = taeb_run(args.resume, args.config, args.out, args.overrides,
                         first_launch=os.environ.get("WORLD_SIZE", "1") == "1")
@@ -118,8 +118,8 @@ def cmd_taeb(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .checkpoint import RunLock
-    from .experiment import format_plan, load_experiment, plan, run_experiment
+    from .runs.checkpoint import RunLock
+    from .app.experiment import format_plan, load_experiment, plan, run_experiment
 
     for k in ("eval_n", "eval_steps"):
         if getattr(args, k) is not None and getattr(args, k) < (2 if k == "eval_n" else 1):
@@ -143,7 +143,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- info, encode, bench, demo
 def cmd_info(args: argparse.Namespace) -> int:
-    from .info import format_sizes, size_rows
+    from .app.info import format_sizes, size_rows
 
     rows = size_rows(args.preset, args.ratio, args.round)
     print(json.dumps(rows, indent=2) if args.json else format_sizes(rows))
@@ -153,8 +153,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode a latent preset's dataset once into its latent cache (what `train` would do first)."""
     from .config import load_config
-    from .distributed import resolve_device
-    from .latents import latent_training_data
+    from .train.distributed import resolve_device
+    from .data.latents import latent_training_data
     from .backbones import backbone_of_preset
 
     cfg = load_config(args.config, args.overrides)
@@ -173,10 +173,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import bench_settings, device_label, format_profile, format_table, format_taeb, run_bench, taeb_rows
+    from .evaluate.bench import bench_settings, device_label, format_profile, format_table, format_taeb, run_bench, taeb_rows
     from .files import atomic_write_json
-    from .compile_cache import CompileCache
-    from .distributed import resolve_device
+    from .train.compile_cache import CompileCache
+    from .train.distributed import resolve_device
 
     device = torch.device(resolve_device(args.device))
     ratios, regions, modes = bench_settings(args.ratios, args.batch, args.steps, args.profile, args.round, device,
@@ -209,7 +209,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """EB-Diff-Train on Fashion-MNIST at demo scale: `demo.run_demo` (--latent too), `demo.run_demo_compare`."""
-    from .demo import run_demo, run_demo_compare
+    from .app.demo import run_demo, run_demo_compare
 
     if args.compare:
         if args.latent:

@@ -95,7 +95,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     mixed_precision: str = "auto"  # auto (bf16 on a GPU, fp32 on the CPU) | bf16 | no
     channels_last: Union[bool, str] = "auto"  # auto = on a GPU
-    # auto: on one GPU reduce-overhead when the planned iterations repay the compilation (ebdiff.autocompile),
+    # auto: on one GPU reduce-overhead when the planned iterations repay the compilation (ebdiff.train.autocompile),
     # default on several GPUs, none on the CPU | none | default | reduce-overhead | ...
     compile: str = "auto"
     compile_cache: str = "auto"  # folder of the compile cache (auto = $EBDIFF_COMPILE_CACHE or ~/.cache/ebdiff/compile) | none
@@ -284,10 +284,10 @@ def choices() -> dict[str, tuple[str, ...]]:
     because they import torch and the schema does not. diffusers' schedulers are samplers once the entry points
     have called `interop.register_diffusers_samplers()`."""
     from .backbones import preset_names
-    from .data import dataset_names
-    from .pruning import criterion_names
-    from .regions import ROUTES
-    from .sampling import SAMPLERS, SPACINGS
+    from .data.datasets import dataset_names
+    from .pruning.engine import criterion_names
+    from .core.regions import ROUTES
+    from .core.sampling import SAMPLERS, SPACINGS
 
     crits = criterion_names()
     return {**CHOICES, "data.name": dataset_names(), "model.preset": preset_names(), "early_bird.criterion": crits,
@@ -536,7 +536,7 @@ def _validate_taeb(cfg: Config) -> None:
     if cfg.taeb.procs_per_region < 1:
         raise ConfigError("config key 'taeb.procs_per_region' must be >= 1")
     if cfg.regions is not None:
-        from .regions import RegionSet  # the pure core's region set (it imports torch; the schema does not)
+        from .core.regions import RegionSet  # the pure core's region set (it imports torch; the schema does not)
 
         RegionSet.from_config(cfg.regions, cfg.diffusion.timesteps)
 

@@ -1,0 +1,75 @@
+"""Sizes of the model presets and of their pruned tickets (`ebdiff info`): parameters and MACs, exact,
+counted on the meta device (shapes without memory or arithmetic)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..backbones import backbone_of_preset, build_model, count_macs_params, preset_names
+from ..pruning.engine import PruningEngine, SizeOnly, prune
+from ..evaluate.report import count_text
+
+
+def size_rows(preset: str | None = None, ratios: list[float] | None = None, round_channels: int = 1) -> list[dict]:
+    """One row per preset (`preset`, or every preset) and per pruning ratio: params, MACs and, for a ticket,
+    its share of the dense model's. round_channels: the tickets' surviving channels rounded to multiples of it."""
+    presets = [preset] if preset else list(preset_names())
+    for r in ratios or []:
+        if not 0 < r < 1:
+            raise ConfigError(f"--ratio must be in (0, 1); got {r}")
+    if preset and preset not in preset_names():
+        raise ConfigError(f"unknown model preset '{preset}' (known: {', '.join(preset_names())})")
+    if round_channels < 1:
+        raise ConfigError("--round must be >= 1 (1 = the paper's ticket sizes)")
+    rows = []
+    for name in presets:
+        # on the meta device: shapes without memory or arithmetic (the 400M-parameter LDM in seconds). The
+        # counts are exact, and so are a ticket's: how many channels each group loses (the ratio rule) fixes
+        # its size, whichever channels they are
+        with torch.device("meta"):
+            model = build_model(name)
+        dense = size_row(name, None, model, None)
+        rows.append(dense)
+        if ratios:
+            eng = PruningEngine(model)
+            for r in ratios:
+                small = prune(model, SizeOnly(), r, multiple=round_channels, engine=eng).model
+                rows.append({**size_row(name, r, small, dense),
+                             "round_channels": round_channels})
+        del model
+    return rows
+
+
+def size_row(name: str, ratio: float | None, model, dense: dict | None) -> dict:
+    """`ebdiff info`'s row of a model: params and MACs (one image, or one latent with its class); for a latent
+    preset also the paper's convention (UNet params without the class table, MACs of 6 latents)."""
+    macs, params = count_macs_params(model)
+    row = {"preset": name, "params": params, "macs": macs, "ratio": ratio}
+    row.update(backbone_of_preset(name).paper_count(model, macs))  # the paper's convention, where it differs
+    if dense is not None:
+        row.update(params_ratio=params / dense["params"], macs_ratio=macs / dense["macs"])
+    return row
+
+
+def format_sizes(rows: list[dict]) -> str:
+    """The rows as `ebdiff info` prints them; latent presets also in the paper's convention (Table 6)."""
+    lines = [f"{'preset':<16} {'ratio':>6} {'params':>10} {'MACs':>10} {'MACs x':>8}"]
+    for r in rows:
+        ratio = "dense" if r["ratio"] is None else f"{r['ratio']:.3f}".rstrip("0")
+        mx = "" if r["ratio"] is None else f"{1 / r['macs_ratio']:.2f}x"
+        lines.append(f"{r['preset']:<16} {ratio:>6} {count_text(r['params']):>10} {count_text(r['macs']):>10} {mx:>8}")
+    latent = [r for r in rows if "macs_batch6" in r]
+    if latent:
+        lines.append("\nLatent presets, the paper's convention (Table 6): the UNet's parameters without the "
+                     "class-embedding table, and the MACs of a batch of 6 latents, as Diff-Pruning's prune_ldm.py "
+                     "counts them:")
+        lines.append(f"{'preset':<16} {'ratio':>6} {'UNet params':>12} {'MACs/latent':>12} {'MACs x 6':>10}")
+        for r in latent:
+            ratio = "dense" if r["ratio"] is None else f"{r['ratio']:.3f}".rstrip("0")
+            lines.append(f"{r['preset']:<16} {ratio:>6} {count_text(r['unet_params']):>12} {count_text(r['macs']):>12} "
+                         f"{count_text(r['macs_batch6']):>10}")
+        lines.append("(one latent of the preset's size with its class; torch-pruning 1.6 counts GroupNorm and "
+                     "LayerNorm MACs, the paper's older counter did not: ldm-imagenet256's 599.17G here vs the "
+                     "paper's 598.8G)")
+    return "\n".join(lines)
