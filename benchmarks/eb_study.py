@@ -24,7 +24,7 @@ from ebdiff.app.assemble import train
 from ebdiff.config import load_config
 from ebdiff.core.diffusion import DiffusionLoss
 from ebdiff.core.earlybird import EarlyBirdDetector
-from ebdiff.train.hooks import RunContext
+from ebdiff.training.hooks import RunContext
 from ebdiff.core.masks import distance_matrix, hamming
 from ebdiff.models import build_model
 from ebdiff.pruning.engine import PruningEngine, ScoreProbe, criterion_names, make_criterion

@@ -16,8 +16,8 @@ import sys
 import torch
 
 from ebdiff.evaluate.bench import bench_one
-from ebdiff.train.compile_cache import CompileCache
-from ebdiff.train.step import FastPath
+from ebdiff.training.compile_cache import CompileCache
+from ebdiff.training.step import FastPath
 
 
 def main() -> int:

@@ -14,7 +14,7 @@ from ebdiff.core.diffusion import DiffusionLoss, Schedule, TimestepSampler, min_
 from ebdiff.core.earlybird import EarlyBirdDetector
 from ebdiff.backbones import build_model, eps_fn
 from ebdiff.pruning.engine import CRITERIA, Criterion, PruningEngine, ScoreProbe, make_criterion, register_criterion
-from ebdiff.train.search import DRAWN, MISSED, EarlyBirdSearch
+from ebdiff.training.search import DRAWN, MISSED, EarlyBirdSearch
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ebdiff"
 

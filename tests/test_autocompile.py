@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from ebdiff.train.autocompile import (DEFAULT_HIT_S, DEFAULT_MISS_S, EXPECTED_COMPILED_RATIO, decide_compile,
+from ebdiff.training.autocompile import (DEFAULT_HIT_S, DEFAULT_MISS_S, EXPECTED_COMPILED_RATIO, decide_compile,
                                 estimate)
 
 

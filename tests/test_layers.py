@@ -110,7 +110,7 @@ def test_no_import_cycle(cycle):
 # The layers, lowest first (README "Architecture"): a module imports its own layer and those below, never one
 # above. The foundation modules and config.py sit at the package root; the application layer is `app` and
 # the CLI.
-LAYERS = ("errors", "files", "progress", "core", "backbones", "pruning", "data", "config", "runs", "train",
+LAYERS = ("errors", "files", "progress", "core", "backbones", "pruning", "data", "config", "runs", "training",
           "evaluate", "app", "cli")
 
 
@@ -134,7 +134,7 @@ def test_the_layer_check_sees_an_upward_import():
 
 
 LOW = ("core", "backbones", "pruning", "data", "config")  # the pure, sampler and model layers
-HIGH = ("train", "evaluate", "app", "cli")
+HIGH = ("training", "evaluate", "app", "cli")
 
 
 def _in(module: str, layer: tuple[str, ...]) -> bool:
@@ -158,7 +158,7 @@ def test_pure_sampler_and_model_layers_do_not_reach_training_or_evaluation(modul
     assert not bad, f"{module} imports (directly or through others) {', '.join(bad)}"
 
 
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if _in(m, ("train",))))
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _in(m, ("training",))))
 def test_training_never_imports_evaluation(module):
     bad = sorted(t for t in _reachable(module) if _in(t, ("evaluate", "app")))
     assert not bad, f"{module} imports (directly or through others) {', '.join(bad)}"
@@ -174,3 +174,10 @@ def test_the_registries_config_lists_import_no_config_and_no_training(module):
     assert module in MODULES
     bad = sorted(t for t in _reachable(module) if t == "ebdiff.config" or _in(t, HIGH))
     assert not bad, f"{module} imports (directly or through others) {', '.join(bad)}"
+
+
+def test_no_subpackage_shadows_a_public_name():
+    """`ebdiff.train` is a function of the API: a subpackage of that name would replace it once imported."""
+    import ebdiff
+
+    assert not [n for n in ebdiff.__all__ if (ROOT / n).is_dir() or (ROOT / f"{n}.py").is_file()]

@@ -87,7 +87,7 @@ def test_taeb_size_weightings_on_the_cifar10_regions():
     the 100 quad-spaced DDIM steps. Per-region sizes: `ebdiff info --preset cifar10 --ratio 0.3 ...`."""
     from ebdiff.core.regions import RegionSet
     from ebdiff.core.sampling import ddim_timesteps
-    from ebdiff.train.taeb_spec import size_weightings
+    from ebdiff.training.taeb_spec import size_weightings
 
     regions = RegionSet.from_config([{"t": [0, 260], "ratio": 0.3}, {"t": [240, 460], "ratio": 0.6},
                                      {"t": [440, 999], "ratio": 0.8}])
@@ -150,7 +150,7 @@ def test_training_time_excludes_evaluation_and_wall_clock_budget(tmp_path, has_f
     """On a clock that moves only while a (stand-in) scorer works, evaluation shows in eval_s and nowhere
     else: not in the training time, the points' train_s, the logged wall clock. train.max_seconds stops
     a run cleanly (real clock)."""
-    from ebdiff.train import trainer as trainer_module
+    from ebdiff.training import trainer as trainer_module
     from ebdiff.evaluate import training_eval
     from ebdiff.config import load_config
     from ebdiff.app.experiment import run_status
@@ -219,7 +219,7 @@ def test_demo_compare_same_time_both_grids_and_a_verdict(tmp_path, has_fmnist, m
     """`ebdiff demo --compare` on a clock that moves 1/8 s per reading (fast and exact), with a stand-in
     scorer: both runs stop on the same time budget, the report has the curves and both grids, and one
     line says which reached the better quality."""
-    from ebdiff.train import trainer as trainer_module
+    from ebdiff.training import trainer as trainer_module
     from ebdiff.evaluate import training_eval
     class Ticking:
         now = 0.0

@@ -5,7 +5,7 @@ from ebdiff.cli import main
 from ebdiff.config import TrainConfig
 from ebdiff.core.diffusion import DiffusionLoss, Schedule
 from ebdiff.backbones import build_model
-from ebdiff.train.step import EAGER_FP32, FastPath, TrainStep, make_optimizer, prepare_model, resolve_fast_path
+from ebdiff.training.step import EAGER_FP32, FastPath, TrainStep, make_optimizer, prepare_model, resolve_fast_path
 
 
 def _losses(fast: FastPath, steps: int = 4) -> list[float]:

@@ -12,7 +12,7 @@ from ebdiff.cli import main
 from ebdiff.config import TrainConfig
 from ebdiff.core.diffusion import DiffusionLoss, Schedule
 from ebdiff.backbones import build_model
-from ebdiff.train.step import EAGER_FP32, EMA, TrainStep, lr_factor, make_optimizer
+from ebdiff.training.step import EAGER_FP32, EMA, TrainStep, lr_factor, make_optimizer
 
 
 def _train_steps(accum: int, steps: int = 3) -> dict:

@@ -38,7 +38,7 @@ def _print_train_summary(s: dict) -> None:
 
 # ---------------------------------------------------------------------- sample, export, eval, report
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .train.distributed import resolve_device
+    from .training.distributed import resolve_device
     from .evaluate.evaluate import SAMPLE_OPTIONS, format_sample_info, sample_run
 
     if args.scheduler:
@@ -67,7 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .runs.checkpoint import RunLock
-    from .train.distributed import resolve_device
+    from .training.distributed import resolve_device
     from .evaluate.evaluate import evaluate_run, one_line
     from .runs.folders import require_checkpoints
 
@@ -103,7 +103,7 @@ def _print_tables(md: Path) -> None:
 def cmd_taeb(args: argparse.Namespace) -> int:
     from .runs.folders import taeb_run
     from .app.taeb import run_taeb
-    from .train.taeb_spec import format_accounting
+    from .training.taeb_spec import format_accounting
 
     cfg, run = taeb_run(args.resume, args.config, args.out, args.overrides,
                         first_launch=os.environ.get("WORLD_SIZE", "1") == "1")
@@ -153,8 +153,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode a latent preset's dataset once into its latent cache (what `train` would do first)."""
     from .config import load_config
-    from .train.distributed import resolve_device
-    from .data.latents import latent_training_data
+    from .training.distributed import resolve_device
+    from .data.latents import describe_cache, latent_training_data
     from .backbones import backbone_of_preset
 
     cfg = load_config(args.config, args.overrides)
@@ -162,11 +162,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         raise ConfigError(f"model.preset={cfg.model.preset} trains on pixels: encode is for latent presets (ldm-*)")
     t0 = time.perf_counter()
     data = latent_training_data(cfg.data, cfg.model, resolve_device(args.device), progress=True)
-    lat, rows, n_classes = data.latent, data.rows, len(set(data.labels.tolist()) - {-1})
-    print(f"latent cache {lat['cache']}: {len(rows)} latents of {'x'.join(map(str, rows.shape))} "
-          f"({len(rows.shards)} shards, float16), {n_classes} classes; {lat['kind']} autoencoder {lat['autoencoder']}")
-    print(f"latent std {rows.manifest['std']:.4f} (first shard); scale {lat['scale']:.5g} "
-          f"(model.latent_scale={cfg.model.latent_scale}); {time.perf_counter() - t0:.1f} s")
+    print(describe_cache(data, cfg.model.latent_scale, time.perf_counter() - t0))
     return 0
 
 
@@ -175,8 +171,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .evaluate.bench import bench_settings, device_label, format_profile, format_table, format_taeb, run_bench, taeb_rows
     from .files import atomic_write_json
-    from .train.compile_cache import CompileCache
-    from .train.distributed import resolve_device
+    from .training.compile_cache import CompileCache
+    from .training.distributed import resolve_device
 
     device = torch.device(resolve_device(args.device))
     ratios, regions, modes = bench_settings(args.ratios, args.batch, args.steps, args.profile, args.round, device,

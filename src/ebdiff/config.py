@@ -95,7 +95,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     mixed_precision: str = "auto"  # auto (bf16 on a GPU, fp32 on the CPU) | bf16 | no
     channels_last: Union[bool, str] = "auto"  # auto = on a GPU
-    # auto: on one GPU reduce-overhead when the planned iterations repay the compilation (ebdiff.train.autocompile),
+    # auto: on one GPU reduce-overhead when the planned iterations repay the compilation (ebdiff.training.autocompile),
     # default on several GPUs, none on the CPU | none | default | reduce-overhead | ...
     compile: str = "auto"
     compile_cache: str = "auto"  # folder of the compile cache (auto = $EBDIFF_COMPILE_CACHE or ~/.cache/ebdiff/compile) | none

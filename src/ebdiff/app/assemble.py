@@ -14,10 +14,10 @@ from pathlib import Path
 
 from ..config import Config, RunSpec
 from ..errors import ConfigError
-from ..train.hooks import CallbackHook
+from ..training.hooks import CallbackHook
 from ..evaluate.report import write_search_artifacts
 from ..evaluate.tracking import SampleGridHook, Tracker
-from ..train.trainer import Trainer
+from ..training.trainer import Trainer
 from ..evaluate.training_eval import EvalHook
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..runs.checkpoint import latest_checkpoint, read_json
 from ..config import Config, bundled_configs, load_config
 from ..data.datasets import load_dataset
-from ..train.distributed import resolve_device
+from ..training.distributed import resolve_device
 from ..errors import ConfigError
 from ..evaluate.evaluate import sample_run
 from .experiment import load_experiment, run_experiment

@@ -28,11 +28,11 @@ import torch
 
 from ..runs import checkpoint as ck
 from ..config import Config, dump_yaml, load_config
-from ..train.distributed import stop_requests
+from ..training.distributed import stop_requests
 from ..errors import CheckpointError, ConfigError, Interrupted
 from ..runs.folders import REGIONS_FILE, read_regions, regions_record
 from ..core.sampling import visited_timesteps
-from ..train.taeb_spec import accounting_record, branch_config, branch_dir, region_set
+from ..training.taeb_spec import accounting_record, branch_config, branch_dir, region_set
 
 
 def _train_branch(cfg: Config, run: Path, k: int, group=None) -> dict:
@@ -98,7 +98,7 @@ def preflight(cfg: Config) -> None:
     """User errors that every branch would hit (a missing or unreadable dataset, a wrong preset for it)
     stop here with one line, before any process is started."""
     from ..data.datasets import preflight_training_data
-    from ..train.distributed import resolve_device
+    from ..training.distributed import resolve_device
 
     # and prepares data once for every branch (a latent preset's cache is encoded here)
     preflight_training_data(cfg.data, cfg.model, resolve_device(cfg.train.device))
@@ -253,7 +253,7 @@ def finalize(run: Path, progress: bool = True, log=print) -> dict:
     a = accounting(run, cfg)
     plot_region_heatmaps(run, Path(run) / "hamming_regions.png")
     if cfg.train.eval_every is not None:
-        from ..train.distributed import resolve_device
+        from ..training.distributed import resolve_device
         from ..evaluate.training_eval import score_taeb_curve
 
         score_taeb_curve(run, resolve_device(cfg.train.device), progress=progress and cfg.train.progress, log=log)

@@ -404,3 +404,13 @@ def train_autoencoder(images: torch.Tensor, folder: Path, steps: int = 1500, bat
         mse = float(torch.nn.functional.mse_loss(model(x).sample.clamp(-1, 1), x))
     save_autoencoder(model, folder)
     return {"steps": steps, "seconds": time.perf_counter() - t0, "reconstruction_mse": mse, "path": str(folder)}
+
+
+def describe_cache(data: ImageData, latent_scale, seconds: float) -> str:
+    """What `ebdiff encode` prints of a latent training set: the cache, its shards, classes and scale."""
+    lat, rows, n_classes = data.latent, data.rows, len(set(data.labels.tolist()) - {-1})
+    return (f"latent cache {lat['cache']}: {len(rows)} latents of {'x'.join(map(str, rows.shape))} "
+            f"({len(rows.shards)} shards, float16), {n_classes} classes; {lat['kind']} autoencoder {lat['autoencoder']}\n"
+            f"latent std {rows.manifest['std']:.4f} (first shard); scale {lat['scale']:.5g} "
+            f"(model.latent_scale={latent_scale}); {seconds:.1f} s")
+

@@ -17,7 +17,7 @@ import torch
 from ..core.diffusion import DiffusionLoss, Schedule
 from ..core.mfu import format_flops
 from ..backbones import backbone_of, build_model, count_macs_params
-from ..train.step import EAGER_FP32, EMA, FastPath, TrainStep, make_optimizer, prepare_model
+from ..training.step import EAGER_FP32, EMA, FastPath, TrainStep, make_optimizer, prepare_model
 
 
 def _sync(device: torch.device) -> None:
@@ -346,7 +346,7 @@ def bench_settings(ratios: str, batch: int, steps: int, profile: int, round_chan
     regions' ratios; the TA-EB RegionSet or None; the modes to run by name). A bad option stops with one line."""
     from ..config import load_config
     from ..errors import ConfigError
-    from ..train.taeb_spec import region_set
+    from ..training.taeb_spec import region_set
 
     try:
         rs = [float(r) for r in ratios.split(",")]

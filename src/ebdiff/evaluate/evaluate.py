@@ -127,7 +127,7 @@ def sample_model(fn, shape: tuple[int, int, int], dcfg: DiffusionConfig, scfg: S
     batch = min(scfg.batch_size, scfg.n) * (1 if scfg.guidance is None or labels is None else 2)  # CFG: doubled
     cache, key = None, None
     if compile_mode != "none" and compile_cache is not None:  # the run's compile cache serves sampling too
-        from ..train.compile_cache import CompileCache, cache_key
+        from ..training.compile_cache import CompileCache, cache_key
 
         cache = CompileCache.from_setting(compile_cache, device)
         if cache is not None and cache.activate():

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..core.diffusion import Schedule
 from ..errors import ConfigError
-from ..train.hooks import Hook
+from ..training.hooks import Hook
 from ..data.latents import LatentDecoder
 from ..backbones import eps_fn, model_classes
 from .report import save_grid

@@ -36,7 +36,7 @@ from pathlib import Path
 from ..runs import checkpoint as ck
 from ..config import Config, RunSpec, load_config, parse_every
 from .evaluate import Scorer, run_sample_config, sample_model, sampling_inputs
-from ..train.hooks import Hook
+from ..training.hooks import Hook
 from ..backbones import eps_fn
 from ..core.regions import RegionRouter
 from .report import save_grid

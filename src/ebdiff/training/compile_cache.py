@@ -9,7 +9,7 @@ turns it off) holds three things:
     artifacts/<key>.bin               PyTorch's portable "mega-cache" (torch.compiler.save_cache_artifacts)
                                       of a shape's first compiled step: one file per key
     timings/<key>.json                measured seconds of that step (steady step, first step, compile
-                                      hit or miss), read by `train.compile=auto` (ebdiff.train.autocompile)
+                                      hit or miss), read by `train.compile=auto` (ebdiff.training.autocompile)
 
 Why both caches (measured with torch 2.14.1 on this project's 2-core CPU, tiny preset's step, fresh
 processes): the mega-cache restores the graph entries but, on the CPU, not the compiled C++ kernels,
