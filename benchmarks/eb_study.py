@@ -26,7 +26,7 @@ from ebdiff.core.diffusion import DiffusionLoss
 from ebdiff.core.earlybird import EarlyBirdDetector
 from ebdiff.training.hooks import RunContext
 from ebdiff.core.masks import distance_matrix, hamming
-from ebdiff.models import build_model
+from ebdiff.backbones import build_model
 from ebdiff.pruning.engine import PruningEngine, ScoreProbe, criterion_names, make_criterion
 from ebdiff.evaluate.report import plot_hamming
 

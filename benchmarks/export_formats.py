@@ -18,12 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ebdiff.runs.export_formats import FILES, write_files
-from ebdiff.models import build_model, count_macs_params
-from ebdiff.pruning.engine import ticket_of
+from ebdiff.backbones import build_model, count_macs_params
+from ebdiff.pruning.engine import prune
 
 
 def per_image(fn, batch: int, repeats: int) -> float:
@@ -77,7 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             dense = build_model(preset).eval()
-            ticket = ticket_of(dense, args.ratio, multiple=8).eval()
+            ticket = prune(dense, "magnitude", args.ratio, multiple=8).model.eval()
             for kind, m in (("dense", dense), (f"ticket {args.ratio}", ticket)):
                 row = {"preset": preset, "model": kind, **measure(m, Path(tmp) / f"{preset}-{len(rows)}", args.batch,
                                                                   args.repeats, threads)}

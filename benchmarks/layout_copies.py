@@ -35,7 +35,7 @@ from torch._inductor.decomposition import select_decomp_table
 from torch._prims_common import suggest_memory_format
 
 from ebdiff.core.diffusion import DiffusionLoss, Schedule
-from ebdiff.models import build_model
+from ebdiff.backbones import build_model
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 

@@ -292,3 +292,15 @@ def test_the_python_api_is_imported_on_first_use():
     assert ebdiff.load is interop.load and ebdiff.RoutedUNet is interop.RoutedUNet
     with pytest.raises(AttributeError):
         ebdiff.nothing_here
+
+
+def test_the_taeb_worker_entry_point_knows_diffusers_samplers():
+    """A TA-EB worker (`python -m ebdiff.app.taeb_worker RUN`) reads a config naming a diffusers scheduler: the
+    application layer registers them on import, as the CLI and `ebdiff`'s API do."""
+    import subprocess
+    import sys
+
+    code = ("import ebdiff.app.taeb_worker\nfrom ebdiff.config import load_config\n"
+            "print(load_config(None, ['sample.sampler=diffusers-ddim']).sample.sampler)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "diffusers-ddim"

@@ -278,11 +278,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every string choice; those naming a paper concept come from its registry
-    (model presets, pruning criteria, samplers and spacings, TA-EB routing rules), so a registered criterion or sampler
-    is a valid setting at once. The owners import neither this module nor training code (tests/test_layers.py),
+    (datasets, model presets, pruning criteria, samplers and spacings, TA-EB routing rules), so a registered
+    dataset, backbone preset, criterion or sampler is a valid setting at once. The owners import neither this module nor training code (tests/test_layers.py),
     so the schema sits above the registries and below every layer that reads it; they are imported here, on use,
     because they import torch and the schema does not. diffusers' schedulers are samplers once the entry points
-    have called `interop.register_diffusers_samplers()`."""
+    have called `runs.interop.register_diffusers_samplers()`."""
     from .backbones import preset_names
     from .data.datasets import dataset_names
     from .pruning.engine import criterion_names

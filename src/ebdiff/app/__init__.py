@@ -6,3 +6,10 @@ one Early-Bird branch per region, in parallel processes, then the ensemble's acc
 `experiment` (a comparison table of runs: train, skip finished, resume, evaluate, report), `demo` (the
 CPU demos) and `info` (preset and ticket sizes). Nothing below imports this layer.
 """
+
+# the library assembled: diffusers' schedulers become the samplers `diffusers-<name>` before any config is
+# validated (a TA-EB worker, `python -m ebdiff.app.taeb_worker`, reads its run's config through here)
+from ..runs.interop import register_diffusers_samplers  # noqa: E402
+
+register_diffusers_samplers()
+

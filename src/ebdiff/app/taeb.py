@@ -2,7 +2,7 @@
 
 - the branch spec (`taeb_spec.py`, pure): each region branch is an ordinary ebdiff run (dense search on the
   region's timesteps, ticket at the region's ratio, ticket training on those timesteps) in `RUN/region-k/`;
-  the combined artifact is `RUN/regions.json` + each branch's checkpoints (`runs.py` reads it, `interop.load`
+  the combined artifact is `RUN/regions.json` + each branch's checkpoints (`runs.folders` reads it, `interop.load`
   loads it);
 - the launcher (here): branches run at the same time as separate processes under torch.distributed, the
   world split into one process group per region (data parallel inside a group). Without torchrun,

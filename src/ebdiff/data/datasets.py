@@ -28,6 +28,7 @@ import torch
 
 from ..backbones import backbone_of_preset
 from ..errors import ConfigError, DataError
+from ..files import cache_dir as files_cache_dir
 from .imagecheck import check_images
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -157,7 +158,7 @@ def _cache_path(cache_dir: str | None, folder: Path, files: list[Path], size: in
     h.update(f"{folder.resolve()}|{size}|{crop}|{len(files)}".encode())
     for p in files[:: max(1, len(files) // 64)]:
         h.update(f"{p.name}:{p.stat().st_size}".encode())
-    base = Path(cache_dir).expanduser() if cache_dir else Path("~/.cache/ebdiff").expanduser()
+    base = Path(cache_dir).expanduser() if cache_dir else files_cache_dir()
     return base / f"images-{h.hexdigest()[:16]}.npz"
 
 

@@ -112,6 +112,5 @@ def load_hf(dcfg, size: int, progress: bool = True) -> ImageData:
     return ImageData(labels=labels, files_dataset=items, hflip=hflip, name="hf")
 
 
-
 # unlabelled for FD: ebdiff's own FD classifier needs a labelled train and test split of a known dataset
 register_dataset(Dataset("hf", load_hf))

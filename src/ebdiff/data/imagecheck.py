@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import DataError
+from ..files import atomic_write_text
+from ..files import cache_dir as files_cache_dir
 
 THREADS = min(32, 4 * (os.cpu_count() or 1))  # opening headers waits on the disk more than on the CPU
 
@@ -34,7 +36,7 @@ def check_file(path: Path) -> str | None:
 
 def _record_path(cache_dir: str | None, files: list[Path]) -> Path:
     h = hashlib.sha1(str(Path(files[0]).resolve().parent).encode() + f"|{len(files)}".encode())
-    base = Path(cache_dir).expanduser() if cache_dir else Path("~/.cache/ebdiff").expanduser()
+    base = Path(cache_dir).expanduser() if cache_dir else files_cache_dir()
     return base / f"imagecheck-{h.hexdigest()[:16]}.json"
 
 
@@ -71,10 +73,7 @@ def check_images(files: list[Path], bad_images: str = "error", cache_dir: str | 
         known[keys[i]] = [*stamps[i], why]
     if todo:
         try:
-            record_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = record_path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, record_path)
+            atomic_write_text(record_path, json.dumps(known))
         except OSError:
             pass  # a read-only cache only checks again next time
     bad = [i for i, k in enumerate(keys) if known[k][2] is not None]

@@ -365,7 +365,7 @@ def report_tables(md_text: str) -> str:
 
 
 def count_text(x: float | None) -> str:
-    """A parameter or MAC count as the summaries print it (`models.format_count`), "-" when unknown."""
+    """A parameter or MAC count as the summaries print it (`backbones.format_count`), "-" when unknown."""
     return "-" if x is None else format_count(x)
 
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..backbones import example_inputs, model_classes
+from ..backbones import backbone_of, eps_call, example_inputs, model_classes
 
 FOLDER = "folder"  # today's model folder, always written
 FILES = {"onnx": "model.onnx", "torch-export": "model.pt2"}  # format -> file name inside a member folder
@@ -57,16 +57,16 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
 
 
 class EpsModule(nn.Module):
-    """A UNet as a plain tensor function: forward(sample, timestep[, class_labels]) -> eps."""
+    """A model as a plain tensor function: forward(sample, timestep[, class_labels]) -> eps, through its
+    backbone's eps call (`Backbone.eps`)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
+        self._eps = eps_call(unet)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None):
-        if class_labels is None:
-            return self.unet(sample, timestep).sample
-        return self.unet(sample, timestep, class_labels=class_labels).sample
+        return self._eps(self.unet, sample, timestep, class_labels)
 
 
 def input_names(model: nn.Module) -> list[str]:
@@ -205,6 +205,6 @@ def manifest_entries(got, members: Sequence[str], formats: Sequence[str]) -> dic
 def card(name: str, got, members: Sequence[str], formats: Sequence[str]) -> str:
     """The model card's text on the files (empty without extra formats). got: `interop.Loaded`."""
     m = got.models[0]
-    shape = (m.config.in_channels, m.config.sample_size, m.config.sample_size)
+    shape = tuple(backbone_of(m).sample_shape(m))
     lines = card_lines(name, members, formats, shape, model_classes(m), bool(got.metas[0].get("latent")))
     return "\n".join(lines) + "\n" if lines else ""

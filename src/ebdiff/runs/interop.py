@@ -158,8 +158,8 @@ def scheduler_sample(model, x: torch.Tensor, schedule: Schedule, timesteps: list
 
 def register_diffusers_samplers() -> None:
     """Make every diffusers scheduler of `SCHEDULERS` the sampler `diffusers-<name>` in `sampling.SAMPLERS`
-    (idempotent). Runs when this module is imported; the entry points (the CLI, `ebdiff`'s API, the layer
-    that assembles a run) call it so the names are valid settings before a config is validated."""
+    (idempotent). Runs when this module is imported; the entry points (the CLI, `ebdiff`'s API and the
+    application layer `ebdiff.app`) call it so the names are valid settings before a config is validated."""
     for name, spec in SCHEDULERS.items():
         if SAMPLER_PREFIX + name not in SAMPLERS:
             register_sampler(SAMPLER_PREFIX + name, scheduler_timesteps(name), spec.options)(

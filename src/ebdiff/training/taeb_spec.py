@@ -1,6 +1,6 @@
 """TA-EB's pure part: the branch specs (the region set of a config, each branch's config and folder) and
 the accounting's arithmetic and text. The launcher (`taeb.py`, above the trainer) trains the branches;
-evaluation, interop, experiments and the CLI read a TA-EB run through this module and `runs.py` only.
+evaluation, interop, experiments and the CLI read a TA-EB run through this module and `runs.folders` only.
 """
 
 from __future__ import annotations
