@@ -122,7 +122,7 @@ def test_branches_as_independent_jobs_give_the_one_launch_ensemble(tmp_path, has
                            *tiny_args(seq, *over, "taeb.launch=sequential")], env=env,
                           stdout=subprocess.DEVNULL).returncode == 0
     assert (jobs / "regions.json").read_text() == (seq / "regions.json").read_text()
-    timing = {"search_s", "train_s", "wall_s", "taeb_train_s", "sum_train_s"}
+    timing = {"search_s", "train_s", "wall_s", "dense_s", "taeb_train_s", "sum_train_s", "speedup_over_dense"}
 
     def untimed(x):
         if isinstance(x, dict):
@@ -135,3 +135,19 @@ def test_branches_as_independent_jobs_give_the_one_launch_ensemble(tmp_path, has
         for name in ("model.safetensors", "ema.safetensors"):
             wa, wb = (load_file(str(r / f"region-{k}" / "checkpoints" / f"ckpt-{6:09d}" / name)) for r in (jobs, seq))
             assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_device_seconds_of_a_three_branch_run():
+    """One device per branch counts the longest branch (the paper); one device pays every branch's seconds."""
+    from ebdiff.train.taeb_spec import device_seconds
+
+    branches = [{"train_s": 30.0, "dense_s": 10.0, "dense_iterations": 40, "ticket_iterations": 60},
+                {"train_s": 20.0, "dense_s": 15.0, "dense_iterations": 50, "ticket_iterations": 50},
+                {"train_s": 50.0, "dense_s": 30.0, "dense_iterations": 100, "ticket_iterations": 0}]  # a miss
+    d = device_seconds(branches)
+    assert d["dense_estimate"]["iterations"] == 100
+    assert d["dense_estimate"]["train_s"] == pytest.approx((0.25 + 0.3 + 0.3) / 3 * 100)  # 28.33 s
+    assert d["one_device_per_branch"]["train_s"] == 50.0 and d["one_device"]["train_s"] == 100.0
+    assert d["one_device_per_branch"]["speedup_over_dense"] == pytest.approx(85 / 3 / 50)  # 0.57x
+    assert d["one_device"]["speedup_over_dense"] == pytest.approx(85 / 3 / 100)  # 0.28x
+    assert device_seconds([{**b, "dense_iterations": 0} for b in branches])["one_device"]["speedup_over_dense"] is None

@@ -285,7 +285,7 @@ def accounting(run: Path, cfg: Config) -> dict:
             "ticket_iteration": t["iteration"] if t else None, "ticket_found": bool(t and t.get("found", True)),
             "dense_iterations": s["dense_iterations"], "ticket_iterations": s["ticket_iterations"],
             "search_s": (t or {}).get("search_seconds", times["dense_s"] + times["check_s"]),
-            "train_s": times["train_total"], "wall_s": times.get("wall_s"),
+            "train_s": times["train_total"], "wall_s": times.get("wall_s"), "dense_s": times["dense_s"],
         })
     res = accounting_record(regions, branches, spec["route"], cfg.sample, visited)
     ck.atomic_write_json(Path(run) / "taeb.json", res)
