@@ -49,6 +49,12 @@ def test_bad_values_name_the_key(override, needle):
     assert "\n" not in str(e.value)
 
 
+def test_carry_state_and_reinit_exclude_each_other():
+    assert load_config(None, ["early_bird.carry_state=true"]).early_bird.carry_state is True
+    with pytest.raises(ConfigError, match="early_bird.carry_state.*reinit"):
+        load_config(None, ["early_bird.carry_state=true", "early_bird.reinit=true"])
+
+
 def test_unknown_key_in_file(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  itres: 5\n")

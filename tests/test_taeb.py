@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_args
 from ebdiff.cli import main
@@ -83,3 +84,70 @@ def test_dist_backend_lets_branches_share_a_gpu():
     assert dist_backend(6, 2, cuda=True, n_gpus=8) == "nccl"
     with pytest.raises(ConfigError, match="one GPU per process"):
         dist_backend(6, 2, cuda=True, n_gpus=2)  # DDP inside a region needs NCCL
+
+
+def test_branches_as_independent_jobs_give_the_one_launch_ensemble(tmp_path, has_fmnist, capsys, monkeypatch):
+    """`ta-eb --branch K` as three processes of their own, then `--combine`: the ensemble (regions.json,
+    taeb.json apart from timings, every branch's weights) is the one-launch sequential mode's, seed for seed;
+    combining with a branch missing or unfinished is one line naming it."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("EBDIFF_CACHE", str(tmp_path / "cache"))
+    over = ["train.iters=6", "early_bird.check_every=2", "early_bird.queue=2", "early_bird.eta=0.9", "data.limit=64"]
+    seq, jobs = tmp_path / "seq", tmp_path / "jobs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def branch(k):
+        return subprocess.Popen([sys.executable, "-m", "ebdiff.cli", "ta-eb", "--config", "demo_taeb", "--branch",
+                                 str(k), *tiny_args(jobs, *over)], env=env, stdout=subprocess.DEVNULL)
+
+    first = [branch(0), branch(1)]  # two jobs at once into the same folder
+    assert [p.wait() for p in first] == [0, 0]
+    assert main(["ta-eb", "--combine", str(jobs)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "branch 2" in err and "is missing" in err and "\n" not in err and not (jobs / "regions.json").exists()
+    assert branch(2).wait() == 0
+    (jobs / "region-1" / "summary.json").rename(tmp_path / "s.json")
+    assert main(["ta-eb", "--combine", str(jobs)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "branch 1" in err and "has not finished" in err and "\n" not in err
+    (tmp_path / "s.json").rename(jobs / "region-1" / "summary.json")
+    assert main(["ta-eb", "--combine", str(jobs)]) == 0
+    assert "longest branch" in capsys.readouterr().out
+    assert subprocess.run([sys.executable, "-m", "ebdiff.cli", "ta-eb", "--config", "demo_taeb",
+                           *tiny_args(seq, *over, "taeb.launch=sequential")], env=env,
+                          stdout=subprocess.DEVNULL).returncode == 0
+    assert (jobs / "regions.json").read_text() == (seq / "regions.json").read_text()
+    timing = {"search_s", "train_s", "wall_s", "dense_s", "taeb_train_s", "sum_train_s", "speedup_over_dense"}
+
+    def untimed(x):
+        if isinstance(x, dict):
+            return {k: untimed(v) for k, v in x.items() if k not in timing}
+        return [untimed(v) for v in x] if isinstance(x, list) else x
+
+    a, b = (json.loads((r / "taeb.json").read_text()) for r in (jobs, seq))
+    assert untimed(a) == untimed(b) and len(a["branches"]) == 3
+    for k in range(3):
+        for name in ("model.safetensors", "ema.safetensors"):
+            wa, wb = (load_file(str(r / f"region-{k}" / "checkpoints" / f"ckpt-{6:09d}" / name)) for r in (jobs, seq))
+            assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_device_seconds_of_a_three_branch_run():
+    """One device per branch counts the longest branch (the paper); one device pays every branch's seconds."""
+    from ebdiff.train.taeb_spec import device_seconds
+
+    branches = [{"train_s": 30.0, "dense_s": 10.0, "dense_iterations": 40, "ticket_iterations": 60},
+                {"train_s": 20.0, "dense_s": 15.0, "dense_iterations": 50, "ticket_iterations": 50},
+                {"train_s": 50.0, "dense_s": 30.0, "dense_iterations": 100, "ticket_iterations": 0}]  # a miss
+    d = device_seconds(branches)
+    assert d["dense_estimate"]["iterations"] == 100
+    assert d["dense_estimate"]["train_s"] == pytest.approx((0.25 + 0.3 + 0.3) / 3 * 100)  # 28.33 s
+    assert d["one_device_per_branch"]["train_s"] == 50.0 and d["one_device"]["train_s"] == 100.0
+    assert d["one_device_per_branch"]["speedup_over_dense"] == pytest.approx(85 / 3 / 50)  # 0.57x
+    assert d["one_device"]["speedup_over_dense"] == pytest.approx(85 / 3 / 100)  # 0.28x
+    assert device_seconds([{**b, "dense_iterations": 0} for b in branches])["one_device"]["speedup_over_dense"] is None

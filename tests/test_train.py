@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from ebdiff.cli import main
 from conftest import needs_cxx, tiny_args
+from ebdiff.backbones import build_model, example_inputs
 
 
 def weights(run, it, name="model.safetensors"):
@@ -32,10 +33,12 @@ def test_bitwise_resume_dense(tmp_path, has_fmnist):
     assert (a / "config.yaml").is_file() and (a / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("split", [4, 14])
-def test_bitwise_resume_early_bird(tmp_path, has_fmnist, split):
-    """Resume before the ticket (search phase) and after it (ticket phase) both continue exactly."""
-    eb = ["early_bird.ratio=0.5", "early_bird.check_every=2", "early_bird.eta=0.5", "early_bird.queue=3"]
+@pytest.mark.parametrize("split,carry", [(4, False), (14, False), (4, True), (14, True)])
+def test_bitwise_resume_early_bird(tmp_path, has_fmnist, split, carry):
+    """Resume before the ticket (search phase) and after it (ticket phase) both continue exactly, with the
+    ticket's optimizer state and EMA fresh or carried over from the dense phase (early_bird.carry_state)."""
+    eb = ["early_bird.ratio=0.5", "early_bird.check_every=2", "early_bird.eta=0.5", "early_bird.queue=3",
+          f"early_bird.carry_state={str(carry).lower()}"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["train", *tiny_args(a, "train.iters=20", "train.ckpt_every=2", *eb)]) == 0
     ticket = json.loads((a / "ticket.json").read_text())
@@ -43,7 +46,54 @@ def test_bitwise_resume_early_bird(tmp_path, has_fmnist, split):
     assert main(["train", *tiny_args(b, f"train.iters={split}", "train.ckpt_every=2", *eb)]) == 0
     assert main(["train", "--resume", str(b), "train.iters=20"]) == 0
     assert same(weights(a, 20), weights(b, 20))
+    assert same(weights(a, 20, "ema.safetensors"), weights(b, 20, "ema.safetensors"))
     assert json.loads((b / "ticket.json").read_text())["iteration"] == ticket["iteration"]
+    state = torch.load(a / "checkpoints" / f"ckpt-{20:09d}" / "state.pt", weights_only=True)
+    steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert steps == {20.0 if carry else 14.0}  # carried: Adam's step counts go on from the dense phase
+    assert state["ema_steps"] == (20 if carry else 14)
+
+
+def test_carried_ticket_state_is_the_dense_state_restricted_to_the_kept_channels():
+    """early_bird.carry_state: Adam's moments and the EMA of a ticket equal the dense ones pruned by the
+    same plan (torch-pruning itself slicing them), exactly; the step counts go on."""
+    import copy
+
+    from ebdiff.pruning.engine import PruningEngine, apply_plan, extract, kept_entries
+    from ebdiff.train.step import EMA, carry_ema, carry_optimizer
+
+    torch.manual_seed(0)
+    dense = build_model("tiny")
+    opt, ema = torch.optim.Adam(dense.parameters(), lr=1e-3), EMA(dense, 0.9)
+    for _ in range(3):
+        dense(**example_inputs(dense, 2)).sample.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(dense)
+    eng = PruningEngine(dense)
+    plan = eng.plan(eng.mask("magnitude", 0.5))
+    small = extract(dense, plan)
+    opt2, ema2 = torch.optim.Adam(small.parameters(), lr=1e-3), EMA(small, 0.9)
+    kept = kept_entries(dense, plan)
+    carry_optimizer(opt, dense, opt2, small, kept)
+    carry_ema(ema, ema2, kept)
+
+    def pruned(values: dict) -> dict:  # the dense model holding `values` instead of its weights, pruned by the plan
+        m = copy.deepcopy(dense)
+        m.load_state_dict({**m.state_dict(), **values})
+        return apply_plan(m, plan).state_dict()
+
+    params = dict(dense.named_parameters())
+    for key in ("exp_avg", "exp_avg_sq"):
+        want = pruned({n: opt.state[p][key] for n, p in params.items()})
+        got = {n: opt2.state[p][key] for n, p in small.named_parameters()}
+        assert all(torch.equal(got[n], want[n]) for n in got)
+    assert {float(opt2.state[p]["step"]) for p in small.parameters()} == {3.0}
+    assert any(opt2.state[p]["exp_avg"].shape != params[n].shape for n, p in small.named_parameters())
+    want = apply_plan(copy.deepcopy(ema.module), plan).state_dict()
+    assert same(ema2.module.state_dict(), want) and (ema2.updates, ema2.steps) == (3, 3)
+    sd = dense.state_dict()  # the same indices give the ticket's own weights
+    assert all(torch.equal(sd[n].reshape(-1)[kept[n]], v) for n, v in small.state_dict().items() if n in kept)
 
 
 def test_early_bird_run_and_artifacts(tmp_path, has_fmnist, capsys):

@@ -101,14 +101,13 @@ def _print_tables(md: Path) -> None:
 
 # ---------------------------------------------------------------------- ta-eb, experiment
 def cmd_taeb(args: argparse.Namespace) -> int:
-    from .runs.folders import taeb_run
-    from .app.taeb import run_taeb
+    from .app.taeb import taeb_command
     from .training.taeb_spec import format_accounting
 
-    cfg, run = taeb_run(args.resume, args.config, args.out, args.overrides,
-                        first_launch=os.environ.get("WORLD_SIZE", "1") == "1")
-    a = run_taeb(cfg, run)
-    if a is None:  # a rank other than 0
+    run, a = taeb_command(args.resume, args.config, args.out, args.overrides, args.branch, args.combine)
+    if a is None or args.branch is not None:  # a rank other than 0; one branch: its summary
+        if a:
+            print(f"{format_train_summary(a)}\nonce every branch is done: ebdiff ta-eb --combine {run}")
         return 0
     print("\n== ebdiff ta-eb summary ==")
     print(format_accounting(a))
@@ -280,7 +279,9 @@ COMMANDS = {  # name: (function, help, arguments)
         A("--config", help="YAML with a 'regions' list: a path, or a bundled config by name (demo_taeb, "
           "fmnist_taeb, cifar10_taeb)"),
         A("--out", help="run folder (default runs/taeb-<timestamp>)"),
-        A("--resume", metavar="RUN_DIR", help="continue every unfinished branch"), A("overrides", nargs="*")]),
+        A("--resume", metavar="RUN_DIR", help="continue every unfinished branch (with --branch: that one)"),
+        A("--branch", type=int, metavar="K", help="train region K's branch alone (its own job) into the run folder"),
+        A("--combine", metavar="RUN_DIR", help="after every --branch job: regions.json, taeb.json"), OVERRIDES]),
     "export": (cmd_export, "a self-contained model folder (safetensors, pruning plan, config, model card) that "
                "ebdiff.load rebuilds without the run", [
         A("run", help="run folder, checkpoint folder or TA-EB run folder"),

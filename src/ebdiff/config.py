@@ -157,6 +157,8 @@ class EarlyBirdConfig:
     # round every group's surviving channels to a multiple of this (8 or 16: tensor-core friendly widths);
     # 1 = the paper's ticket sizes. Also used by prune.from_run and `ebdiff bench --round`.
     round_channels: int = 1
+    # the ticket keeps the dense phase's Adam moments and EMA, restricted to the kept channels (false: fresh)
+    carry_state: bool = False
 
 
 @dataclass
@@ -558,6 +560,9 @@ def _validate_early_bird(eb: EarlyBirdConfig) -> None:
         raise ConfigError(f"config key 'early_bird.max_search_iters' must be positive; got {eb.max_search_iters}")
     if eb.round_channels < 1:
         raise ConfigError(f"config key 'early_bird.round_channels' must be >= 1 (1 = no rounding); got {eb.round_channels}")
+    if eb.carry_state and eb.reinit:
+        raise ConfigError("config key 'early_bird.carry_state' keeps the dense phase's optimizer state and EMA, "
+                          "which early_bird.reinit=true throws away: set one of them to false")
     if eb.taylor_timesteps <= 0 or eb.taylor_batch <= 0:
         raise ConfigError("config keys 'early_bird.taylor_timesteps' and 'early_bird.taylor_batch' must be positive")
 

@@ -8,6 +8,9 @@
   world split into one process group per region (data parallel inside a group). Without torchrun,
   `launch` starts `torch.distributed.run` on the worker entry point `python -m ebdiff.app.taeb_worker RUN`
   (one process per branch, or `taeb.procs_per_region`); under torchrun every rank runs `run_rank`;
+- branches as independent jobs (`run_branch`: `ebdiff ta-eb --branch K`, one scheduler job per region, into
+  the shared run folder; `combine`: `--combine RUN` checks that every branch finished and writes
+  regions.json and taeb.json, what the one-launch mode writes at its end);
 - the accounting (`RUN/taeb.json`, written by `finalize`): weighted params/MACs over the sampling steps, the
   longest branch (its arithmetic and text in `taeb_spec.py`).
 """
@@ -30,7 +33,7 @@ from ..runs import checkpoint as ck
 from ..config import Config, dump_yaml, load_config
 from ..training.distributed import stop_requests
 from ..errors import CheckpointError, ConfigError, Interrupted
-from ..runs.folders import REGIONS_FILE, read_regions, regions_record
+from ..runs.folders import REGIONS_FILE, read_regions, regions_record, taeb_run
 from ..core.sampling import visited_timesteps
 from ..training.taeb_spec import accounting_record, branch_config, branch_dir, region_set
 
@@ -185,6 +188,76 @@ def run_taeb(cfg: Config, run: Path) -> dict | None:
         raise
 
 
+def taeb_command(resume, config, out, overrides: list[str], branch: int | None = None,
+                 combine_run: str | Path | None = None) -> tuple[Path, dict | None]:
+    """`ebdiff ta-eb` in its three modes: every branch in one launch (`run_taeb`), one branch (`run_branch`)
+    or the combination of finished branches (`combine`). Returns (run folder, the accounting; with a
+    branch, its summary; None on a rank other than 0)."""
+    if combine_run is not None:
+        if branch is not None or config or out or resume or overrides:
+            raise ConfigError("ta-eb --combine RUN takes no other option: the branches' settings are RUN's config.yaml")
+        return Path(combine_run), combine(Path(combine_run))
+    cfg, run = taeb_run(resume, config, out, overrides, first_launch=os.environ.get("WORLD_SIZE", "1") == "1")
+    if branch is not None:
+        return run, run_branch(cfg, run, branch, resume=bool(resume))
+    return run, run_taeb(cfg, run)
+
+
+# ---------------------------------------------------------------------- branches as independent jobs
+def run_branch(cfg: Config, run: Path, k: int, resume: bool = False) -> dict:
+    """`ebdiff ta-eb --branch K`: train region K's branch alone into the shared run folder (one scheduler job
+    per branch, each with its own launch, failures and retries); `combine` makes the ensemble once every
+    branch has finished. Every branch job writes the same RUN/config.yaml (a fresh one with other settings is
+    refused); resume: continue this branch (RUN's config.yaml with the overrides, rewritten as one-launch
+    --resume does). Returns the branch's summary."""
+    regions = region_set(cfg)
+    if not 0 <= k < len(regions):
+        raise ConfigError(f"--branch {k}: the config has {len(regions)} regions (--branch 0 to {len(regions) - 1})")
+    d, cfg_file, text = branch_dir(run, k), Path(run) / "config.yaml", dump_yaml(cfg)
+    if not resume and ck.latest_checkpoint(d) is not None:
+        raise ConfigError(f"{d} already holds a trained branch: continue it with --resume {run} --branch {k}")
+    if not resume and cfg_file.is_file() and cfg_file.read_text() != text:
+        raise ConfigError(f"{run} holds TA-EB branches of other settings (its config.yaml differs): give every "
+                          f"branch job the same config and overrides, or continue with --resume {run} --branch {k}")
+    preflight(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    ck.atomic_write_text(cfg_file, text)
+    return _train_branch(cfg, run, k)
+
+
+def unfinished(d: Path, iters: int) -> str | None:
+    """Why the branch in folder `d` has not finished a budget of `iters` iterations (None: it has)."""
+    if ck.latest_checkpoint(d) is None:
+        return "has not started (no checkpoint)" if d.is_dir() else "is missing"
+    s, last = ck.read_json(d / "summary.json"), int(ck.latest_checkpoint(d).name.removeprefix("ckpt-"))
+    if s is None or s.get("stopped") is None or s["iterations"] != last:
+        return f"has not finished (checkpoint at iteration {last}{', no summary.json' * (s is None)})"
+    if s["stopped"] != "max_seconds" and s["iterations"] < iters:
+        return f"has trained {s['iterations']} of its {iters} iterations"
+    return None
+
+
+def combine(run: Path) -> dict:
+    """`ebdiff ta-eb --combine RUN`: check that every branch finished (`unfinished`; a branch still training is
+    refused by its lock), then write regions.json and `finalize` (taeb.json, heatmaps, the ensemble's
+    curve), as the one-launch mode does at its end. Returns the accounting."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--combine: {run} is not an ebdiff TA-EB run folder (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    regions = region_set(cfg)
+    with ck.RunLock(run, "ta-eb --combine"), contextlib.ExitStack() as locks:
+        for k, region in enumerate(regions):
+            d = branch_dir(run, k)
+            if d.is_dir():
+                locks.enter_context(ck.RunLock(d, "ta-eb --combine"))
+            why = unfinished(d, branch_config(cfg, region).train.iters)
+            if why is not None:
+                raise ConfigError(f"--combine: branch {k} ({d}) {why}: run ebdiff ta-eb --resume {run} --branch {k}")
+        write_layout(cfg, run)
+        return finalize(run)
+
+
 # ---------------------------------------------------------------------- the combined artifact and accounting
 
 
@@ -212,7 +285,7 @@ def accounting(run: Path, cfg: Config) -> dict:
             "ticket_iteration": t["iteration"] if t else None, "ticket_found": bool(t and t.get("found", True)),
             "dense_iterations": s["dense_iterations"], "ticket_iterations": s["ticket_iterations"],
             "search_s": (t or {}).get("search_seconds", times["dense_s"] + times["check_s"]),
-            "train_s": times["train_total"], "wall_s": times.get("wall_s"),
+            "train_s": times["train_total"], "wall_s": times.get("wall_s"), "dense_s": times["dense_s"],
         })
     res = accounting_record(regions, branches, spec["route"], cfg.sample, visited)
     ck.atomic_write_json(Path(run) / "taeb.json", res)

@@ -423,6 +423,29 @@ def extract(model: nn.Module, plan: Plan, reinit: bool = False,
     return small
 
 
+def kept_entries(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
+    """Which entries of `model`'s floating-point state survive `plan`: for every floating state_dict entry, the
+    flat indices into the dense entry of the pruned one's entries (int64, in the pruned shape), so that
+    `dense.reshape(-1)[idx]` is that state (weights, optimizer moments, EMA) restricted to the kept channels.
+    Found by pruning copies whose entries hold their own flat indices: float32 holds integers exactly below
+    2**24, so a tensor larger than that takes a second copy for the high digits."""
+    base = 2 ** 24
+    sd = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    digits = 2 if max(v.numel() for v in sd.values()) > base else 1
+    kept = {k: torch.zeros((), dtype=torch.long) for k in sd}
+    for d in range(digits):
+        tagged = copy.deepcopy(model).float()
+        with torch.no_grad():
+            for k, v in tagged.state_dict().items():
+                if k in sd:
+                    flat = torch.arange(v.numel(), device=v.device) // base ** d % base
+                    v.copy_(flat.view(v.shape).float())
+        small = apply_plan(tagged, plan).state_dict()
+        for k in sd:
+            kept[k] = kept[k] + small[k].long().cpu() * base ** d
+    return kept
+
+
 @dataclass
 class Pruned:
     """What pruning a model gives: the physically smaller model, the plan that rebuilds its architecture

@@ -33,7 +33,7 @@ class RunContext:
     data: Any  # data.ImageData: the training data (a study's fixed batch: data.head(n))
     log: Callable[[dict], None]
     print: Callable[[str], None]
-    adopt: Callable[..., None]  # adopt(model, phase, plan)
+    adopt: Callable[..., None]  # adopt(model, phase, plan, kept=None)
     paused: Callable[[], ContextManager]
     barrier: Callable[[], None]
     tracker: Any = None  # tracking.Tracker on the main process when train.log_with is set

@@ -23,7 +23,7 @@ from ..runs.facts import TicketInfo
 from .hooks import Hook
 from ..core.masks import ChannelMask
 from ..backbones import format_count, size_of
-from ..pruning.engine import Criterion, Plan, PruningEngine, ScoreProbe, cut, make_criterion
+from ..pruning.engine import Criterion, Plan, PruningEngine, ScoreProbe, cut, kept_entries, make_criterion
 
 SEARCHING, DRAWN, MISSED = "searching", "drawn", "missed"
 
@@ -133,7 +133,8 @@ class EarlyBirdSearch:
 
 class EarlyBirdHook(Hook):
     """The Early-Bird training mode on the loop: check on cadence, and on a ticket extract it from the
-    online model and train it instead (`ctx.adopt`: a new optimizer, EMA and compiled step).
+    online model and train it instead (`ctx.adopt`: a new optimizer, EMA and compiled step; with
+    early_bird.carry_state the dense optimizer state and EMA restricted to the kept channels).
 
     eb: the `early_bird` config section. init_fn: a fresh dense model (early_bird.reinit). artifacts:
     artifacts(run_dir, search, ticket_dict | None) writes the search's files when it ends (the assembly
@@ -166,7 +167,8 @@ class EarlyBirdHook(Hook):
         t0 = time.perf_counter()
         small = cut(st.model, s.engine_for_plan(), ticket.mask, reinit=self.eb.reinit, init_fn=self.init_fn)
         s.release()
-        ctx.adopt(small.model.train(), "ticket", small.plan)
+        kept = kept_entries(st.model, small.plan) if self.eb.carry_state else None
+        ctx.adopt(small.model.train(), "ticket", small.plan, kept)
         size = size_of(small.model)
         st.timing.extract_s += time.perf_counter() - t0
         st.timing.search_s = st.timing.dense_s

@@ -189,6 +189,32 @@ class EMA:
         torch._foreach_lerp_(self._dst, self._src, 1.0 - self.decay_at(self.updates))
 
 
+def restricted(dense: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`dense` restricted to the entries `idx` (`pruning.kept_entries`), laid out like `like` (its memory format)."""
+    return torch.empty_like(like).copy_(dense.reshape(-1)[idx.to(dense.device)].view(idx.shape))
+
+
+@torch.no_grad()
+def carry_ema(dense: EMA, ema: EMA, kept: dict[str, torch.Tensor]) -> None:
+    """Make `ema` (of a pruned model) the dense EMA restricted to the kept entries, its update counts included."""
+    src = dense.module.state_dict()
+    for name, v in ema.module.state_dict().items():
+        if v.is_floating_point():
+            v.copy_(restricted(src[name], kept[name], v))
+    ema.updates, ema.steps = dense.updates, dense.steps
+
+
+def carry_optimizer(dense: torch.optim.Optimizer, dense_model: nn.Module, opt: torch.optim.Optimizer,
+                    model: nn.Module, kept: dict[str, torch.Tensor]) -> None:
+    """Give `opt` (over a pruned `model`) the dense optimizer's per-parameter state restricted to the kept
+    entries: Adam's moments sliced, its step counts copied."""
+    dense_params = dict(dense_model.named_parameters())
+    for name, p in model.named_parameters():
+        q = dense_params[name]
+        opt.state[p] = {k: restricted(v, kept[name], p) if torch.is_tensor(v) and v.shape == q.shape
+                        else v.clone() if torch.is_tensor(v) else v for k, v in dense.state.get(q, {}).items()}
+
+
 def prepare_model(model: nn.Module, fast: FastPath) -> nn.Module:
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -58,10 +58,32 @@ def size_weightings(regions: RegionSet, params: list[float], macs: list[float], 
     }
 
 
+def device_seconds(branches: list[dict]) -> dict:
+    """Pure: TA-EB's training cost counted two ways, each with its speed-up over the dense model trained for
+    as many iterations as the longest branch, at the seconds per iteration the branches' dense (search)
+    phases measured (`dense_s` over `dense_iterations`, averaged over the branches that have one):
+    `one_device_per_branch` is the longest branch (the branches in parallel; what the paper's speed-ups
+    count), `one_device` all branches' seconds together (what a single device pays, one after another)."""
+    rates = [b["dense_s"] / b["dense_iterations"] for b in branches if b.get("dense_iterations") and "dense_s" in b]
+    iters = max(b["dense_iterations"] + b["ticket_iterations"] for b in branches)
+    dense = sum(rates) / len(rates) * iters if rates else None
+    longest, together = max(b["train_s"] for b in branches), sum(b["train_s"] for b in branches)
+    speedup = lambda t: dense / t if dense is not None and t > 0 else None  # noqa: E731
+    return {
+        "dense_estimate": {"train_s": dense, "iterations": iters, "definition": f"the dense model for {iters} "
+                           "iterations at the s/iteration of the branches' dense phases"},
+        "one_device_per_branch": {"train_s": longest, "speedup_over_dense": speedup(longest),
+                                  "definition": "the longest branch (branches in parallel; the paper counts this)"},
+        "one_device": {"train_s": together, "speedup_over_dense": speedup(together),
+                       "definition": "all branches' device-seconds together (one device, one after another)"},
+    }
+
+
 def accounting_record(regions: RegionSet, branches: list[dict], route: str, sc, visited: list[int]) -> dict:
     """Pure: taeb.json's content from the branches' sizes and times (`taeb.accounting` reads them): the
-    weighted sizes in both weightings (`size_weightings`), the longest branch's and all branches' training time.
-    sc: the sample settings (sampler, steps, spacing); visited: the timesteps that sampler visits."""
+    weighted sizes in both weightings (`size_weightings`), the longest branch's and all branches' training time
+    (and their speed-ups: `device_seconds`). sc: the sample settings (sampler, steps, spacing); visited: the
+    timesteps that sampler visits."""
     sampler = f"{sc.sampler}, {sc.steps} steps, {sc.spacing} spacing" if sc.sampler == "ddim" else sc.sampler
     w = size_weightings(regions, [b["params"] for b in branches], [b["macs"] for b in branches], visited, route,
                         sampler)
@@ -74,6 +96,7 @@ def accounting_record(regions: RegionSet, branches: list[dict], route: str, sc, 
         "branches": branches,
         "taeb_train_s": max(b["train_s"] for b in branches),
         "sum_train_s": sum(b["train_s"] for b in branches),
+        "device_seconds": device_seconds(branches),
     }
 
 
@@ -93,4 +116,10 @@ def format_accounting(a: dict) -> str:
                      f"per region, the paper's Table 4): {t['params'] / 1e6:.2f}M params, {t['macs'] / 1e9:.3f}G MACs")
     lines.append(f"TA-EB training time (longest branch): {a['taeb_train_s']:.1f} s "
                  f"(all branches together {a['sum_train_s']:.1f} s)")
+    d = a.get("device_seconds") or {}
+    if (d.get("dense_estimate") or {}).get("train_s"):
+        x = lambda k: f"{d[k]['speedup_over_dense']:.2f}x" if d[k]["speedup_over_dense"] else "-"  # noqa: E731
+        lines.append(f"speed-up over dense ({d['dense_estimate']['train_s']:.1f} s estimated for "
+                     f"{d['dense_estimate']['iterations']} iterations): {x('one_device_per_branch')} with one device "
+                     f"per branch (the paper's count), {x('one_device')} on one device (all branches' seconds)")
     return "\n".join(lines)

@@ -35,7 +35,7 @@ from .hooks import Hook, RunContext
 from ..progress import progress_bar
 from ..backbones import size_of
 from .start import start_run
-from .step import EMA, TrainStep, lr_factor, make_optimizer, prepare_model, resolve_fast_path
+from .step import EMA, TrainStep, carry_ema, carry_optimizer, lr_factor, make_optimizer, prepare_model, resolve_fast_path
 
 
 class Trainer:
@@ -92,15 +92,20 @@ class Trainer:
             if self.meter is not None:
                 self.meter.pause(dt)
 
-    def adopt(self, model: nn.Module, phase: str, plan: list | None) -> None:
+    def adopt(self, model: nn.Module, phase: str, plan: list | None, kept: dict | None = None) -> None:
         """Train `model` from here on (the dense preset, a ticket, a pruned model): its fast-path layout,
-        a new optimizer, EMA and compiled step (one per model shape)."""
+        a new optimizer, EMA and compiled step (one per model shape). kept: `pruning.kept_entries` of the
+        model trained so far, whose optimizer state and EMA then carry over restricted to them
+        (early_bird.carry_state); None: they start fresh."""
         tc = self.cfg.train
         self.fast = resolve_fast_path(tc, self.device, self.world)
         prepare_model(model, self.fast)
         opt = make_optimizer(model.parameters(), tc, self.fast)
         self.model_p = self.dist.prepare_model(model)  # DDP when several processes
         ema = EMA.from_config(model, tc)
+        if kept is not None:
+            carry_optimizer(self.state.optimizer, self.state.model, opt, model, kept)
+            carry_ema(self.state.ema, ema, kept)
         if self.state is None:
             self.state = ck.TrainState(model, ema, opt, phase=phase, plan=plan)
         else:
