@@ -139,7 +139,7 @@ def test_branches_as_independent_jobs_give_the_one_launch_ensemble(tmp_path, has
 
 def test_device_seconds_of_a_three_branch_run():
     """One device per branch counts the longest branch (the paper); one device pays every branch's seconds."""
-    from ebdiff.train.taeb_spec import device_seconds
+    from ebdiff.training.taeb_spec import device_seconds
 
     branches = [{"train_s": 30.0, "dense_s": 10.0, "dense_iterations": 40, "ticket_iterations": 60},
                 {"train_s": 20.0, "dense_s": 15.0, "dense_iterations": 50, "ticket_iterations": 50},

@@ -60,7 +60,7 @@ def test_carried_ticket_state_is_the_dense_state_restricted_to_the_kept_channels
     import copy
 
     from ebdiff.pruning.engine import PruningEngine, apply_plan, extract, kept_entries
-    from ebdiff.train.step import EMA, carry_ema, carry_optimizer
+    from ebdiff.training.step import EMA, carry_ema, carry_optimizer
 
     torch.manual_seed(0)
     dense = build_model("tiny")
