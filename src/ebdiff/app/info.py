@@ -54,11 +54,22 @@ def size_row(name: str, ratio: float | None, model, dense: dict | None) -> dict:
 
 def format_sizes(rows: list[dict]) -> str:
     """The rows as `ebdiff info` prints them; latent presets also in the paper's convention (Table 6)."""
-    lines = [f"{'preset':<16} {'ratio':>6} {'params':>10} {'MACs':>10} {'MACs x':>8}"]
+    w = max([16] + [len(r["preset"]) for r in rows])
+    lines = [f"{'preset':<{w}} {'ratio':>6} {'params':>10} {'MACs':>10} {'MACs x':>8}"]
     for r in rows:
         ratio = "dense" if r["ratio"] is None else f"{r['ratio']:.3f}".rstrip("0")
         mx = "" if r["ratio"] is None else f"{1 / r['macs_ratio']:.2f}x"
-        lines.append(f"{r['preset']:<16} {ratio:>6} {count_text(r['params']):>10} {count_text(r['macs']):>10} {mx:>8}")
+        lines.append(f"{r['preset']:<{w}} {ratio:>6} {count_text(r['params']):>10} {count_text(r['macs']):>10} {mx:>8}")
+    dit = [r for r in rows if "paper_params" in r]
+    if dit:
+        lines.append("\nDiT presets, the DiT paper's convention: one timestep/class embedder (diffusers' class has one "
+                     "per block)\nand the multiply-adds of one latent with the attention products q k^T and attention x v "
+                     "(the counter above sees neither):")
+        lines.append(f"{'preset':<{w}} {'ratio':>6} {'params':>10} {'MACs':>10}")
+        for r in dit:
+            ratio = "dense" if r["ratio"] is None else f"{r['ratio']:.3f}".rstrip("0")
+            lines.append(f"{r['preset']:<{w}} {ratio:>6} {count_text(r['paper_params']):>10} "
+                         f"{count_text(r['paper_macs']):>10}")
     latent = [r for r in rows if "macs_batch6" in r]
     if latent:
         lines.append("\nLatent presets, the paper's convention (Table 6): the UNet's parameters without the "
