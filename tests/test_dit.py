@@ -113,3 +113,28 @@ def test_bitwise_resume_across_extraction(tmp_path, has_fmnist):
     assert main(["train", "--resume", str(b), "train.iters=12"]) == 0
     assert same(weights(a, 12), weights(b, 12))
     assert json.loads((b / "ticket.json").read_text())["iteration"] == 6
+
+
+def test_latent_dit_with_guidance(tmp_path, has_fmnist):
+    """A latent DiT (the tiny VQ autoencoder's 3x8x8 latents, 10 classes): Early-Bird search with label dropout,
+    resume, sampling by class with classifier-free guidance."""
+    from diffusers import VQModel
+
+    from ebdiff.data.latents import TINY_VQ, save_autoencoder
+
+    torch.manual_seed(0)
+    vq = save_autoencoder(VQModel(**TINY_VQ), tmp_path / "vq")
+    args = ["model.preset=dit-latent-tiny", f"model.autoencoder={vq}", f"data.latent_cache={tmp_path / 'lat'}",
+            "data.limit=64", "model.dropout=0", "model.latent_scale=std", "model.class_dropout=0.5",
+            "early_bird.ratio=0.5", "early_bird.check_every=2", "early_bird.queue=2", "early_bird.eta=0.9",
+            "train.ckpt_every=2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *tiny_args(a, "train.iters=8", *args)]) == 0
+    assert main(["train", *tiny_args(b, "train.iters=6", *args)]) == 0
+    assert main(["train", "--resume", str(b), "train.iters=8"]) == 0
+    assert same(weights(a, 8), weights(b, 8))
+    meta = json.loads((a / "checkpoints" / "ckpt-000000008" / "meta.json").read_text())
+    assert meta["phase"] == "ticket" and meta["num_classes"] == 10 and meta["image_shape"] == [3, 8, 8]
+    out = tmp_path / "s.png"
+    assert main(["sample", str(a), "--n", "4", "--steps", "3", "--class", "2", "--class", "7", "--guidance", "2",
+                 "--out", str(out)]) == 0

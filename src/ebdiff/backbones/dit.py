@@ -35,6 +35,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CIFAR-10 pixels: patch 2, hidden 384, depth 12, 6 heads (the DDIM fork's configs/cifar10_dit.yml)
     "dit-s2-cifar10": dict(dit=dict(sample_size=32, in_channels=3, patch_size=2, num_attention_heads=6,
                                     attention_head_dim=64, num_layers=12)),
+    # CPU tests of the latent path: Fashion-MNIST 32x32 -> the tiny VQ-f4 autoencoder -> 3x8x8 latents, 16 tokens
+    "dit-latent-tiny": dict(dit=dict(sample_size=8, in_channels=3, patch_size=2, num_attention_heads=4,
+                                     attention_head_dim=16, num_layers=2), classes=10, image=(1, 32)),
     # the DiT paper's ImageNet 256 models on sd-vae-ft-ema latents 4x32x32
     "dit-b2-imagenet256": dict(dit=dict(sample_size=32, in_channels=4, patch_size=2, num_attention_heads=12,
                                         attention_head_dim=64, num_layers=12), classes=1000, image=(3, 256)),
