@@ -138,3 +138,28 @@ def test_latent_dit_with_guidance(tmp_path, has_fmnist):
     out = tmp_path / "s.png"
     assert main(["sample", str(a), "--n", "4", "--steps", "3", "--class", "2", "--class", "7", "--guidance", "2",
                  "--out", str(out)]) == 0
+
+
+def test_every_ratio_extracts_and_trains():
+    torch.manual_seed(0)
+    m = build_model("dit-tiny", num_classes=10)
+    eng = PruningEngine(m)
+    macs = []
+    for r in (0.1, 0.3, 0.5, 0.7, 0.9):
+        small = extract(m, eng.plan(eng.mask("magnitude", r)))
+        macs.append(count_macs_params(small)[0])
+        x = torch.randn(2, 1, 32, 32)
+        eps_fn(small)(x, torch.tensor([1, 500]), torch.tensor([3, 10])).square().mean().backward()
+        assert all(p.grad is not None for n, p in small.named_parameters() if "class_embedder" not in n)
+    assert macs == sorted(macs, reverse=True) and len(set(macs)) == len(macs)
+
+
+def test_prune_from_run_baseline_with_taylor(tmp_path, has_fmnist):
+    d = tmp_path / "d"
+    assert main(["train", *tiny_args(d, "train.iters=2", "model.preset=dit-tiny", "model.num_classes=10")]) == 0
+    p = tmp_path / "p"
+    assert main(["train", *tiny_args(p, "train.iters=2", "model.preset=dit-tiny", "model.num_classes=10",
+                                     f"prune.from_run={d}", "prune.ratio=0.5", "prune.criterion=taylor")]) == 0
+    s = json.loads((p / "summary.json").read_text())
+    assert s["ticket"]["macs"] < 0.6 * s["dense"]["macs"]
+    assert sum(q.numel() for q in ebdiff.load(p).parameters()) == s["ticket"]["params"]

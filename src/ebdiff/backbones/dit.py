@@ -9,8 +9,9 @@ each block separately) is switched off: ebdiff's training step drops labels itse
 
 Pruning (`PruningEngine`): torch-pruning traces the fixed-scale attention processor's scaled_dot_product_attention
 as one element-wise op, so q, k, v and the output projection's input fall into one group rooted at `to_v`; the
-engine cuts it per head (every head loses the same channels' count), with the softmax scale fixed at the dense
-head width (`FixedScaleAttnProcessor`): removing a channel is zeroing it. The MLP's hidden channels
+engine cuts it per head (every head loses the same channels' count, never a whole head; q, k and v lose the
+same indices: q and k must, and v follows the group torch-pruning gives), with the softmax scale fixed at the
+dense head width (`FixedScaleAttnProcessor`): removing a channel is zeroing it. The MLP's hidden channels
 (`ff.net.0.proj`, a plain tanh-GELU, not a GEGLU) are a plain group. Left whole: the residual width (one group
 through the patch embedding, every block's adaLN modulation and the final layer, `proj_out_1`), the final
 projection `proj_out_2` (its widths are the patches' pixels) and the per-block timestep embedders (the
