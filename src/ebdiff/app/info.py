@@ -53,23 +53,40 @@ def size_row(name: str, ratio: float | None, model, dense: dict | None) -> dict:
 
 
 def format_sizes(rows: list[dict]) -> str:
-    """The rows as `ebdiff info` prints them; latent presets also in the paper's convention (Table 6)."""
-    lines = [f"{'preset':<16} {'ratio':>6} {'params':>10} {'MACs':>10} {'MACs x':>8}"]
+    """The rows as `ebdiff info` prints them; latent UNet presets also in the LDM paper's convention (Table 6),
+    DiT presets in the DiT paper's."""
+    w = max([16] + [len(r["preset"]) for r in rows])
+    lines = [f"{'preset':<{w}} {'ratio':>6} {'params':>10} {'MACs':>10} {'MACs x':>8}"]
     for r in rows:
-        ratio = "dense" if r["ratio"] is None else f"{r['ratio']:.3f}".rstrip("0")
         mx = "" if r["ratio"] is None else f"{1 / r['macs_ratio']:.2f}x"
-        lines.append(f"{r['preset']:<16} {ratio:>6} {count_text(r['params']):>10} {count_text(r['macs']):>10} {mx:>8}")
-    latent = [r for r in rows if "macs_batch6" in r]
-    if latent:
-        lines.append("\nLatent presets, the paper's convention (Table 6): the UNet's parameters without the "
-                     "class-embedding table, and the MACs of a batch of 6 latents, as Diff-Pruning's prune_ldm.py "
-                     "counts them:")
-        lines.append(f"{'preset':<16} {'ratio':>6} {'UNet params':>12} {'MACs/latent':>12} {'MACs x 6':>10}")
-        for r in latent:
-            ratio = "dense" if r["ratio"] is None else f"{r['ratio']:.3f}".rstrip("0")
-            lines.append(f"{r['preset']:<16} {ratio:>6} {count_text(r['unet_params']):>12} {count_text(r['macs']):>12} "
-                         f"{count_text(r['macs_batch6']):>10}")
-        lines.append("(one latent of the preset's size with its class; torch-pruning 1.6 counts GroupNorm and "
-                     "LayerNorm MACs, the paper's older counter did not: ldm-imagenet256's 599.17G here vs the "
-                     "paper's 598.8G)")
+        lines.append(f"{r['preset']:<{w}} {_ratio_text(r):>6} {count_text(r['params']):>10} "
+                     f"{count_text(r['macs']):>10} {mx:>8}")
+    lines += _convention_table(
+        [r for r in rows if "paper_params" in r], w,
+        "DiT presets, the DiT paper's convention: one timestep/class embedder (diffusers' class has one per block)\n"
+        "and the multiply-adds of one latent with the attention products q k^T and attention x v (the counter "
+        "above sees neither):", [("params", "paper_params", 10), ("MACs", "paper_macs", 10)])
+    lines += _convention_table(
+        [r for r in rows if "macs_batch6" in r], w,
+        "Latent presets, the paper's convention (Table 6): the UNet's parameters without the class-embedding table, "
+        "and the MACs of a batch of 6 latents, as Diff-Pruning's prune_ldm.py counts them:",
+        [("UNet params", "unet_params", 12), ("MACs/latent", "macs", 12), ("MACs x 6", "macs_batch6", 10)],
+        "(one latent of the preset's size with its class; torch-pruning 1.6 counts GroupNorm and LayerNorm MACs, the "
+        "paper's older counter did not: ldm-imagenet256's 599.17G here vs the paper's 598.8G)")
     return "\n".join(lines)
+
+
+def _ratio_text(row: dict) -> str:
+    return "dense" if row["ratio"] is None else f"{row['ratio']:.3f}".rstrip("0")
+
+
+def _convention_table(rows: list[dict], w: int, title: str, columns: list[tuple[str, str, int]],
+                      note: str | None = None) -> list[str]:
+    """The lines of a table of `rows` in a paper's counting convention: (header, row key, width) per column."""
+    if not rows:
+        return []
+    lines = ["\n" + title, f"{'preset':<{w}} {'ratio':>6} " + " ".join(f"{h:>{n}}" for h, _, n in columns)]
+    for r in rows:
+        lines.append(f"{r['preset']:<{w}} {_ratio_text(r):>6} "
+                     + " ".join(f"{count_text(r[k]):>{n}}" for _, k, n in columns))
+    return lines + ([note] if note else [])

@@ -1,0 +1,164 @@
+"""Diffusion transformers: diffusers' `DiTTransformer2DModel` (Peebles & Xie's DiT), class-conditional through
+adaLN-Zero, predicting epsilon only (out_channels = in_channels: no learned sigma).
+
+The class: the label embedding has num_classes + 1 rows, the last one the null class of classifier-free guidance.
+DiT always takes a label, so an unconditional model (a pixel preset without `model.num_classes`) is one with a
+single class whose every call gets the null class: the unconditional branch of a conditional DiT, and the row
+classifier-free guidance would use. diffusers' own label dropout (10% per block, drawn from the global RNG in
+each block separately) is switched off: ebdiff's training step drops labels itself, once per sample.
+
+Pruning (`PruningEngine`): torch-pruning traces the fixed-scale attention processor's scaled_dot_product_attention
+as one element-wise op, so q, k, v and the output projection's input fall into one group rooted at `to_v`; the
+engine cuts it per head (every head loses the same channels' count, never a whole head; q, k and v lose the
+same indices: q and k must, and v follows the group torch-pruning gives), with the softmax scale fixed at the
+dense head width (`FixedScaleAttnProcessor`): removing a channel is zeroing it. The MLP's hidden channels
+(`ff.net.0.proj`, a plain tanh-GELU, not a GEGLU) are a plain group. Left whole: the residual width (one group
+through the patch embedding, every block's adaLN modulation and the final layer, `proj_out_1`), the final
+projection `proj_out_2` (its widths are the patches' pixels) and the per-block timestep embedders (the
+conditioning vector c; per-sample, not per-token, arithmetic, and the DiT paper shares one embedder)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .base import Backbone, register_backbone
+from .common import use_fixed_scale_attention
+
+# hidden = heads x head_dim; MLP ratio 4 (diffusers' default); `image`: the pixel images a latent preset's
+# autoencoder encodes (its latents are in_channels x sample_size^2); `classes`: the default class count.
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests and the demo: Fashion-MNIST 1x32x32, 8x8 = 64 tokens of 4x4 patches, 0.2M parameters
+    "dit-tiny": dict(dit=dict(sample_size=32, in_channels=1, patch_size=4, num_attention_heads=4,
+                              attention_head_dim=16, num_layers=4)),
+    # CIFAR-10 pixels: patch 2, hidden 384, depth 12, 6 heads (the DDIM fork's configs/cifar10_dit.yml)
+    "dit-s2-cifar10": dict(dit=dict(sample_size=32, in_channels=3, patch_size=2, num_attention_heads=6,
+                                    attention_head_dim=64, num_layers=12)),
+    # CPU tests of the latent path: Fashion-MNIST 32x32 -> the tiny VQ-f4 autoencoder -> 3x8x8 latents, 16 tokens
+    "dit-latent-tiny": dict(dit=dict(sample_size=8, in_channels=3, patch_size=2, num_attention_heads=4,
+                                     attention_head_dim=16, num_layers=2), classes=10, image=(1, 32)),
+    # the DiT paper's ImageNet 256 models on sd-vae-ft-ema latents 4x32x32
+    "dit-b2-imagenet256": dict(dit=dict(sample_size=32, in_channels=4, patch_size=2, num_attention_heads=12,
+                                        attention_head_dim=64, num_layers=12), classes=1000, image=(3, 256)),
+    "dit-xl2-imagenet256": dict(dit=dict(sample_size=32, in_channels=4, patch_size=2, num_attention_heads=16,
+                                         attention_head_dim=72, num_layers=28), classes=1000, image=(3, 256)),
+}
+
+
+class DiT(Backbone):
+    """What the pixel and the latent DiT backbones share (everything but their presets and `latent`)."""
+
+    macs_convention = (Backbone.macs_convention + " (diffusers' DiT: every block has its own timestep and class "
+                       "embedder, and the attention products are not counted); `paper_count`: the DiT paper's, "
+                       "one shared embedder and the attention products of one latent added")
+
+    def dit_config(self, preset: str, dropout: float = 0.1, num_classes: int | None = None) -> dict[str, Any]:
+        """The diffusers constructor arguments of a preset's DiT conditioned on `num_classes` (None: 1 class)."""
+        cfg = dict(PRESETS[preset]["dit"])
+        return dict(cfg, out_channels=cfg["in_channels"], dropout=dropout, num_embeds_ada_norm=num_classes or 1)
+
+    def build(self, preset: str, dropout: float = 0.1, num_classes: int | None = None) -> nn.Module:
+        from diffusers import DiTTransformer2DModel  # imported on use: diffusers is slow to import
+
+        model = DiTTransformer2DModel(**self.dit_config(preset, dropout, num_classes))
+        for block in model.transformer_blocks:  # ebdiff's step drops labels (classifier-free guidance), once
+            block.norm1.emb.class_embedder.dropout_prob = 0.0
+        model.num_classes = num_classes  # None: unconditional (every call gets the null class)
+        return use_fixed_scale_attention(model)
+
+    def image_shape(self, preset: str) -> tuple[int, int]:
+        p = PRESETS[preset]
+        return tuple(p["image"]) if "image" in p else (p["dit"]["in_channels"], p["dit"]["sample_size"])
+
+    def size_multiple(self, preset: str) -> int:
+        return PRESETS[preset]["dit"]["patch_size"]
+
+    def latent_channels(self, preset: str) -> int:
+        """The channels of the latents a latent preset's DiT takes (what its autoencoder must give)."""
+        return PRESETS[preset]["dit"]["in_channels"]
+
+    def classes(self, preset: str, num_classes: int | None = None) -> int | None:
+        n = PRESETS[preset].get("classes") if num_classes is None else num_classes
+        return None if n is None else int(n)
+
+    def owns(self, model: nn.Module) -> bool:
+        return type(model).__name__ == "DiTTransformer2DModel"
+
+    def model_classes(self, model: nn.Module) -> int | None:
+        n = getattr(model, "num_classes", None)
+        return None if n is None else int(n)
+
+    def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        c, s = model.config.in_channels, model.config.sample_size
+        return c, s, s
+
+    def labels(self, model: nn.Module, cond: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """The class labels of a call: `cond`, or the null class (row num_embeds_ada_norm) for every sample."""
+        if cond is not None:
+            return cond
+        null = int(model.config.num_embeds_ada_norm)
+        return torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
+
+    def eps(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+            cond: torch.Tensor | None = None) -> torch.Tensor:
+        return model(x, t, class_labels=self.labels(model, cond, x)).sample
+
+    def example_inputs(self, model: nn.Module, batch: int = 1, res: int | None = None) -> dict[str, torch.Tensor]:
+        """`Backbone.example_inputs` under DiT's argument names, always with a label (the null class when
+        unconditional)."""
+        ex = super().example_inputs(model, batch, res)
+        sample = ex.pop("sample")
+        return {"hidden_states": sample, "timestep": ex["timestep"],
+                "class_labels": self.labels(model, ex.get("class_labels"), sample)}
+
+    # ------------------------------------------------------------------ pruning
+    def ignored_layers(self, model: nn.Module) -> list[nn.Module]:
+        """proj_out_1 (drops the residual-width group with it), proj_out_2 and the per-block timestep embedders."""
+        mods = [model.proj_out_1, model.proj_out_2]
+        for b in model.transformer_blocks:
+            te = b.norm1.emb.timestep_embedder
+            mods += [te.linear_1, te.linear_2]
+        return mods
+
+    def group_kind(self, graph, group, names: dict, modules: dict) -> tuple[str, int] | None:
+        """The attention group (rooted at to_v, holding to_q and to_k): heads; the MLP: plain."""
+        name = names[group[0].dep.target.module]
+        if name.endswith("attn1.to_v"):
+            heads = int(modules[name.rsplit(".", 1)[0]].heads)
+            return ("heads", heads) if heads > 1 else ("plain", 1)
+        return ("plain", 1) if name.endswith("ff.net.0.proj") else None
+
+    def paper_count(self, model: nn.Module, macs: int) -> dict[str, int]:
+        """The DiT paper's convention: one timestep/class embedder (diffusers repeats it in every block) and the
+        multiply-adds of one latent, with the two attention products (q k^T and attention x v, N^2 x width
+        each per block) that the counter does not see."""
+        blocks = model.transformer_blocks
+        emb = sum(p.numel() for p in blocks[0].norm1.emb.parameters())
+        emb_macs = sum(m.in_features * m.out_features for m in blocks[0].norm1.emb.modules()
+                       if isinstance(m, nn.Linear))
+        c, h, w = self.sample_shape(model)
+        tokens = (h // model.config.patch_size) * (w // model.config.patch_size)
+        attn = sum(2 * tokens * tokens * b.attn1.to_v.out_features for b in blocks)
+        return {"paper_params": sum(p.numel() for p in model.parameters()) - (len(blocks) - 1) * emb,
+                "paper_macs": macs - (len(blocks) - 1) * emb_macs + attn}
+
+
+@register_backbone
+class PixelDiT(DiT):
+    name = "dit"
+    presets = {k: v for k, v in PRESETS.items() if "image" not in v}
+
+
+@register_backbone
+class LatentDiT(DiT):
+    """The latent presets (the data source `latents`); a model of either answers to `PixelDiT` (`backbone_of`):
+    a model is the same family whatever it was trained on."""
+
+    name = "dit-latent"
+    presets = {k: v for k, v in PRESETS.items() if "image" in v}
+    latent = True
+
+    def owns(self, model: nn.Module) -> bool:
+        return False

@@ -1,0 +1,165 @@
+"""The DiT backbone: presets, pruning correctness per head and MLP channel, training with an Early-Bird search,
+bitwise resume across the ticket extraction, loading a run, and the DiT paper's size convention."""
+
+import json
+
+import pytest
+import torch
+
+import ebdiff
+from ebdiff.app.info import format_sizes, size_rows
+from ebdiff.backbones import backbone_of, backbone_of_preset, build_model, count_macs_params, eps_fn
+from ebdiff.cli import main
+from ebdiff.core.diffusion import DiffusionLoss, Schedule
+from ebdiff.pruning.engine import PruningEngine, ScoreProbe, channel_zero_mask_, extract
+from conftest import tiny_args
+from test_train import same, weights
+
+
+def _pair(num_classes, criterion, multiple=1, seed=0):
+    torch.manual_seed(seed)
+    m = build_model("dit-tiny", 0.0, num_classes).eval()
+    # a trained model's adaLN is not zero: perturb every weight so that no block is the identity
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    eng = PruningEngine(m)
+    probe = None
+    if criterion in ("taylor", "diff-pruning"):
+        x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+        labels = None if num_classes is None else torch.arange(4) % num_classes
+        probe = ScoreProbe(x0, DiffusionLoss(Schedule.linear()), 4, None, 0, labels)
+    mask = eng.mask(criterion, 0.5, probe, seed=1, multiple=multiple)
+    small = extract(m, eng.plan(mask)).eval()
+    channel_zero_mask_(m, eng, mask)  # the engine's graph holds m's modules: zero the dense model itself
+    return m, small, eng, mask
+
+
+@pytest.mark.parametrize("num_classes,criterion", [(None, "magnitude"), (10, "magnitude"), (10, "random"),
+                                                   (10, "taylor"), (None, "diff-pruning")])
+def test_ticket_equals_zeroed_dense(num_classes, criterion):
+    """Removing heads' channels and MLP channels is exactly zeroing them (the softmax scale stays the dense
+    head width), conditional or not, for every criterion."""
+    dense, small, eng, mask = _pair(num_classes, criterion)
+    assert 0.3 < mask.pruned_fraction < 0.6
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([3, 400, 999])
+    cond = None if num_classes is None else torch.tensor([0, 9, num_classes])  # the null class too
+    with torch.no_grad():
+        a, b = eps_fn(small)(x, t, cond), eps_fn(dense)(x, t, cond)
+    assert a.shape == x.shape
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert count_macs_params(small)[0] < 0.7 * count_macs_params(dense)[0]
+
+
+def test_groups_are_heads_and_mlp_channels():
+    m = build_model("dit-tiny")
+    eng = PruningEngine(m)
+    kinds = {i.name.split(".", 2)[-1]: (i.kind, i.gn_groups, i.size) for i in eng.info}
+    assert kinds == {"attn1.to_v": ("heads", 4, 64), "ff.net.0.proj": ("plain", 1, 256)}
+    assert len(eng.info) == 2 * 4  # two groups per block; residual width, embedders, final layer left whole
+
+
+def test_round_channels_keeps_heads_consistent():
+    _, small, _, _ = _pair(10, "magnitude", multiple=4)
+    for b in small.transformer_blocks:
+        a = b.attn1
+        assert a.to_q.out_features == a.to_k.out_features == a.to_v.out_features == a.to_out[0].in_features
+        assert (a.to_v.out_features // a.heads) % 4 == 0 and a.to_v.out_features % a.heads == 0
+        assert b.ff.net[0].proj.out_features % 4 == 0
+        assert a.scale == 16 ** -0.5  # the dense head width's softmax scale
+
+
+def test_presets_and_latent():
+    assert backbone_of_preset("dit-tiny").name == "dit" and not backbone_of_preset("dit-tiny").latent
+    lat = backbone_of_preset("dit-xl2-imagenet256")
+    assert lat.latent and lat.latent_channels("dit-xl2-imagenet256") == 4
+    assert lat.image_shape("dit-xl2-imagenet256") == (3, 256) and lat.classes("dit-xl2-imagenet256") == 1000
+    m = build_model("dit-tiny", num_classes=10)
+    assert backbone_of(m).model_classes(m) == 10 and m.config.out_channels == 1  # eps only: no learned sigma
+    assert backbone_of(build_model("dit-tiny")).model_classes(build_model("dit-tiny")) is None
+
+
+def test_info_paper_convention():
+    """DiT-XL/2 in the paper: 675M params, 118.6 Gflops (multiply-adds); B/2: 130M, 23.01G."""
+    rows = size_rows("dit-xl2-imagenet256", [0.5])
+    assert rows[0]["params"] > 749e6  # diffusers' per-block embedders
+    assert round(rows[0]["paper_params"] / 1e6) == 675 and round(rows[0]["paper_macs"] / 1e8) == 1186
+    assert rows[1]["paper_macs"] < 0.55 * rows[0]["paper_macs"]
+    assert "DiT paper's convention" in format_sizes(rows)
+    b2 = size_rows("dit-b2-imagenet256")[0]
+    assert round(b2["paper_params"] / 1e6) == 130 and round(b2["paper_macs"] / 1e7) == 2301
+
+
+EB = ["model.preset=dit-tiny", "early_bird.ratio=0.5", "early_bird.check_every=2", "early_bird.eta=0.5",
+      "early_bird.queue=3"]
+
+
+def test_early_bird_run_loads_and_samples(tmp_path, has_fmnist):
+    run = tmp_path / "eb"
+    assert main(["train", *tiny_args(run, "train.iters=12", "model.num_classes=10", *EB)]) == 0
+    t = json.loads((run / "ticket.json").read_text())
+    assert t["iteration"] == 6 and t["ticket"]["params"] < t["dense"]["params"]
+    model = ebdiff.load(run)
+    assert type(model).__name__ == "DiTTransformer2DModel"
+    assert sum(p.numel() for p in model.parameters()) == t["ticket"]["params"]
+    grid = tmp_path / "g.png"
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "--out", str(grid)]) == 0
+
+
+def test_bitwise_resume_across_extraction(tmp_path, has_fmnist):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *tiny_args(a, "train.iters=8", "train.ckpt_every=2", *EB)]) == 0
+    assert main(["train", *tiny_args(b, "train.iters=4", "train.ckpt_every=2", *EB)]) == 0
+    assert main(["train", "--resume", str(b), "train.iters=8"]) == 0  # the ticket is drawn at iteration 6
+    assert same(weights(a, 8), weights(b, 8))
+    assert json.loads((b / "ticket.json").read_text())["iteration"] == 6
+
+
+def test_latent_dit_with_guidance(tmp_path, has_fmnist):
+    """A latent DiT (the tiny VQ autoencoder's 3x8x8 latents, 10 classes): Early-Bird search with label dropout,
+    resume, sampling by class with classifier-free guidance."""
+    from diffusers import VQModel
+
+    from ebdiff.data.latents import TINY_VQ, save_autoencoder
+
+    torch.manual_seed(0)
+    vq = save_autoencoder(VQModel(**TINY_VQ), tmp_path / "vq")
+    args = ["model.preset=dit-latent-tiny", f"model.autoencoder={vq}", f"data.latent_cache={tmp_path / 'lat'}",
+            "data.limit=64", "model.dropout=0", "model.latent_scale=std", "model.class_dropout=0.5",
+            "early_bird.ratio=0.5", "early_bird.check_every=2", "early_bird.queue=2", "early_bird.eta=0.9",
+            "train.ckpt_every=2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *tiny_args(a, "train.iters=8", *args)]) == 0
+    assert main(["train", *tiny_args(b, "train.iters=6", *args)]) == 0
+    assert main(["train", "--resume", str(b), "train.iters=8"]) == 0
+    assert same(weights(a, 8), weights(b, 8))
+    meta = json.loads((a / "checkpoints" / "ckpt-000000008" / "meta.json").read_text())
+    assert meta["phase"] == "ticket" and meta["num_classes"] == 10 and meta["image_shape"] == [3, 8, 8]
+    out = tmp_path / "s.png"
+    assert main(["sample", str(a), "--n", "4", "--steps", "3", "--class", "2", "--class", "7", "--guidance", "2",
+                 "--out", str(out)]) == 0
+
+
+def test_every_ratio_extracts_and_trains():
+    torch.manual_seed(0)
+    m = build_model("dit-tiny", num_classes=10)
+    eng = PruningEngine(m)
+    macs = []
+    for r in (0.1, 0.3, 0.5, 0.7, 0.9):
+        small = extract(m, eng.plan(eng.mask("magnitude", r)))
+        macs.append(count_macs_params(small)[0])
+        x = torch.randn(2, 1, 32, 32)
+        eps_fn(small)(x, torch.tensor([1, 500]), torch.tensor([3, 10])).square().mean().backward()
+        assert all(p.grad is not None for n, p in small.named_parameters() if "class_embedder" not in n)
+    assert macs == sorted(macs, reverse=True) and len(set(macs)) == len(macs)
+
+
+def test_prune_from_run_baseline_with_taylor(tmp_path, has_fmnist):
+    d = tmp_path / "d"
+    assert main(["train", *tiny_args(d, "train.iters=2", "model.preset=dit-tiny", "model.num_classes=10")]) == 0
+    p = tmp_path / "p"
+    assert main(["train", *tiny_args(p, "train.iters=2", "model.preset=dit-tiny", "model.num_classes=10",
+                                     f"prune.from_run={d}", "prune.ratio=0.5", "prune.criterion=taylor")]) == 0
+    s = json.loads((p / "summary.json").read_text())
+    assert s["ticket"]["macs"] < 0.6 * s["dense"]["macs"]
+    assert sum(q.numel() for q in ebdiff.load(p).parameters()) == s["ticket"]["params"]
