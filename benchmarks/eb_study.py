@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from ebdiff.app.assemble import train
+from ebdiff.backbones import build_model
 from ebdiff.config import load_config
 from ebdiff.core.diffusion import DiffusionLoss
 from ebdiff.core.earlybird import EarlyBirdDetector
-from ebdiff.training.hooks import RunContext
 from ebdiff.core.masks import distance_matrix, hamming
-from ebdiff.backbones import build_model
-from ebdiff.pruning.engine import PruningEngine, ScoreProbe, criterion_names, make_criterion
 from ebdiff.evaluate.report import plot_hamming
+from ebdiff.pruning.engine import PruningEngine, ScoreProbe, criterion_names, make_criterion
+from ebdiff.training.hooks import RunContext
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ebdiff.runs.export_formats import FILES, write_files
 from ebdiff.backbones import build_model, count_macs_params
 from ebdiff.pruning.engine import prune
+from ebdiff.runs.export_formats import FILES, write_files
 
 
 def per_image(fn, batch: int, repeats: int) -> float:

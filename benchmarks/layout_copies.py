@@ -34,8 +34,8 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.decomposition import select_decomp_table
 from torch._prims_common import suggest_memory_format
 
-from ebdiff.core.diffusion import DiffusionLoss, Schedule
 from ebdiff.backbones import build_model
+from ebdiff.core.diffusion import DiffusionLoss, Schedule
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 

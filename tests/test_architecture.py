@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_args
+
+from ebdiff.backbones import build_model, eps_fn
 from ebdiff.cli import main
 from ebdiff.core.diffusion import DiffusionLoss, Schedule, TimestepSampler, min_snr_weights
 from ebdiff.core.earlybird import EarlyBirdDetector
-from ebdiff.backbones import build_model, eps_fn
 from ebdiff.pruning.engine import CRITERIA, Criterion, PruningEngine, ScoreProbe, make_criterion, register_criterion
 from ebdiff.training.search import DRAWN, MISSED, EarlyBirdSearch
 
@@ -156,8 +156,8 @@ def test_unknown_criterion_is_refused_with_the_registered_names(tmp_path, capsys
 
 def test_registered_sampler_is_a_valid_setting():
     from ebdiff.config import load_config
-    from ebdiff.errors import ConfigError
     from ebdiff.core.sampling import SAMPLERS, generate, register_sampler
+    from ebdiff.errors import ConfigError
 
     @register_sampler("x0-zero", lambda T, steps, spacing: [0])
     def zero_sampler(model, x, schedule, timesteps, *, generator=None):
@@ -235,8 +235,9 @@ def test_after_the_ticket_nothing_keeps_an_autograd_graph_or_the_dense_model(tmp
     import weakref
 
     from conftest import tiny_args
-    from ebdiff.config import load_config
+
     from ebdiff.app.assemble import train
+    from ebdiff.config import load_config
 
     seen_dense, checked = [], []
 

@@ -2,8 +2,7 @@ import math
 
 import pytest
 
-from ebdiff.training.autocompile import (DEFAULT_HIT_S, DEFAULT_MISS_S, EXPECTED_COMPILED_RATIO, decide_compile,
-                                estimate)
+from ebdiff.training.autocompile import DEFAULT_HIT_S, DEFAULT_MISS_S, EXPECTED_COMPILED_RATIO, decide_compile, estimate
 
 
 def test_compiles_only_when_the_planned_iterations_repay_the_compilation():

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_args
 from safetensors.torch import load_file
 
-from conftest import tiny_args
 from ebdiff.cli import main
 
 

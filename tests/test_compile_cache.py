@@ -4,13 +4,13 @@ import time
 
 import pytest
 import torch
-
 from conftest import needs_cxx, tiny_args
-from ebdiff.training import compile_cache as cc
-from ebdiff.training.compile_cache import CompileCache, cache_key, compile_counters, resolve_dir, was_hit
+
+from ebdiff.backbones import build_model
 from ebdiff.config import TrainConfig
 from ebdiff.core.diffusion import DiffusionLoss, Schedule
-from ebdiff.backbones import build_model
+from ebdiff.training import compile_cache as cc
+from ebdiff.training.compile_cache import CompileCache, cache_key, compile_counters, resolve_dir, was_hit
 from ebdiff.training.step import FastPath, TrainStep, make_optimizer
 
 
@@ -160,8 +160,8 @@ def test_the_trainer_prints_and_logs_the_auto_decision(tmp_path, monkeypatch, ca
     metrics.jsonl and summary.json (here forced on the CPU, where auto means no compilation)."""
     from dataclasses import replace
 
-    from ebdiff.training import trainer as tr
     from ebdiff.cli import main
+    from ebdiff.training import trainer as tr
 
     real = tr.resolve_fast_path
     monkeypatch.setattr(tr, "resolve_fast_path",

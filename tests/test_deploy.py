@@ -10,10 +10,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from test_interop import runs  # noqa: F401  (the module's dense, ticket and TA-EB runs)
 
 import ebdiff
 from ebdiff.cli import main
-from test_interop import runs  # noqa: F401  (the module's dense, ticket and TA-EB runs)
 
 ONNX_ATOL = 1e-4  # onnxruntime's CPU kernels against torch's, float32 (observed: ~2e-6)
 PT2_ATOL = 1e-5  # the same aten graph (observed: 0)
@@ -133,8 +133,8 @@ def test_paths_from_an_export_or_a_regions_file_stay_inside_it(runs, tmp_path, c
     ("all", "expected a list"),
 ])
 def test_a_pruning_plan_is_checked_before_it_is_replayed(runs, tmp_path, capsys, plan, match):  # noqa: F811
-    from ebdiff.runs import interop
     from ebdiff.pruning.engine import check_plan
+    from ebdiff.runs import interop
 
     exp = interop.export(runs["eb"], tmp_path / "m")
     meta = json.loads((exp / "unet" / "plan.json").read_text())
@@ -146,8 +146,8 @@ def test_a_pruning_plan_is_checked_before_it_is_replayed(runs, tmp_path, capsys,
 def test_inside():
     from pathlib import Path
 
-    from ebdiff.runs.confine import inside
     from ebdiff.errors import CheckpointError
+    from ebdiff.runs.confine import inside
 
     assert inside(Path("/a/b"), "c/d", "x") == Path("/a/b/c/d")
     for bad in ("..", "../b2", "/a/b/c", "", None, 3):
@@ -191,8 +191,8 @@ def _image_folder(root, n=20, bad=(7,)):
 
 
 def test_bad_images_are_found_before_the_first_iteration(tmp_path, capsys, monkeypatch):
-    from ebdiff.data import imagecheck
     from ebdiff.config import DataConfig
+    from ebdiff.data import imagecheck
     from ebdiff.data.datasets import load_dataset
 
     imgs = _image_folder(tmp_path / "imgs", bad=(7, 12))
@@ -248,8 +248,8 @@ def hf_saved(tmp_path_factory):
 
 @pytest.mark.parametrize("where", ["saved", "pq"])
 def test_hf_dataset_from_disk_trains_with_its_labels(hf_saved, tmp_path, where, monkeypatch):
-    from ebdiff.data import hf as hf_data
     from ebdiff.config import DataConfig
+    from ebdiff.data import hf as hf_data
     from ebdiff.data.datasets import load_dataset
 
     dcfg = DataConfig(name="hf", root=str(hf_saved / where), label_column="label")

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_args
+from test_train import same, weights
 
 import ebdiff
 from ebdiff.app.info import format_sizes, size_rows
@@ -12,8 +14,6 @@ from ebdiff.backbones import backbone_of, backbone_of_preset, build_model, count
 from ebdiff.cli import main
 from ebdiff.core.diffusion import DiffusionLoss, Schedule
 from ebdiff.pruning.engine import PruningEngine, ScoreProbe, channel_zero_mask_, extract
-from conftest import tiny_args
-from test_train import same, weights
 
 
 def _pair(num_classes, criterion, multiple=1, seed=0):

@@ -6,11 +6,11 @@ import json
 import pytest
 import yaml
 
-from ebdiff.cli import main
+from ebdiff.app.assemble import train
 from ebdiff.app.experiment import load_experiment, method_config, run_experiment, scale_config
+from ebdiff.cli import main
 from ebdiff.config import load_config
 from ebdiff.errors import ConfigError
-from ebdiff.app.assemble import train
 
 TINY = ["model.preset=tiny", "data.limit=256", "train.batch_size=8", "train.device=cpu", "train.progress=false",
         "train.log_every=2", "train.ckpt_every=2", "sample.steps=3", "train.iters=6"]

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_args
-from ebdiff.runs import interop
+from test_sampling import MU, SD, gaussian_eps
+
 from ebdiff.cli import main
 from ebdiff.core.diffusion import Schedule
-from ebdiff.errors import CheckpointError, ConfigError
 from ebdiff.core.sampling import SAMPLERS, ddim_timesteps, generate
-from test_sampling import MU, SD, gaussian_eps
+from ebdiff.errors import CheckpointError, ConfigError
+from ebdiff.runs import interop
 
 REPO = Path(__file__).resolve().parents[1]
 EB = ["early_bird.check_every=1", "early_bird.queue=2", "early_bird.eta=0.9"]  # a ticket at iteration 2
@@ -236,8 +236,8 @@ def test_routed_unet_routes_each_sample_by_its_timestep(runs):
 
 # ---------------------------------------------------------------------- bundled configs and the README's Python API
 def test_configs_are_found_by_name_outside_the_repository(tmp_path, monkeypatch, capsys):
-    from ebdiff.config import bundled_configs, find_config, load_config
     from ebdiff.app.experiment import load_experiment
+    from ebdiff.config import bundled_configs, find_config, load_config
 
     assert (REPO / "configs").resolve() == bundled_configs()  # one copy: the repository links to the package's
     monkeypatch.chdir(tmp_path)

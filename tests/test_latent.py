@@ -7,18 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_args
 from safetensors.torch import load_file
 
-from conftest import tiny_args
-from ebdiff.cli import main
-from ebdiff.data.datasets import ImageData
-from ebdiff.errors import ConfigError, DataError
-from ebdiff.data.latents import TINY_VQ, LatentCache, encode_dataset, load_autoencoder, save_autoencoder
-from ebdiff.core.masks import ChannelMask
 from ebdiff.backbones import build_model, eps_fn, example_inputs
-from ebdiff.pruning.engine import PruningEngine, channel_zero_mask_, extract
+from ebdiff.cli import main
+from ebdiff.core.masks import ChannelMask
 from ebdiff.core.regions import RegionRouter, RegionSet
 from ebdiff.core.sampling import Conditioned, class_rows, conditioned, generate
+from ebdiff.data.datasets import ImageData
+from ebdiff.data.latents import TINY_VQ, LatentCache, encode_dataset, load_autoencoder, save_autoencoder
+from ebdiff.errors import ConfigError, DataError
+from ebdiff.pruning.engine import PruningEngine, channel_zero_mask_, extract
 
 
 @pytest.fixture(scope="module")

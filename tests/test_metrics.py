@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from ebdiff.errors import EbdiffError
-from ebdiff.evaluate.metrics import (ClassifierFeatures, InceptionFeatures, fd_from_features, feature_stats,
-                            frechet_distance, kid, train_classifier)
+from ebdiff.evaluate.metrics import (
+    ClassifierFeatures,
+    InceptionFeatures,
+    fd_from_features,
+    feature_stats,
+    frechet_distance,
+    kid,
+    train_classifier,
+)
 
 
 def test_fd_identical_is_zero():

@@ -1,7 +1,15 @@
 import pytest
 
+from ebdiff.core.mfu import (
+    PEAK_TFLOPS,
+    compute_mfu,
+    format_flops,
+    gpu_family,
+    peak_tflops,
+    step_precision,
+    train_step_flops,
+)
 from ebdiff.evaluate.bench import format_mfu
-from ebdiff.core.mfu import PEAK_TFLOPS, compute_mfu, format_flops, gpu_family, peak_tflops, step_precision, train_step_flops
 
 
 @pytest.mark.parametrize("name,fam", [("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"),

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from ebdiff.cli import main
 from ebdiff.backbones import build_model, count_macs_params
+from ebdiff.cli import main
 
 # REFERENCE.md section 3 (Torch-Pruning counting): exact numbers
 EXPECTED = {"cifar10": (35_746_307, 6_064_135_040), "celeba64": (78_700_803, 23_921_622_912),

@@ -2,9 +2,9 @@
 
 import io
 
+from conftest import tiny_args
 from tqdm.auto import tqdm
 
-from conftest import tiny_args
 from ebdiff import progress
 from ebdiff.cli import main
 

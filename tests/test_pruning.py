@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from ebdiff.runs.checkpoint import load_model, save_checkpoint
-from ebdiff.core.diffusion import Schedule
 from ebdiff.backbones import build_model, count_macs_params, example_inputs
-from ebdiff.pruning.engine import PruningEngine, accumulate_taylor_grads, channel_zero_mask_, extract
+from ebdiff.core.diffusion import Schedule
 from ebdiff.core.masks import ChannelMask
+from ebdiff.pruning.engine import PruningEngine, accumulate_taylor_grads, channel_zero_mask_, extract
+from ebdiff.runs.checkpoint import load_model, save_checkpoint
 
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 

@@ -6,14 +6,14 @@ import json
 import shutil
 
 import pytest
-
 from conftest import tiny_args
-from ebdiff.runs.checkpoint import read_records, records_upto
+
 from ebdiff.cli import main
 from ebdiff.config import load_config
 from ebdiff.errors import ConfigError
 from ebdiff.evaluate.quality_curves import Point, time_to_quality, time_to_target, verdict
 from ebdiff.evaluate.training_eval import Cadence, ensemble_plan
+from ebdiff.runs.checkpoint import read_records, records_upto
 
 EVAL = ["train.eval_n=16", "train.eval_steps=3", "train.eval_classifier_epochs=1"]
 
@@ -150,11 +150,11 @@ def test_training_time_excludes_evaluation_and_wall_clock_budget(tmp_path, has_f
     """On a clock that moves only while a (stand-in) scorer works, evaluation shows in eval_s and nowhere
     else: not in the training time, the points' train_s, the logged wall clock. train.max_seconds stops
     a run cleanly (real clock)."""
-    from ebdiff.training import trainer as trainer_module
-    from ebdiff.evaluate import training_eval
-    from ebdiff.config import load_config
-    from ebdiff.app.experiment import run_status
     from ebdiff.app.assemble import train
+    from ebdiff.app.experiment import run_status
+    from ebdiff.config import load_config
+    from ebdiff.evaluate import training_eval
+    from ebdiff.training import trainer as trainer_module
 
     class Clock:
         now = 0.0
@@ -219,8 +219,8 @@ def test_demo_compare_same_time_both_grids_and_a_verdict(tmp_path, has_fmnist, m
     """`ebdiff demo --compare` on a clock that moves 1/8 s per reading (fast and exact), with a stand-in
     scorer: both runs stop on the same time budget, the report has the curves and both grids, and one
     line says which reached the better quality."""
-    from ebdiff.training import trainer as trainer_module
     from ebdiff.evaluate import training_eval
+    from ebdiff.training import trainer as trainer_module
     class Ticking:
         now = 0.0
 

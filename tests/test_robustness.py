@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_args
 from safetensors.torch import load_file
 
-from conftest import tiny_args
 from ebdiff.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,8 +151,8 @@ def test_resume_refuses_an_edited_model_and_applies_new_training_settings(tmp_pa
 
 
 def test_resume_after_a_crash_logs_each_iteration_once(tmp_path, has_fmnist):
-    from ebdiff.config import load_config
     from ebdiff.app.assemble import train
+    from ebdiff.config import load_config
 
     run = tmp_path / "C"
     cfg = load_config(None, tiny_args(run, "train.iters=10", "train.log_every=1")[2:] + ["train.ckpt_every=4"])

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 import ebdiff
 from ebdiff.backbones import Backbone, backbone_of, eps_fn, register_backbone, unregister_backbone
-from ebdiff.data.datasets import Dataset, ImageData, register_dataset, unregister_dataset
 from ebdiff.core.diffusion import Schedule
-from ebdiff.evaluate.evaluate import sample_checkpoint
 from ebdiff.core.sampling import generate
+from ebdiff.data.datasets import Dataset, ImageData, register_dataset, unregister_dataset
+from ebdiff.evaluate.evaluate import sample_checkpoint
 
 
 class BlobNet(nn.Module):

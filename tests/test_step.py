@@ -1,10 +1,10 @@
 import torch
-
 from conftest import needs_cxx
+
+from ebdiff.backbones import build_model
 from ebdiff.cli import main
 from ebdiff.config import TrainConfig
 from ebdiff.core.diffusion import DiffusionLoss, Schedule
-from ebdiff.backbones import build_model
 from ebdiff.training.step import EAGER_FP32, FastPath, TrainStep, make_optimizer, prepare_model, resolve_fast_path
 
 

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_args
+
 from ebdiff.cli import main
 
 
@@ -75,8 +75,8 @@ def test_bad_regions_stop_before_anything_is_written(tmp_path, capsys):
 
 
 def test_dist_backend_lets_branches_share_a_gpu():
-    from ebdiff.errors import ConfigError
     from ebdiff.app.taeb import dist_backend
+    from ebdiff.errors import ConfigError
 
     assert dist_backend(3, 1, cuda=False, n_gpus=0) == "gloo"
     assert dist_backend(3, 1, cuda=True, n_gpus=8) == "nccl"  # one GPU per branch

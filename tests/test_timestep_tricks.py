@@ -4,8 +4,15 @@ import torch
 from scipy import stats
 
 from ebdiff.config import DiffusionConfig
-from ebdiff.core.diffusion import (Schedule, TimestepSampler, make_timestep_sampler, min_snr_weights, speed_meaningful_step,
-                              speed_probabilities, speed_weights)
+from ebdiff.core.diffusion import (
+    Schedule,
+    TimestepSampler,
+    make_timestep_sampler,
+    min_snr_weights,
+    speed_meaningful_step,
+    speed_probabilities,
+    speed_weights,
+)
 
 
 @pytest.mark.parametrize("k", [2.0, 5.0])

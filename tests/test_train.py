@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import needs_cxx, tiny_args
 from safetensors.torch import load_file
 
-from ebdiff.cli import main
-from conftest import needs_cxx, tiny_args
 from ebdiff.backbones import build_model, example_inputs
+from ebdiff.cli import main
 
 
 def weights(run, it, name="model.safetensors"):

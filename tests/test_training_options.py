@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_args
 from safetensors.torch import load_file
 
-from conftest import tiny_args
+from ebdiff.backbones import build_model
 from ebdiff.cli import main
 from ebdiff.config import TrainConfig
 from ebdiff.core.diffusion import DiffusionLoss, Schedule
-from ebdiff.backbones import build_model
 from ebdiff.training.step import EAGER_FP32, EMA, TrainStep, lr_factor, make_optimizer
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .config import choices
 from .errors import ConfigError, EbdiffError
-from .runs.interop import SAMPLER_PREFIX, SCHEDULERS, register_diffusers_samplers
 from .evaluate.report import count_text, format_train_summary, report_tables, write_report
+from .runs.interop import SAMPLER_PREFIX, SCHEDULERS, register_diffusers_samplers
 
 
 # ---------------------------------------------------------------------- train
@@ -38,8 +38,8 @@ def _print_train_summary(s: dict) -> None:
 
 # ---------------------------------------------------------------------- sample, export, eval, report
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .training.distributed import resolve_device
     from .evaluate.evaluate import SAMPLE_OPTIONS, format_sample_info, sample_run
+    from .training.distributed import resolve_device
 
     if args.scheduler:
         if args.sampler:
@@ -53,8 +53,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .runs.interop import export
     from .runs.folders import read_manifest
+    from .runs.interop import export
 
     out = export(Path(args.run), Path(args.out), ema=not args.no_ema, formats=args.format)
     man = read_manifest(out)
@@ -66,10 +66,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .runs.checkpoint import RunLock
-    from .training.distributed import resolve_device
     from .evaluate.evaluate import evaluate_run, one_line
+    from .runs.checkpoint import RunLock
     from .runs.folders import require_checkpoints
+    from .training.distributed import resolve_device
 
     if args.n <= 1:
         raise ConfigError("--n must be at least 2")
@@ -117,8 +117,8 @@ def cmd_taeb(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .runs.checkpoint import RunLock
     from .app.experiment import format_plan, load_experiment, plan, run_experiment
+    from .runs.checkpoint import RunLock
 
     for k in ("eval_n", "eval_steps"):
         if getattr(args, k) is not None and getattr(args, k) < (2 if k == "eval_n" else 1):
@@ -151,10 +151,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode a latent preset's dataset once into its latent cache (what `train` would do first)."""
-    from .config import load_config
-    from .training.distributed import resolve_device
-    from .data.latents import describe_cache, latent_training_data
     from .backbones import backbone_of_preset
+    from .config import load_config
+    from .data.latents import describe_cache, latent_training_data
+    from .training.distributed import resolve_device
 
     cfg = load_config(args.config, args.overrides)
     if not backbone_of_preset(cfg.model.preset).latent:
@@ -168,7 +168,15 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate.bench import bench_settings, device_label, format_profile, format_table, format_taeb, run_bench, taeb_rows
+    from .evaluate.bench import (
+        bench_settings,
+        device_label,
+        format_profile,
+        format_table,
+        format_taeb,
+        run_bench,
+        taeb_rows,
+    )
     from .files import atomic_write_json
     from .training.compile_cache import CompileCache
     from .training.distributed import resolve_device

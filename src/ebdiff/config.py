@@ -286,10 +286,10 @@ def choices() -> dict[str, tuple[str, ...]]:
     because they import torch and the schema does not. diffusers' schedulers are samplers once the entry points
     have called `runs.interop.register_diffusers_samplers()`."""
     from .backbones import preset_names
-    from .data.datasets import dataset_names
-    from .pruning.engine import criterion_names
     from .core.regions import ROUTES
     from .core.sampling import SAMPLERS, SPACINGS
+    from .data.datasets import dataset_names
+    from .pruning.engine import criterion_names
 
     crits = criterion_names()
     return {**CHOICES, "data.name": dataset_names(), "model.preset": preset_names(), "early_bird.criterion": crits,

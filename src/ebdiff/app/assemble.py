@@ -14,11 +14,11 @@ from pathlib import Path
 
 from ..config import Config, RunSpec
 from ..errors import ConfigError
-from ..training.hooks import CallbackHook
 from ..evaluate.report import write_search_artifacts
 from ..evaluate.tracking import SampleGridHook, Tracker
-from ..training.trainer import Trainer
 from ..evaluate.training_eval import EvalHook
+from ..training.hooks import CallbackHook
+from ..training.trainer import Trainer
 
 
 def make_trainer(cfg: Config, run_dir: str | Path, resume: bool = False, callbacks: list | None = None,

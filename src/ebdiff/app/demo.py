@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runs.checkpoint import latest_checkpoint, read_json
+from ..backbones import backbone_of_preset
 from ..config import Config, bundled_configs, load_config
 from ..data.datasets import load_dataset
-from ..training.distributed import resolve_device
+from ..data.latents import train_autoencoder
 from ..errors import ConfigError
 from ..evaluate.evaluate import sample_run
-from .experiment import load_experiment, run_experiment
-from ..data.latents import train_autoencoder
-from ..backbones import backbone_of_preset
 from ..evaluate.quality_curves import verdict
+from ..runs.checkpoint import latest_checkpoint, read_json
+from ..training.distributed import resolve_device
 from .assemble import train
+from .experiment import load_experiment, run_experiment
 
 DEMO_CONFIG = "demo.yaml"  # bundled (config.bundled_configs)
 DEMO_COMPARE = "demo_compare.yaml"  # bundled, in experiments/

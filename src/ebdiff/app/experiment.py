@@ -35,10 +35,10 @@ from typing import Any
 
 import yaml
 
-from ..runs import checkpoint as ck
-from ..core.accounting import summary_finished
 from ..config import Config, RunSpec, apply_overrides, find_config, load_config, read_yaml, validate
+from ..core.accounting import summary_finished
 from ..errors import ConfigError
+from ..runs import checkpoint as ck
 from ..training.taeb_spec import branch_config, branch_dir, region_set
 
 TOP_KEYS = {"name", "base", "scale", "out", "overrides", "reference", "eval", "methods", "description", "target",
@@ -265,9 +265,9 @@ def plan(exp: Experiment) -> list[dict]:
 def run_experiment(exp: Experiment, only: list[str] | None = None, evaluate: bool = True, device: str = "auto",
                    progress: bool = True, log=print) -> dict:
     """Train / resume / skip each method, evaluate, report. Returns what experiment.json records."""
-    from ..training.distributed import resolve_device
     from ..evaluate.evaluate import evaluate_run, one_line
     from ..evaluate.report import write_report
+    from ..training.distributed import resolve_device
 
     if only:
         unknown = set(only) - {m.name for m in exp.methods}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
 from ..backbones import backbone_of_preset, build_model, count_macs_params, preset_names
-from ..pruning.engine import PruningEngine, SizeOnly, prune
+from ..errors import ConfigError
 from ..evaluate.report import count_text
+from ..pruning.engine import PruningEngine, SizeOnly, prune
 
 
 def size_rows(preset: str | None = None, ratios: list[float] | None = None, round_channels: int = 1) -> list[dict]:

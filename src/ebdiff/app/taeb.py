@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..runs import checkpoint as ck
 from ..config import Config, dump_yaml, load_config
-from ..training.distributed import stop_requests
-from ..errors import CheckpointError, ConfigError, Interrupted
-from ..runs.folders import REGIONS_FILE, read_regions, regions_record, taeb_run
 from ..core.sampling import visited_timesteps
+from ..errors import CheckpointError, ConfigError, Interrupted
+from ..runs import checkpoint as ck
+from ..runs.folders import REGIONS_FILE, read_regions, regions_record, taeb_run
+from ..training.distributed import stop_requests
 from ..training.taeb_spec import accounting_record, branch_config, branch_dir, region_set
 
 
@@ -326,8 +326,8 @@ def finalize(run: Path, progress: bool = True, log=print) -> dict:
     a = accounting(run, cfg)
     plot_region_heatmaps(run, Path(run) / "hamming_regions.png")
     if cfg.train.eval_every is not None:
-        from ..training.distributed import resolve_device
         from ..evaluate.training_eval import score_taeb_curve
+        from ..training.distributed import resolve_device
 
         score_taeb_curve(run, resolve_device(cfg.train.device), progress=progress and cfg.train.progress, log=log)
     return a

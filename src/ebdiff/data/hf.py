@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .datasets import Dataset, ImageData, decode_image, register_dataset
 from ..errors import DataError
+from .datasets import Dataset, ImageData, decode_image, register_dataset
 
 IN_MEMORY_BYTES = 1 << 30  # decoded uint8 images up to this size are held in memory
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}

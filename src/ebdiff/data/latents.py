@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from ..backbones import backbone_of_preset
-from .datasets import ImageData, load_dataset, register_source, to_model_range
 from ..errors import ConfigError, DataError
+from .datasets import ImageData, load_dataset, register_source, to_model_range
 
 AUTOENCODERS = {"VQModel": "vq", "AutoencoderKL": "kl"}  # diffusers class -> kind
 CACHE_FORMAT = 1
@@ -243,9 +243,8 @@ def encode_dataset(data, ae: Autoencoder, folder: Path, identity: dict, shard_si
                    batch: int = 64, progress: bool = True, num_workers: int = 2) -> LatentCache:
     """Encode `data` (a `data.ImageData`, in memory or streamed from files) into `folder` unless it is already
     complete; shards already written are kept (an interrupted encoding resumes)."""
-    from ..progress import progress_bar
-
     from ..files import atomic_write_json
+    from ..progress import progress_bar
 
     folder = Path(folder)
     with _locked(folder):
@@ -382,6 +381,7 @@ def train_autoencoder(images: torch.Tensor, folder: Path, steps: int = 1500, bat
     import time
 
     from diffusers import VQModel
+
     from ..progress import progress_bar
 
     torch.manual_seed(seed)

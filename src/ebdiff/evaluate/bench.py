@@ -14,9 +14,9 @@ from dataclasses import replace
 
 import torch
 
+from ..backbones import backbone_of, build_model, count_macs_params
 from ..core.diffusion import DiffusionLoss, Schedule
 from ..core.mfu import format_flops
-from ..backbones import backbone_of, build_model, count_macs_params
 from ..training.step import EAGER_FP32, EMA, FastPath, TrainStep, make_optimizer, prepare_model
 
 

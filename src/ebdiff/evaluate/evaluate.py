@@ -10,16 +10,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write_json
+from ..backbones import (
+    autocast_eps,
+    backbone_of,
+    backbone_of_preset,
+    count_macs_params,
+    eps_fn,
+    fixed_batch_eps,
+    model_classes,
+)
 from ..config import Config, DiffusionConfig, SampleConfig
-from ..data.datasets import DATASETS, get_dataset, load_dataset
 from ..core.diffusion import Schedule
-from ..errors import ConfigError
-from ..runs.interop import read_models
-from ..backbones import autocast_eps, backbone_of, backbone_of_preset, count_macs_params, eps_fn, fixed_batch_eps, model_classes
 from ..core.regions import RegionRouter
-from ..runs.folders import require_checkpoints, run_config
 from ..core.sampling import generate, sampler_timesteps, visited_timesteps
+from ..data.datasets import DATASETS, get_dataset, load_dataset
+from ..errors import ConfigError
+from ..files import atomic_write_json
+from ..runs.folders import require_checkpoints, run_config
+from ..runs.interop import read_models
 
 COMPILE_MIN_CALLS = 2000  # sample.compile=auto compiles on a GPU from this many eps-model calls on
 
@@ -43,9 +51,9 @@ def sample_run(path: Path, out: Path | None = None, device: str = "cpu", ema: bo
     """Sample a run (dense, ticket or TA-EB) with its own sampler settings (overrides: sample.* values,
     None = the run's), write a PNG grid and the uint8 images as .npz; returns the sampling info with
     the two paths (`grid`, `images`). Default grid: RUN/samples_<sampler><steps>.png."""
+    from ..core.sampling import to_uint8
     from ..files import atomic_save
     from .report import save_grid
-    from ..core.sampling import to_uint8
 
     x, info = sample_checkpoint(Path(path), device, ema=ema, progress=progress, route=route, **overrides)
     s = info["sampler"]
@@ -310,8 +318,8 @@ def evaluate_run(run: Path, *, n: int = 10_000, metric: str = "fd", steps: int |
             m.update(sc.floor())
             m["note"] = f"{sc.name} uses ebdiff's own {cfg.data.name} classifier features; it is not Inception FID"
         result["metrics"][kind] = m
-    from .report import save_grid
     from ..core.sampling import to_uint8
+    from .report import save_grid
 
     save_grid(to_uint8(x[:64]), run / "samples_eval.png")  # the report's side-by-side grids (Figure 5)
     summ = run / "summary.json"

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backbones import eps_fn, model_classes
 from ..core.diffusion import Schedule
+from ..core.sampling import class_rows, generate, to_uint8
+from ..data.latents import LatentDecoder
 from ..errors import ConfigError
 from ..training.hooks import Hook
-from ..data.latents import LatentDecoder
-from ..backbones import eps_fn, model_classes
 from .report import save_grid
-from ..core.sampling import class_rows, generate, to_uint8
 
 TRACKERS = ("none", "tensorboard", "wandb")
 

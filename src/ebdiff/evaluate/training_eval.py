@@ -32,16 +32,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from ..runs import checkpoint as ck
-from ..config import Config, RunSpec, load_config, parse_every
-from .evaluate import Scorer, run_sample_config, sample_model, sampling_inputs
-from ..training.hooks import Hook
 from ..backbones import eps_fn
+from ..config import Config, RunSpec, load_config, parse_every
 from ..core.regions import RegionRouter
-from .report import save_grid
-from ..runs.folders import read_regions
 from ..core.sampling import to_uint8
+from ..runs import checkpoint as ck
+from ..runs.folders import read_regions
+from ..training.hooks import Hook
+from .evaluate import Scorer, run_sample_config, sample_model, sampling_inputs
+from .report import save_grid
 
 SNAPSHOTS = "snapshots"
 GRID = "samples_curve.png"  # the newest evaluation point's images (the report's sample grids)

@@ -29,8 +29,8 @@ import torch.nn as nn
 
 from ..backbones import Backbone, backbone_of, eps_fn
 from ..core.diffusion import DiffusionLoss, Schedule
-from ..errors import CheckpointError
 from ..core.masks import ChannelMask, select_pruned
+from ..errors import CheckpointError
 
 Plan = list[tuple[str, list[int]]]  # (root module name, pruned output-channel indices), in group order
 

@@ -28,12 +28,12 @@ import torch
 import torch.nn as nn
 
 from ..core.accounting import Timing
-from .confine import inside
 from ..errors import CheckpointError
-from .facts import RunFacts
+
 # run files are written and read through these; they are also this module's names (ck.atomic_save ...)
-from ..files import (atomic_save, atomic_write_json, atomic_write_text, json_default, json_line,  # noqa: F401
-                     read_json, usual_mode)
+from ..files import atomic_save, atomic_write_json, atomic_write_text, json_default, json_line, read_json, usual_mode  # noqa: F401
+from .confine import inside
+from .facts import RunFacts
 
 FORMAT = 1
 METRICS_FILE = "metrics.jsonl"  # the run's log: one JSON record per line, each with the iteration it belongs to

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from ..backbones import backbone_of, eps_call, example_inputs, model_classes
+from ..errors import ConfigError
 
 FOLDER = "folder"  # today's model folder, always written
 FILES = {"onnx": "model.onnx", "torch-export": "model.pt2"}  # format -> file name inside a member folder

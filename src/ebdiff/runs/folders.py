@@ -13,11 +13,11 @@ import json
 import time
 from pathlib import Path
 
-from . import checkpoint as ck
 from ..config import Config, load_config
-from .confine import inside
-from ..errors import CheckpointError, ConfigError
 from ..core.regions import RegionSet
+from ..errors import CheckpointError, ConfigError
+from . import checkpoint as ck
+from .confine import inside
 
 REGIONS_FILE = "regions.json"  # marks a TA-EB run (and a TA-EB export): its regions and member folders
 MANIFEST = "ebdiff.json"  # marks an exported folder

@@ -33,15 +33,24 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from . import checkpoint as ck
-from ..config import Config, dump_yaml
-from .confine import inside
-from ..core.diffusion import Schedule
-from ..errors import CheckpointError, ConfigError
 from ..backbones import DiffusersLike, backbone_of_preset, count_macs_params, eps_fn, format_count
+from ..config import Config, dump_yaml
+from ..core.diffusion import Schedule
 from ..core.regions import RegionRouter, RegionSet
-from .folders import EXPORT_FORMAT, MANIFEST, REGIONS_FILE, read_manifest, read_regions, regions_record, run_config, run_kind
 from ..core.sampling import SAMPLERS, ddim_timesteps, model_at, register_sampler, visited_timesteps
+from ..errors import CheckpointError, ConfigError
+from . import checkpoint as ck
+from .confine import inside
+from .folders import (
+    EXPORT_FORMAT,
+    MANIFEST,
+    REGIONS_FILE,
+    read_manifest,
+    read_regions,
+    regions_record,
+    run_config,
+    run_kind,
+)
 
 PLAN_FILE = "plan.json"  # a member's preset, dropout and pruning plan
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' name, so a dense `unet/` loads in diffusers
@@ -420,9 +429,8 @@ def export(run: str | Path, out: str | Path, ema: bool = True, formats: Sequence
     folder, `onnx` and/or `torch-export` files in each member folder (`export_formats`)."""
     import diffusers
 
-    from . import export_formats as xf
-
     from .. import __version__
+    from . import export_formats as xf
 
     run, out = Path(run), Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):

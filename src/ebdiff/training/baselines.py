@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..runs import checkpoint as ck
+from ..backbones import backbone_of_preset, build_from_config, count_macs_params, format_count
 from ..config import Config
 from ..errors import CheckpointError, ConfigError
-from ..runs.facts import PrunedFrom
-from ..backbones import backbone_of_preset, build_from_config, count_macs_params, format_count
 from ..pruning.engine import Pruned, make_criterion, prune
+from ..runs import checkpoint as ck
+from ..runs.facts import PrunedFrom
 
 
 def prune_from_run(cfg: Config, device: torch.device, probe_fn, say=print) -> tuple[Pruned, PrunedFrom]:

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..backbones import format_count, size_of
 from ..core.earlybird import EarlyBirdDetector, Ticket
+from ..core.masks import ChannelMask
+from ..pruning.engine import Criterion, Plan, PruningEngine, ScoreProbe, cut, kept_entries, make_criterion
 from ..runs.facts import TicketInfo
 from .hooks import Hook
-from ..core.masks import ChannelMask
-from ..backbones import format_count, size_of
-from ..pruning.engine import Criterion, Plan, PruningEngine, ScoreProbe, cut, kept_entries, make_criterion
 
 SEARCHING, DRAWN, MISSED = "searching", "drawn", "missed"
 

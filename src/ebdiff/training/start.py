@@ -20,15 +20,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..runs import checkpoint as ck
-from .baselines import prune_from_run
+from ..backbones import backbone_of_preset, build_from_config, size_of
 from ..config import Config, RunSpec, dump_yaml, identity_changes, run_identity
 from ..data.datasets import ImageData, iterations_per_epoch, load_training_data
 from ..errors import ConfigError, DataError
-from ..runs.facts import RunFacts
-from .hooks import Hook
-from ..backbones import backbone_of_preset, build_from_config, size_of
 from ..pruning.engine import ScoreProbe
+from ..runs import checkpoint as ck
+from ..runs.facts import RunFacts
+from .baselines import prune_from_run
+from .hooks import Hook
 from .search import EarlyBirdHook, EarlyBirdSearch
 from .step import apply_hparams, lr_factor
 

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
-from . import autocompile
 from ..backbones import eps_call
 from ..core.diffusion import DiffusionLoss
 from ..errors import ConfigError
+from . import autocompile
 
 
 @dataclass(frozen=True)

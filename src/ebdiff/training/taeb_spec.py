@@ -9,8 +9,8 @@ import copy
 from pathlib import Path
 
 from ..config import Config
-from ..errors import ConfigError
 from ..core.regions import Region, RegionSet
+from ..errors import ConfigError
 
 
 def region_set(cfg: Config) -> RegionSet:

@@ -23,19 +23,28 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..runs import checkpoint as ck
-from ..core.accounting import LossMeter, run_summary
-from .compile_cache import CompileCache
-from ..config import Config
-from ..data.datasets import BatchStream, to_device
-from ..core.diffusion import DiffusionLoss, class_dropout
-from .distributed import make_dist, stop_requests
-from ..errors import ConfigError, Interrupted, NonFiniteError
-from .hooks import Hook, RunContext
-from ..progress import progress_bar
 from ..backbones import size_of
+from ..config import Config
+from ..core.accounting import LossMeter, run_summary
+from ..core.diffusion import DiffusionLoss, class_dropout
+from ..data.datasets import BatchStream, to_device
+from ..errors import ConfigError, Interrupted, NonFiniteError
+from ..progress import progress_bar
+from ..runs import checkpoint as ck
+from .compile_cache import CompileCache
+from .distributed import make_dist, stop_requests
+from .hooks import Hook, RunContext
 from .start import start_run
-from .step import EMA, TrainStep, carry_ema, carry_optimizer, lr_factor, make_optimizer, prepare_model, resolve_fast_path
+from .step import (
+    EMA,
+    TrainStep,
+    carry_ema,
+    carry_optimizer,
+    lr_factor,
+    make_optimizer,
+    prepare_model,
+    resolve_fast_path,
+)
 
 
 class Trainer:
