@@ -19,29 +19,16 @@ Adding a backbone is one module and one import line here:
         def eps(self, model, x, t, cond=None): return model(x, t, cond)
 """
 
-from . import dit, unet, unet_cond  # noqa: E402,F401,I001  (the registry lines: each module registers its backbone)
-from .base import (
-           BACKBONES,
-           Backbone,
-           autocast_eps,
-           backbone_names,
-           backbone_of,
-           backbone_of_preset,
-           build_from_config,
-           build_model,
-           count_macs_params,
-           eps_call,
-           eps_fn,
-           example_inputs,
-           fixed_batch_eps,
-           format_count,
-           get_backbone,
-           model_classes,
-           preset_names,
-           register_backbone,
-           size_of,
-           unregister_backbone,
-)
+# isort: off
+# the registry lines: each module registers its backbone when imported, in this order (the order the presets
+# are listed in); a new family is one more line
+from . import unet  # noqa: F401
+from . import unet_cond  # noqa: F401
+from . import dit  # noqa: F401
+# isort: on
+from .base import (BACKBONES, Backbone, autocast_eps, backbone_names, backbone_of, backbone_of_preset, build_from_config,
+                   build_model, count_macs_params, eps_call, eps_fn, example_inputs, fixed_batch_eps, format_count,
+                   get_backbone, model_classes, preset_names, register_backbone, size_of, unregister_backbone)
 from .common import DiffusersLike, DiffusersUNetBackbone, FixedScaleAttnProcessor, use_fixed_scale_attention
 from .unet_cond import ClassConditionalUNet
 
