@@ -182,3 +182,18 @@ def test_no_subpackage_shadows_a_public_name():
     import ebdiff
 
     assert not [n for n in ebdiff.__all__ if (ROOT / n).is_dir() or (ROOT / f"{n}.py").is_file()]
+
+
+def test_the_loop_and_the_cli_stay_small():
+    """Trainer is only the loop (< 200 lines), the CLI only parses and prints (< 400), and no function is over
+    80 lines: what grows past these belongs in a start strategy, a hook or a library function."""
+    long = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            size = (node.end_lineno or node.lineno) - node.lineno + 1 if hasattr(node, "lineno") else 0
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > 80:
+                long.append(f"{module}.{node.name}: {size} lines")
+            if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+                assert size < 200, f"Trainer has {size} lines"
+    assert not long, "functions over 80 lines: " + ", ".join(long)
+    assert len((ROOT / "cli.py").read_text().splitlines()) < 400

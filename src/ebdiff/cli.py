@@ -168,15 +168,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate.bench import (
-        bench_settings,
-        device_label,
-        format_profile,
-        format_table,
-        format_taeb,
-        run_bench,
-        taeb_rows,
-    )
+    from .evaluate.bench import (bench_settings, device_label, format_profile, format_table, format_taeb, run_bench,
+                                 taeb_rows)
     from .files import atomic_write_json
     from .training.compile_cache import CompileCache
     from .training.distributed import resolve_device
@@ -395,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ebdiff: error: {exc}", file=sys.stderr)
         return getattr(exc, "code", 2)
     except OSError as exc:  # the machine's answer (no space left, read-only folder, ...): one line, not a traceback
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"ebdiff: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"ebdiff: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ebdiff: interrupted (resume with --resume RUN_DIR)", file=sys.stderr)

@@ -102,10 +102,8 @@ class Trainer:
                 self.meter.pause(dt)
 
     def adopt(self, model: nn.Module, phase: str, plan: list | None, kept: dict | None = None) -> None:
-        """Train `model` from here on (the dense preset, a ticket, a pruned model): its fast-path layout,
-        a new optimizer, EMA and compiled step (one per model shape). kept: `pruning.kept_entries` of the
-        model trained so far, whose optimizer state and EMA then carry over restricted to them
-        (early_bird.carry_state); None: they start fresh."""
+        """Train `model` from here on (dense, ticket, pruned): its fast-path layout, optimizer, EMA and compiled
+        step; kept (`pruning.kept_entries`, early_bird.carry_state): the old optimizer state and EMA carry over."""
         tc = self.cfg.train
         self.fast = resolve_fast_path(tc, self.device, self.world)
         prepare_model(model, self.fast)
