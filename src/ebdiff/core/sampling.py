@@ -22,6 +22,7 @@ from typing import Callable, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ..progress import progress_bar
 from .diffusion import Schedule
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -200,8 +201,6 @@ def generate(model: EpsModel, n: int, shape: tuple[int, int, int], schedule: Sch
     classifier-free guidance). clamp=False (latents): nothing is clipped to [-1, 1], neither the output nor a
     sampler's predicted x0. options: sampler settings (eta, clip_x0, variance); each sampler takes those it
     knows."""
-    from ..progress import progress_bar
-
     spec = SAMPLERS[sampler]
     kw = {k: v for k, v in options.items() if k in spec.options}
     if not clamp and "clip_x0" in inspect.signature(spec.fn).parameters:

@@ -29,6 +29,7 @@ import torch
 from ..backbones import backbone_of_preset
 from ..errors import ConfigError, DataError
 from ..files import cache_dir as files_cache_dir
+from ..progress import progress_bar, tqdm
 from .imagecheck import check_images
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -179,8 +180,6 @@ def load_image_folder(folder: Path, size: int, crop: str = "center", cache_dir: 
                 return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
         except (OSError, ValueError, KeyError, EOFError):  # a damaged cache is rebuilt
             pass
-    from ..progress import progress_bar, tqdm
-
     decoded, good = [], []
     for p in progress_bar(files, desc=f"decoding {folder.name}", disable=not progress):
         try:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from ..progress import progress_bar
 from .datasets import Dataset, ImageData, decode_image, register_dataset
 
 IN_MEMORY_BYTES = 1 << 30  # decoded uint8 images up to this size are held in memory
@@ -94,8 +95,6 @@ class HFImageDataset(torch.utils.data.Dataset):
 
 def load_hf(dcfg, size: int, progress: bool = True) -> ImageData:
     """data.name=hf as an `ImageData`: in memory when small, else streamed from arrow's memory map."""
-    from ..progress import progress_bar
-
     ds = open_dataset(dcfg.root, dcfg.split)
     _columns(ds, dcfg.image_column, dcfg.label_column)
     if dcfg.limit:

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import DataError
 from ..files import atomic_write_text
 from ..files import cache_dir as files_cache_dir
+from ..progress import progress_bar
 
 THREADS = min(32, 4 * (os.cpu_count() or 1))  # opening headers waits on the disk more than on the CPU
 
@@ -59,8 +60,6 @@ def check_images(files: list[Path], bad_images: str = "error", cache_dir: str | 
     unreadable file (and how many there are) instead."""
     if not files:
         return files, 0
-    from ..progress import progress_bar
-
     record_path = _record_path(cache_dir, files)
     known = _read_record(record_path)
     keys = [str(Path(p).resolve()) for p in files]

@@ -29,6 +29,8 @@ import torch.nn as nn
 
 from ..backbones import backbone_of_preset
 from ..errors import ConfigError, DataError
+from ..files import atomic_save, atomic_write_json, cache_dir
+from ..progress import progress_bar
 from .datasets import ImageData, load_dataset, register_source, to_model_range
 
 AUTOENCODERS = {"VQModel": "vq", "AutoencoderKL": "kl"}  # diffusers class -> kind
@@ -140,8 +142,6 @@ def resolve_scale(setting: Any, ae: Autoencoder, cache: "LatentCache") -> float:
 
 # ---------------------------------------------------------------------- the latent cache
 def cache_root(setting: str | None) -> Path:
-    from ..files import cache_dir
-
     return Path(setting).expanduser() if setting else cache_dir() / "latents"
 
 
@@ -208,8 +208,6 @@ def shard_labels(name: str) -> str:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    from ..files import atomic_save
-
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would add .npy to a temporary name
             np.save(f, arr, allow_pickle=False)
@@ -243,9 +241,6 @@ def encode_dataset(data, ae: Autoencoder, folder: Path, identity: dict, shard_si
                    batch: int = 64, progress: bool = True, num_workers: int = 2) -> LatentCache:
     """Encode `data` (a `data.ImageData`, in memory or streamed from files) into `folder` unless it is already
     complete; shards already written are kept (an interrupted encoding resumes)."""
-    from ..files import atomic_write_json
-    from ..progress import progress_bar
-
     folder = Path(folder)
     with _locked(folder):
         man_path = folder / LatentCache.MANIFEST
@@ -381,8 +376,6 @@ def train_autoencoder(images: torch.Tensor, folder: Path, steps: int = 1500, bat
     import time
 
     from diffusers import VQModel
-
-    from ..progress import progress_bar
 
     torch.manual_seed(seed)
     model = VQModel(**(config or TINY_VQ))

@@ -25,7 +25,7 @@ from ..core.regions import RegionRouter
 from ..core.sampling import generate, sampler_timesteps, visited_timesteps
 from ..data.datasets import DATASETS, get_dataset, load_dataset
 from ..errors import ConfigError
-from ..files import atomic_write_json
+from ..files import atomic_save, atomic_write_json
 from ..runs.folders import require_checkpoints, run_config
 from ..runs.interop import read_models
 
@@ -52,7 +52,6 @@ def sample_run(path: Path, out: Path | None = None, device: str = "cpu", ema: bo
     None = the run's), write a PNG grid and the uint8 images as .npz; returns the sampling info with
     the two paths (`grid`, `images`). Default grid: RUN/samples_<sampler><steps>.png."""
     from ..core.sampling import to_uint8
-    from ..files import atomic_save
     from .report import save_grid
 
     x, info = sample_checkpoint(Path(path), device, ema=ema, progress=progress, route=route, **overrides)

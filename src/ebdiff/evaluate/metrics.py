@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import EbdiffError
-from ..files import cache_dir
+from ..files import atomic_save, atomic_write_json, cache_dir
+from ..progress import progress_bar
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -78,8 +79,6 @@ def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 100
 
 # ---------------------------------------------------------------------- extractors
 def _batches(images: torch.Tensor, batch: int, progress: bool, desc: str) -> Iterable[torch.Tensor]:
-    from ..progress import progress_bar
-
     for i in progress_bar(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
         yield images[i: i + batch]
 
@@ -176,8 +175,6 @@ def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
 def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                      arch: str = "cnn-small", epochs: int | None = None, seed: int = 0,
                      device: str = "cpu", progress: bool = True) -> tuple[nn.Module, float]:
-    from ..progress import progress_bar
-
     r = CLASSIFIERS[arch]
     epochs, batch = epochs or r["epochs"], r["batch"]
     torch.manual_seed(seed)
@@ -251,8 +248,6 @@ class ClassifierFeatures:
         """The cached classifier for (dataset, architecture, training data), training it on first use. metric:
         the name its FD goes by (default FD-<DATASET>)."""
         from safetensors.torch import load_file, save_file
-
-        from ..files import atomic_save, atomic_write_json
 
         arch = arch or default_classifier(train[0].shape[1])
         if arch not in CLASSIFIERS:
@@ -334,8 +329,6 @@ def reference_stats(extractor: Callable, name: str, images: torch.Tensor, key: s
                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mu, sigma, features) of a reference set, cached as .npz per dataset split and extractor. images: a
     uint8 tensor, or a sequence of batches with a `digest()` (`data.ImageRows`, a streamed dataset)."""
-    from ..files import atomic_save
-
     digest = _data_hash(images) if torch.is_tensor(images) else images.digest()
     path = cache_dir() / "stats" / f"{key}-{name}-{digest}.npz"
     if path.is_file():

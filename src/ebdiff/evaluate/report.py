@@ -9,7 +9,7 @@ import numpy as np
 
 from ..backbones import format_count
 from ..errors import ConfigError
-from ..files import atomic_write_json, read_json
+from ..files import atomic_save, atomic_write_json, read_json
 from .curves import read_curve
 from .quality_curves import read_quality_curve, time_to_quality
 
@@ -49,7 +49,6 @@ def write_search_artifacts(run_dir: Path, search, ticket: dict | None, title: st
     """An Early-Bird search's files in its run folder: masks.npz (every mask, its iteration and cost),
     hamming.npy / hamming.png (pairwise mask distances, the ticket's check outlined), ticket.json."""
     from ..core.masks import distance_matrix
-    from ..files import atomic_save, atomic_write_json
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from ..backbones import eps_fn
 from ..config import Config, RunSpec, load_config, parse_every
 from ..core.regions import RegionRouter
 from ..core.sampling import to_uint8
+from ..progress import progress_bar
 from ..runs import checkpoint as ck
 from ..runs.folders import read_regions
 from ..training.hooks import Hook
@@ -191,8 +192,6 @@ def score_taeb_curve(run: Path, device: str = "cpu", progress: bool = True, log=
     todo = [p for p in plan if p["point"] not in done]
     if not todo:
         return [done[k] for k in sorted(done)]
-    from ..progress import progress_bar
-
     scorer = make_scorer(cfg, device, progress=False)
     dcfg, scfg = eval_sample_config(cfg)
     for p in progress_bar(todo, desc="scoring the TA-EB ensemble", disable=not progress):

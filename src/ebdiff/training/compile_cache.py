@@ -44,6 +44,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..files import atomic_save
+
 
 def warn(msg: str) -> None:
     """One line on stderr (the run goes on)."""
@@ -142,10 +144,8 @@ def cache_key(models: torch.nn.Module | Iterable[torch.nn.Module], settings: Map
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one (`checkpoint.atomic_save`), flushed to disk before the
+    """Readers see the old file or the whole new one (`files.atomic_save`), flushed to disk before the
     rename. Raises OSError."""
-    from ..files import atomic_save
-
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -193,8 +193,8 @@ class Trainer:
         batches = BatchStream(self.data, self.local_batch, tc.seed, self.device, self.rank, self.world,
                               self.cfg.data.num_workers, labels=self.classes is not None)(st.iteration)
         self.model_p.train()
-        bar = progress_bar(total=tc.iters, initial=st.iteration, disable=not (self.main and tc.progress), desc=st.phase,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=tc.iters, initial=st.iteration, disable=not (self.main and tc.progress),
+                           desc=st.phase, dynamic_ncols=True)
         self._wall0, ctx.stopping = time.perf_counter() - st.timing.wall_s, None
         self.meter = LossMeter(self.device, st.iteration)
         for h in self.hooks:
