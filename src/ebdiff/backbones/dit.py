@@ -86,10 +86,6 @@ class DiT(Backbone):
     def owns(self, model: nn.Module) -> bool:
         return type(model).__name__ == "DiTTransformer2DModel"
 
-    def model_classes(self, model: nn.Module) -> int | None:
-        n = getattr(model, "num_classes", None)
-        return None if n is None else int(n)
-
     def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
         c, s = model.config.in_channels, model.config.sample_size
         return c, s, s

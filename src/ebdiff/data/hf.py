@@ -104,11 +104,10 @@ def load_hf(dcfg, size: int, progress: bool = True) -> ImageData:
     grey = ds[0][dcfg.image_column].mode in GREY_MODES
     labels = None if dcfg.label_column is None else torch.tensor(ds[dcfg.label_column], dtype=torch.long)
     items = HFImageDataset(ds, dcfg.image_column, size, grey)
-    hflip = bool(dcfg.hflip)
     if len(ds) * (1 if grey else 3) * size * size <= IN_MEMORY_BYTES:
         x = torch.stack([items[i] for i in progress_bar(range(len(items)), desc="decoding hf", disable=not progress)])
-        return ImageData(x, labels, hflip=hflip, name="hf")
-    return ImageData(labels=labels, files_dataset=items, hflip=hflip, name="hf")
+        return ImageData(x, labels)  # name and flips: load_dataset sets them, as for every dataset
+    return ImageData(labels=labels, files_dataset=items)
 
 
 # unlabelled for FD: ebdiff's own FD classifier needs a labelled train and test split of a known dataset

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import DataError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_json
 from ..files import cache_dir as files_cache_dir
 from ..progress import progress_bar
 
@@ -42,11 +42,8 @@ def _record_path(cache_dir: str | None, files: list[Path]) -> Path:
 
 
 def _read_record(path: Path) -> dict:
-    try:
-        rec = json.loads(path.read_text())
-        return rec if isinstance(rec, dict) else {}
-    except (OSError, ValueError):
-        return {}  # none yet, or damaged: everything is checked again
+    rec = read_json(path)  # None: none yet, or damaged: everything is checked again
+    return rec if isinstance(rec, dict) else {}
 
 
 def _stamp(p: Path) -> list[int]:
