@@ -123,11 +123,11 @@ def write_pt2(model: nn.Module, path: Path) -> None:
 WRITERS = {"onnx": write_onnx, "torch-export": write_pt2}
 
 
-def write_files(folder: Path, model: nn.Module, formats: Sequence[str]) -> dict[str, str]:
-    """Write each format's file of one member into `folder`: {format: file name}. The model is exported
-    as float32 on the CPU, in eval mode, and left as it was."""
+def write_files(folder: Path, model: nn.Module, formats: Sequence[str]) -> None:
+    """Write each format's file of one member into `folder` (named by `FILES`). The model is exported as
+    float32 on the CPU, in eval mode, and left as it was."""
     if not formats:
-        return {}
+        return
     was_training = model.training
     param = next(model.parameters())
     moved = (param.dtype, param.device) != (torch.float32, torch.device("cpu"))
@@ -140,7 +140,6 @@ def write_files(folder: Path, model: nn.Module, formats: Sequence[str]) -> dict[
         if moved:
             model.to(device=param.device, dtype=param.dtype)
         model.train(was_training)
-    return {f: FILES[f] for f in formats}
 
 
 def card_lines(name: str, members: Sequence[str], formats: Sequence[str], shape: Sequence[int],

@@ -128,7 +128,8 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, dist, loss, say=print,
     np.random.seed((cfg.train.seed + dist.rank) % 2**32)
     classes = backbone_of_preset(cfg.model.preset).classes(cfg.model.preset, cfg.model.num_classes)  # None: unconditional
     probe = _Probe(data, loss, cfg.train.seed, dist.device, classes is not None)
-    strategy = resumed if resume else pruned_from_run if RunSpec.of(cfg).kind == "prune-from-run" else fresh
+    spec = RunSpec.of(cfg)
+    strategy = resumed if resume else pruned_from_run if spec.kind == "prune-from-run" else fresh
     first = strategy(cfg, run_dir, probe, say)
     if classes is not None:
         data.check_labels(classes)
@@ -140,7 +141,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, dist, loss, say=print,
     if not facts.dense_size:
         facts.dense_size = size_of(first.model if first.plan is None else build_from_config(cfg.model))
     hooks, search = [], None
-    if RunSpec.of(cfg).searches and first.phase == "dense" and not facts.ticket:
+    if spec.searches and first.phase == "dense" and not facts.ticket:
         eb = cfg.early_bird
         ipe = iterations_per_epoch(len(data), cfg.train.batch_size // dist.world, dist.world)
         search = EarlyBirdSearch.from_config(eb, ipe if eb.check_every == "epoch" else int(eb.check_every),
