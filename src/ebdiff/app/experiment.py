@@ -11,7 +11,8 @@ method's time to the reference's final quality and to `target`. Everything it di
 
     name: fmnist_table4
     base: ../demo.yaml            # relative to this file
-    scale: 1.0                    # multiplies every budget: iteration counts, train.max_seconds, eval cadence
+    scale: 1.0                    # multiplies every budget: iteration counts, from: NAME@ITER, train.max_seconds,
+                                  # eval cadence
     target: 150                   # optional: report each method's time to this quality (lower is better)
     out: runs/experiments/fmnist_table4
     overrides: [early_bird.ratio=null]   # applied to every method, before its own
@@ -20,6 +21,7 @@ method's time to the reference's final quality and to `target`. Everything it di
     methods:
       - {name: dense}
       - {name: pft-magnitude-50, from: dense, overrides: [prune.ratio=0.5, train.iters=200]}
+      - {name: pft-at-400, from: dense@400, overrides: [prune.ratio=0.5]}   # its checkpoint at iteration 400
       - {name: eb-magnitude-50, overrides: [early_bird.ratio=0.5]}
       - {name: ta-eb, base: ../demo_taeb.yaml}
 """
@@ -55,6 +57,7 @@ class Method:
     overrides: list[str] = field(default_factory=list)
     source: str | None = None  # `from`: the dense method a prune/Scratch baseline starts from
     description: str = ""
+    source_iteration: int | None = None  # `from: NAME@ITER`: its checkpoint at that iteration (None = the newest)
 
 
 @dataclass
@@ -71,6 +74,16 @@ class Experiment:
     target: float | None = None  # a quality every method's time to reach is reported (time to quality)
     interpolate: bool = False  # time to a target by linear interpolation between evaluation points
     extra: list[str] = field(default_factory=list)  # overrides from the command line, applied last
+
+
+def _source(value: Any, where: str) -> tuple[str | None, int | None]:
+    """`from: NAME` (the dense method's newest checkpoint) or `from: NAME@ITER` (its checkpoint at ITER)."""
+    if value is None:
+        return None, None
+    name, sep, at = str(value).partition("@")
+    if sep and not (at.isdigit() and int(at) > 0):
+        raise ConfigError(f"{where}: 'from: {value}' must be NAME or NAME@ITERATION (a positive iteration)")
+    return name, int(at) if sep else None
 
 
 def _str_list(value: Any, where: str) -> list[str]:
@@ -127,12 +140,12 @@ def load_experiment(path: str | Path, out: str | Path | None = None, scale: floa
         name = str(m["name"])
         if not NAME_RE.match(name) or name in seen:
             raise ConfigError(f"{where}: name {name!r} must be unique and made of letters, digits, _ . + -")
-        src = m.get("from")
+        src, at = _source(m.get("from"), where)
         if src is not None and src not in seen:
             raise ConfigError(f"{where}: 'from: {src}' must name an earlier method")
         seen.add(name)
         methods.append(Method(name, _file(m["base"], where) if "base" in m else base,
-                              _str_list(m.get("overrides"), where), src, str(m.get("description", ""))))
+                              _str_list(m.get("overrides"), where), src, str(m.get("description", "")), at))
     name = str(data.get("name", path.stem))
     reference = str(data.get("reference", methods[0].name))
     if reference not in seen:
@@ -181,7 +194,9 @@ def method_config(exp: Experiment, m: Method) -> Config:
     apply_overrides(cfg, exp.overrides + m.overrides + exp.extra)
     scale_config(cfg, exp.scale)
     if m.source is not None:
-        cfg.prune.from_run = str(exp.out / m.source)
+        src = exp.out / m.source
+        cfg.prune.from_run = str(src if m.source_iteration is None
+                                 else ck.ckpt_dir(src, _scaled(m.source_iteration, exp.scale)))
     return validate(cfg)
 
 
@@ -299,6 +314,9 @@ def run_experiment(exp: Experiment, only: list[str] | None = None, evaluate: boo
             if m.source is not None and run_status(exp.out / m.source, cfgs[m.source]) != "done":
                 raise ConfigError(f"{name}: its dense run {exp.out / m.source} is not finished "
                                   "(run the experiment without --only, or that method first)")
+            if m.source_iteration is not None and not (Path(cfg.prune.from_run) / "meta.json").is_file():
+                raise ConfigError(f"{name}: 'from: {m.source}@{m.source_iteration}': no checkpoint "
+                                  f"{cfg.prune.from_run} (the dense method's train.ckpt_every, train.keep_last)")
             log(f"[{i + 1}/{len(rows)}] {name} ({row['kind']}): {'resuming' if status == 'resume' else 'training'} "
                 f"-> {run}")
             if status == "resume" and (run / "config.yaml").is_file() and not is_taeb(cfg):

@@ -17,14 +17,17 @@ from ..runs.facts import PrunedFrom
 
 
 def prune_from_run(cfg: Config, device: torch.device, probe_fn, say=print) -> tuple[Pruned, PrunedFrom]:
-    """(the pruned model with its plan and mask, `pruned_from` facts) from the dense run `cfg.prune.from_run`.
+    """(the pruned model with its plan and mask, `pruned_from` facts) from the dense run `cfg.prune.from_run`:
+    a run folder (its newest checkpoint) or one of its checkpoint folders (the dense model at that iteration).
 
     probe_fn(timesteps, batch) -> ScoreProbe: the fixed batch for gradient criteria."""
     pc, mc, eb = cfg.prune, cfg.model, cfg.early_bird
     src = Path(pc.from_run)
-    ckpt = ck.latest_checkpoint(src)
+    named = (src / "meta.json").is_file()  # a checkpoint folder: prune the dense model at that iteration
+    ckpt = src if named else ck.latest_checkpoint(src)
     if ckpt is None:
         raise CheckpointError(f"prune.from_run={src}: no checkpoint there (train the dense model first)")
+    run = ck.run_folder(ckpt)
     meta = ck.read_meta(ckpt)
     if meta.get("plan"):
         raise ConfigError(f"prune.from_run={src} holds a pruned model ({meta.get('phase')}); it must be a dense run")
@@ -35,10 +38,12 @@ def prune_from_run(cfg: Config, device: torch.device, probe_fn, say=print) -> tu
     if meta.get("num_classes") != classes:
         raise ConfigError(f"prune.from_run={src} has model.num_classes={meta.get('num_classes')}; this run has "
                           f"model.num_classes={classes}")
-    summary = ck.read_json(src / "summary.json")
+    summary = ck.read_json(run / "summary.json")
     if summary is None or summary.get("iterations") != meta["iteration"]:
-        say(f"warning: {src} has no finished summary for its latest checkpoint (iteration {meta['iteration']}); "
-            "its time is taken from the checkpoint")
+        summary = None  # no summary of this iteration: the time is the checkpoint's
+        if not named:
+            say(f"warning: {src} has no finished summary for its latest checkpoint (iteration {meta['iteration']}); "
+                "its time is taken from the checkpoint")
     src_time = (summary or {}).get("time_s", {}).get("train_total")
     if src_time is None:
         src_time = ck.load_state(ckpt).get("timing", {}).get("dense_s")
