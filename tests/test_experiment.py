@@ -107,3 +107,31 @@ def test_shipped_experiment_files_load(path, tmp_path):
     exp = load_experiment(path, out=tmp_path / "x")
     rows = plan(exp)
     assert rows and all(r["status"] == "new" for r in rows) and rows[0]["name"] == exp.reference
+
+
+def test_from_a_dense_checkpoint(tmp_path, has_fmnist, monkeypatch):
+    """`from: NAME@ITER` prunes the dense method's checkpoint at ITER (a budget ladder from one dense run): the
+    pruned run records that iteration and that checkpoint's training time, not the dense run's final time."""
+    monkeypatch.setenv("EBDIFF_CACHE", str(tmp_path / "cache"))
+    spec = {"name": "t", "base": "base.yaml", "out": str(tmp_path / "out"), "overrides": TINY, "eval": None,
+            "methods": [{"name": "dense", "overrides": ["train.keep_last=3"]},
+                        {"name": "pft-at-2", "from": "dense@2", "overrides": ["prune.ratio=0.5", "train.iters=2"]},
+                        {"name": "pft-at-5", "from": "dense@5", "overrides": ["prune.ratio=0.5", "train.iters=2"]}]}
+    (tmp_path / "base.yaml").write_text("model: {preset: tiny}\n")
+    p = tmp_path / "exp.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    exp = load_experiment(p)
+    assert method_config(exp, exp.methods[1]).prune.from_run == str(exp.out / "dense/checkpoints/ckpt-000000002")
+    assert load_experiment(p, scale=2.0).methods[1].source_iteration == 2  # scaled when the config is made:
+    assert method_config(load_experiment(p, scale=2.0), exp.methods[1]).prune.from_run.endswith("ckpt-000000004")
+    with pytest.raises(ConfigError, match="no checkpoint .*ckpt-000000005"):  # dense@5 was never written
+        run_experiment(exp, evaluate=False, log=lambda *_: None)
+    facts = json.loads((exp.out / "pft-at-2" / "summary.json").read_text())
+    assert facts["pruned_from"]["iteration"] == 2 and facts["pruned_from"]["checkpoint"] == "ckpt-000000002"
+    dense = json.loads((exp.out / "dense" / "summary.json").read_text())
+    assert 0 < facts["time_s"]["dependency_s"] < dense["time_s"]["train_total"]
+    for bad in ("dense@", "dense@0", "dense@x"):
+        spec["methods"][1]["from"] = bad
+        p.write_text(yaml.safe_dump(spec))
+        with pytest.raises(ConfigError, match="NAME@ITERATION"):
+            load_experiment(p)
