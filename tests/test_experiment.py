@@ -62,6 +62,11 @@ def test_experiment_runs_skips_and_resumes(tmp_path, has_fmnist, monkeypatch, ca
     # the speed-up of a dense-then-prune baseline is below 1: it pays for the dense run
     row = next(line for line in md.splitlines() if line.startswith("| pft |"))
     assert float(row.rstrip("|").split("|")[-1].strip().rstrip("x")) < 1.0
+    # TA-EB: both accountings side by side, one device per branch (longest branch) and one device (the sum)
+    a = json.loads((exp.out / "taeb" / "taeb.json").read_text())
+    row = next(line for line in md.splitlines() if line.startswith("| taeb |")).rstrip("|").split("|")
+    assert row[-2].strip() == f"{a['taeb_train_s']:.1f} / {a['sum_train_s']:.1f}" and " / " in row[-1]
+    assert "every branch on one device" in md
     capsys.readouterr()
     # a second call trains and evaluates nothing
     assert main(["experiment", str(path)]) == 0
