@@ -163,3 +163,31 @@ def test_prune_from_run_baseline_with_taylor(tmp_path, has_fmnist):
     s = json.loads((p / "summary.json").read_text())
     assert s["ticket"]["macs"] < 0.6 * s["dense"]["macs"]
     assert sum(q.numel() for q in ebdiff.load(p).parameters()) == s["ticket"]["params"]
+
+
+def test_taeb_with_two_dit_regions(tmp_path, has_fmnist):
+    """TA-EB on DiT: one DiT ticket per timestep region (30% and 70%), routed at sampling time, loaded as one
+    model and exported."""
+    run = tmp_path / "ta"
+    args = tiny_args(run, "model.preset=dit-tiny", "model.num_classes=10", "train.iters=8", "early_bird.check_every=2",
+                     "early_bird.queue=2", "early_bird.eta=0.9", "taeb.launch=sequential",
+                     "regions=[{t: [0, 520], ratio: 0.3}, {t: [480, 999], ratio: 0.7}]")
+    assert main(["ta-eb", "--config", "configs/demo_taeb.yaml", *args]) == 0
+    a = json.loads((run / "taeb.json").read_text())
+    assert len(a["branches"]) == 2 and all(b["ticket_found"] for b in a["branches"])
+    params = [b["params"] for b in a["branches"]]
+    assert params[0] > params[1] and min(params) < a["weighted_params"] < max(params)
+    model = ebdiff.load(run)
+    assert [type(m).__name__ for m in model.unets] == ["DiTTransformer2DModel"] * 2
+    assert [sum(p.numel() for p in m.parameters()) for m in model.unets] == params
+    x, y = torch.randn(2, 1, 32, 32), torch.tensor([1, 2])
+    with torch.no_grad():  # each timestep reaches its region's ticket
+        for t, k in ((100, 0), (900, 1)):
+            want = eps_fn(model.unets[k])(x, torch.tensor([t, t]), y)
+            assert torch.equal(model(x, t, class_labels=y).sample, want)
+    assert main(["sample", str(run), "--n", "2", "--steps", "4", "--class", "3",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "x")]) == 0
+    again = ebdiff.load(tmp_path / "x")
+    for m0, m1 in zip(model.unets, again.unets):
+        assert same(m0.state_dict(), m1.state_dict())
