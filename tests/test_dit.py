@@ -191,3 +191,100 @@ def test_taeb_with_two_dit_regions(tmp_path, has_fmnist):
     again = ebdiff.load(tmp_path / "x")
     for m0, m1 in zip(model.unets, again.unets):
         assert same(m0.state_dict(), m1.state_dict())
+
+
+def _vq_args(tmp_path):
+    from diffusers import VQModel
+
+    from ebdiff.data.latents import TINY_VQ, save_autoencoder
+
+    torch.manual_seed(0)
+    vq = save_autoencoder(VQModel(**TINY_VQ), tmp_path / "vq")
+    return ["model.preset=dit-latent-tiny", f"model.autoencoder={vq}", f"data.latent_cache={tmp_path / 'lat'}",
+            "data.limit=64", "model.dropout=0", "model.latent_scale=std"]
+
+
+def test_dense_latent_dit_export_is_a_diffusers_dit_pipeline(tmp_path, has_fmnist):
+    """`ebdiff export` of a dense latent DiT is a DiTPipeline folder (transformer, scheduler, vae): plain diffusers
+    samples it as ebdiff's DDIM and decoder do, and ebdiff.load reads it back."""
+    from diffusers import DiTPipeline
+
+    from ebdiff.core.sampling import ddim_sample, ddim_timesteps
+    from ebdiff.data.latents import LatentDecoder
+    from ebdiff.runs.interop import read_models
+
+    run, out = tmp_path / "r", tmp_path / "x"
+    assert main(["train", *tiny_args(run, "train.iters=2", *_vq_args(tmp_path))]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert json.loads((out / "ebdiff.json").read_text())["kind"] == "transformer"
+    pipe = DiTPipeline.from_pretrained(out)  # plain diffusers: no ebdiff code involved
+    pipe.set_progress_bar_config(disable=True)
+    imgs = pipe(class_labels=[1, 7], guidance_scale=1.0, num_inference_steps=4,
+                generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert imgs.shape == (2, 1, 32, 32) and torch.isfinite(imgs).all()
+    ours, y = ebdiff.load(run), torch.tensor([1, 7])
+    x, t = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(3)), torch.tensor([999, 3])
+    with torch.no_grad():
+        assert (pipe.transformer(x, t, class_labels=y).sample - ours(x, t, class_labels=y).sample).abs().max() < 1e-5
+        z = ddim_sample(lambda a, b: ours(a, b, class_labels=y).sample, x, Schedule.linear(),
+                        ddim_timesteps(1000, 4, "uniform"))  # from the pipeline's noise
+    meta = read_models(run).metas[0]
+    ref = (LatentDecoder(meta["latent"])(z) / 2 + 0.5).clamp(0, 1)
+    assert (imgs - ref).abs().max() < 1e-4
+    assert pipe.vae.config.scaling_factor == meta["latent"]["scale"] != 1.0  # latent_scale=std, as ebdiff divides
+    again = read_models(out)  # self-contained: the export's own vae/
+    assert same(again.models[0].state_dict(), ours.state_dict())
+    assert again.metas[0]["latent"]["autoencoder"] == str(out / "vae")
+    assert "DiTPipeline.from_pretrained('x')" in (out / "README.md").read_text()
+
+
+def test_dense_pixel_dit_export_loads_in_diffusers_and_a_ticket_does_not(tmp_path, has_fmnist):
+    """A pixel DiT has no autoencoder for DiTPipeline's `vae`: its folder's transformer and scheduler load in
+    plain diffusers (the card's loop samples them); a ticket's pruned widths need ebdiff.load."""
+    import re
+    import subprocess
+    import sys
+
+    from diffusers import DiTTransformer2DModel
+
+    run, out = tmp_path / "eb", tmp_path / "x"
+    assert main(["train", *tiny_args(run, "train.iters=2", "model.num_classes=10", *EB)]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert not (out / "model_index.json").exists() and not (out / "vae").exists()
+    theirs, ours = DiTTransformer2DModel.from_pretrained(out, subfolder="transformer"), ebdiff.load(run)
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([999, 3]), torch.tensor([4, 10])
+    with torch.no_grad():
+        assert (theirs(x, t, class_labels=y).sample - ours(x, t, class_labels=y).sample).abs().max() < 1e-5
+    assert same(ebdiff.load(out).state_dict(), ours.state_dict())
+    code = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)[0]
+    code = code.replace("set_timesteps(50)", "set_timesteps(3)") + "\nassert images.shape == (16, 1, 32, 32)" \
+        "\nassert torch.isfinite(images).all() and 'ebdiff' not in __import__('sys').modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    # a ticket: per-block head and MLP widths, which a DiTTransformer2DModel config cannot express
+    assert main(["train", "--resume", str(run), "train.iters=8"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "t")]) == 0
+    with pytest.raises(ValueError, match="expected shape"):
+        DiTTransformer2DModel.from_pretrained(tmp_path / "t", subfolder="transformer")
+    assert "plain diffusers cannot load this model" in (tmp_path / "t" / "README.md").read_text()
+    assert same(ebdiff.load(tmp_path / "t").state_dict(), ebdiff.load(run).state_dict())
+
+
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_ticket_onnx_and_torch_export_files(tmp_path, num_classes):
+    """A DiT ticket's eps as ONNX and `.pt2` files (written at batch 2) agree with the model at batch 3,
+    unconditional (the null class filled in inside the file) or class-conditional."""
+    import onnxruntime as ort
+
+    from ebdiff.runs.export_formats import write_files
+
+    _, small, _, _ = _pair(num_classes, "magnitude")
+    write_files(tmp_path, small, ["onnx", "torch-export"])
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([5, 500, 999])
+    y = None if num_classes is None else torch.tensor([0, 9, 10])
+    with torch.no_grad():
+        ref = eps_fn(small)(x, t, y)
+        feed = {"sample": x.numpy(), "timestep": t.numpy(), **({} if y is None else {"class_labels": y.numpy()})}
+        got = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feed)[0]
+        assert abs(torch.from_numpy(got) - ref).max() < 1e-4
+        pt2 = torch.export.load(str(tmp_path / "model.pt2")).module()
+        assert (pt2(x, t, *([] if y is None else [y])) - ref).abs().max() < 1e-5

@@ -50,6 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 class DiT(Backbone):
     """What the pixel and the latent DiT backbones share (everything but their presets and `latent`)."""
 
+    component = "transformer"  # DiTPipeline's name for it
     macs_convention = (Backbone.macs_convention + " (diffusers' DiT: every block has its own timestep and class "
                        "embedder, and the attention products are not counted); `paper_count`: the DiT paper's, "
                        "one shared embedder and the attention products of one latent added")
@@ -108,6 +109,11 @@ class DiT(Backbone):
         sample = ex.pop("sample")
         return {"hidden_states": sample, "timestep": ex["timestep"],
                 "class_labels": self.labels(model, ex.get("class_labels"), sample)}
+
+    def pipeline(self, meta: dict) -> str | None:
+        """diffusers' DiTPipeline for a latent model (its `vae` decodes the latents); a pixel model has no
+        pipeline: DiTPipeline always decodes with a `vae`, and a pixel model has no autoencoder to give it."""
+        return "DiTPipeline" if meta.get("latent") else None
 
     # ------------------------------------------------------------------ pruning
     def ignored_layers(self, model: nn.Module) -> list[nn.Module]:
