@@ -288,3 +288,42 @@ def test_ticket_onnx_and_torch_export_files(tmp_path, num_classes):
         assert abs(torch.from_numpy(got) - ref).max() < 1e-4
         pt2 = torch.export.load(str(tmp_path / "model.pt2")).module()
         assert (pt2(x, t, *([] if y is None else [y])) - ref).abs().max() < 1e-5
+
+
+def test_speed_min_snr_eval_points_and_time_to_quality(tmp_path, has_fmnist, monkeypatch):
+    """SpeeD (sampler and weighting) on a dense DiT, Min-SNR on an Early-Bird DiT, both scored by FD-FMNIST
+    during training (across the extraction), then the report's time to quality."""
+    monkeypatch.setenv("EBDIFF_CACHE", str(tmp_path / "cache"))
+    ev = ["model.num_classes=10", "train.eval_every=2", "train.eval_n=16", "train.eval_steps=3",
+          "train.eval_classifier_epochs=1"]
+    a, eb = tmp_path / "a", tmp_path / "eb"
+    assert main(["train", *tiny_args(a, "train.iters=4", "diffusion.timestep_sampler=speed-dual",
+                                     "diffusion.loss_weighting=speed", *ev, "model.preset=dit-tiny")]) == 0
+    assert main(["train", *tiny_args(eb, "train.iters=6", "diffusion.loss_weighting=min-snr", *ev, *EB[1:],
+                                     "model.preset=dit-tiny", "early_bird.queue=2", "early_bird.eta=0.9")]) == 0
+    from ebdiff.runs.checkpoint import read_records
+
+    pts = {r.name: [p for p in read_records(r / "metrics.jsonl") if p.get("event") == "eval"] for r in (a, eb)}
+    assert [p["iter"] for p in pts["a"]] == [2, 4] and [p["phase"] for p in pts["eb"]] == ["dense", "ticket", "ticket"]
+    assert all(p["metric"] == "FD-FMNIST" and p["value"] > 0 for p in pts["a"] + pts["eb"])
+    target = max(p["value"] for p in pts["a"] + pts["eb"]) + 1.0
+    assert main(["report", str(a), str(eb), "--out", str(tmp_path / "rep"), "--target", str(target)]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Time to quality" in md and "dense + SpeeD" in md and "Min-SNR" in md
+    rows = {r["name"]: r for r in json.loads((tmp_path / "rep" / "report.json").read_text())["time_to_quality"]["rows"]}
+    assert rows["eb"]["points"] == 3 and rows["eb"]["to_target_s"] is not None
+
+
+def test_bench_rows_with_mfu():
+    """`ebdiff bench --preset dit-tiny`: dense and ticket rows with model FLOP/s (and MFU where the device's peak
+    is known: not on the CPU)."""
+    from ebdiff.core.mfu import compute_mfu
+    from ebdiff.evaluate.bench import available_modes, format_table, run_bench
+
+    modes = {"eager": available_modes(torch.device("cpu"))["eager"]}
+    rows = run_bench("dit-tiny", [0.0, 0.5], modes, 4, 2, 1, torch.device("cpu"), progress=False)
+    assert [r["ratio"] for r in rows] == [0.0, 0.5] and rows[1]["macs_ratio"] > 1.5
+    assert all(r["model_tflops_s"] > 0 and r["mfu"] is None for r in rows)
+    assert "MFU" in format_table(rows)
+    h100 = compute_mfu(rows[0]["macs"], 4, rows[0]["ms_step"] / 1e3, "NVIDIA H100 80GB HBM3", "bf16")
+    assert 0 < h100.mfu < 1
