@@ -327,3 +327,21 @@ def test_bench_rows_with_mfu():
     assert "MFU" in format_table(rows)
     h100 = compute_mfu(rows[0]["macs"], 4, rows[0]["ms_step"] / 1e3, "NVIDIA H100 80GB HBM3", "bf16")
     assert 0 < h100.mfu < 1
+
+
+def test_dit_demo_command(tmp_path, has_fmnist, capsys):
+    """`ebdiff demo --backbone dit` (configs/demo_dit.yaml) at a tiny size: search, ticket, ticket training, one
+    grid row per class."""
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--backbone", "dit", "--out", str(out), "data.limit=256", "train.iters=6",
+                 "train.batch_size=8", "early_bird.check_every=2", "early_bird.queue=2", "early_bird.eta=0.9",
+                 "sample.steps=3", "sample.n=20"]) == 0
+    text = capsys.readouterr().out
+    assert "drawn at iteration 4" in text and "(one row per class)" in text and "Demo outputs in" in text
+    assert json.loads((out / "ticket.json").read_text())["ratio"] == 0.5
+    w, h = Image.open(out / "samples_ddim3.png").size
+    assert h > 4 * w  # 10 rows (classes) of 2 samples
+    assert main(["demo", "--backbone", "dit", "--latent", "--out", str(tmp_path / "x")]) == 2
+    assert "no latent demo for backbone 'dit'" in capsys.readouterr().err

@@ -409,9 +409,10 @@ def use_lines(name: str, kind: str, facts: dict) -> list[str]:
     classes, component = facts.get("classes"), facts.get("component", "unet")
     if component == "unet" and classes is None and not facts.get("autoencoder"):
         lines = ["", "## Use", "", "```python", "import ebdiff, torch", "from diffusers import DDIMPipeline", "",
-                 f"model = ebdiff.load('{name}')  # {'RoutedUNet' if kind == 'ta-eb' else 'UNet2DModel'}, no unpickling",
-                 f"pipe = DDIMPipeline(model, ebdiff.scheduler('ddim', '{name}'))",
-                 "images = pipe(batch_size=16, num_inference_steps=100, generator=torch.Generator().manual_seed(0)).images",
+                 f"model = ebdiff.load('{name}')  # {'RoutedUNet' if kind == 'ta-eb' else 'UNet2DModel'}, "
+                 "no unpickling", f"pipe = DDIMPipeline(model, ebdiff.scheduler('ddim', '{name}'))",
+                 "images = pipe(batch_size=16, num_inference_steps=100, "
+                 "generator=torch.Generator().manual_seed(0)).images",
                  "```", "", "or `ebdiff sample " + name + " --n 64`."]
     else:
         lines = ["", "## Use", "", f"`ebdiff sample {name} --n 64 [--class K ...] [--guidance S]` (one grid row per "
@@ -429,17 +430,19 @@ def use_lines(name: str, kind: str, facts: dict) -> list[str]:
         return lines + ["", f"A dense model also loads in plain diffusers: `DDIMPipeline.from_pretrained('{name}')`."]
     n = classes or 1
     if pipe == "DiTPipeline":
-        guide = ("" if n == 1000 else f" `guidance_scale` must stay 1: DiTPipeline's unconditional branch is class "
-                 f"1000 (ImageNet's null class), this model's is {n} (`ebdiff sample --guidance` guides any model).")
+        guide = [] if n == 1000 else ["", f"`guidance_scale` must stay 1: DiTPipeline's unconditional branch is class "
+                                          f"1000 (ImageNet's null class), this model's is {n} (`ebdiff sample "
+                                          "--guidance` guides any model)."]
         return lines + ["", "A dense latent DiT is also a diffusers `DiTPipeline` folder (plain diffusers; it decodes "
                         f"with `{VAE}/`):", "", "```python", "from diffusers import DiTPipeline", "",
                         f"pipe = DiTPipeline.from_pretrained('{name}')",
-                        f"images = pipe(class_labels=[{', '.join(str(k % n) for k in range(4))}], guidance_scale=1.0, "
-                        "num_inference_steps=50).images", "```", "", guide.strip()]
+                        f"images = pipe(class_labels=[{', '.join(str(k % n) for k in range(4))}], "
+                        f"guidance_scale={4.0 if n == 1000 else 1.0}, num_inference_steps=50).images", "```", *guide]
     if component == "transformer" and dense:
         c, h, w = facts["shape"]
         return lines + ["", "Not a diffusers `DiTPipeline` folder: DiTPipeline always decodes its result with a `vae` "
-                        "and a pixel model has none. Its parts load in plain diffusers:", "", "```python", "import torch",
+                        "and a pixel model has none. Its parts load in plain diffusers:", "", "```python",
+                        "import torch",
                         "from diffusers import DDIMScheduler, DiTTransformer2DModel", "",
                         f"model = DiTTransformer2DModel.from_pretrained('{name}', subfolder='transformer')",
                         f"sched = DDIMScheduler.from_pretrained('{name}', subfolder='scheduler')",
