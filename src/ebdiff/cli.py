@@ -208,8 +208,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .app.demo import run_demo, run_demo_compare
 
     if args.compare:
-        if args.latent:
-            raise ConfigError("--compare and --latent are separate demos: choose one")
+        if args.latent or args.backbone != "unet":
+            raise ConfigError("--compare is the UNet demo's comparison: without --latent or --backbone dit")
         r = run_demo_compare(args.out, args.seconds, args.overrides)
         _print_tables(r["report"])
         print(f"report: {r['report']} (quality_curves.png: quality vs training time; samples.png: both grids)")
@@ -217,10 +217,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     if args.seconds is not None:
         raise ConfigError("--seconds is the budget of `ebdiff demo --compare`; the plain demo trains train.iters")
-    summary, info, out = run_demo(args.out, args.overrides, latent=args.latent)
+    summary, info, out = run_demo(args.out, args.overrides, latent=args.latent, backbone=args.backbone)
     _print_train_summary(summary)
     print(f"{info['sampler']['n']} samples in {info['seconds']:.1f} s: {info['grid']}"
-          + (" (one row per class)" if args.latent else ""))
+          + (" (one row per class)" if args.latent or args.backbone == "dit" else ""))
     print(f"\nDemo outputs in {out}/: samples_*.png (grid), hamming.png (mask distances), ticket.json, "
           "metrics.jsonl, checkpoints/")
     return 0
@@ -348,13 +348,13 @@ COMMANDS = {  # name: (function, help, arguments)
           "train.compile=auto"),
         A("--json", help="write the rows as JSON here")]),
     "demo": (cmd_demo, "EB-Diff-Train on Fashion-MNIST at demo scale (minutes on a CPU)", [
-        A("--out", help="run folder (default runs/demo, runs/demo-latent with --latent, runs/demo-compare with "
-          "--compare; resumed if it exists)"),
+        A("--out", help="run folder (default runs/demo, runs/demo-latent with --latent, runs/demo-dit with "
+          "--backbone dit, runs/demo-compare with --compare; resumed if it exists)"),
         A("--compare", **BOOL, help="dense and Early-Bird trained for the same time each, evaluated during "
           "training: quality-vs-time curves, both grids, which is better"),
         A("--seconds", type=float, help="--compare: training seconds per run (default 60)"),
-        A("--latent", **BOOL, help="the class-conditional latent demo (configs/demo_latent.yaml: a small VQ "
-          "autoencoder, then ldm-tiny with classifier-free guidance, one grid row per class)"),
+        A("--latent", **BOOL, help="the class-conditional latent UNet demo (configs/demo_latent.yaml)"),
+        A("--backbone", choices=["unet", "dit"], default="unet", help="dit: the DiT demo (configs/demo_dit.yaml)"),
         A("overrides", nargs="*", help="section.key=value overrides of configs/demo.yaml")]),
 }
 

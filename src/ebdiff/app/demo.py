@@ -1,7 +1,8 @@
 """`ebdiff demo`: EB-Diff-Train on Fashion-MNIST at demo scale (minutes on a CPU), as library calls.
 
 - `run_demo`: search, extract, train the ticket, sample (latent=True: in the latent space of a small VQ
-  autoencoder trained first, class-conditional with classifier-free guidance);
+  autoencoder trained first, class-conditional with classifier-free guidance; backbone="dit": the
+  class-conditional `dit-tiny` transformer on the pixels, one grid row per class);
 - `run_demo_compare`: dense and Early-Bird trained for the same time each, evaluated during training, the
   report with the quality-vs-time curves and both grids, and one line saying which is better.
 """
@@ -25,6 +26,9 @@ from .experiment import load_experiment, run_experiment
 DEMO_CONFIG = "demo.yaml"  # bundled (config.bundled_configs)
 DEMO_COMPARE = "demo_compare.yaml"  # bundled, in experiments/
 DEMO_LATENT_CONFIG = "demo_latent.yaml"
+# (backbone, latent) -> the bundled config and the default run folder of that demo
+DEMOS = {("unet", False): (DEMO_CONFIG, "runs/demo"), ("unet", True): (DEMO_LATENT_CONFIG, "runs/demo-latent"),
+         ("dit", False): ("demo_dit.yaml", "runs/demo-dit")}
 DEMO_AUTOENCODER_STEPS = 600
 DEMO_COMPARE_SECONDS = 60.0
 
@@ -40,12 +44,16 @@ def demo_autoencoder(cfg: Config, folder: Path, log=print) -> None:
 
 
 def run_demo(out: str | Path | None = None, overrides: list[str] | None = None, latent: bool = False,
-             log=print) -> tuple[dict, dict, Path]:
+             log=print, backbone: str = "unet") -> tuple[dict, dict, Path]:
     """Train the demo (resumed when `out` holds it) and sample it: (training summary, sampling info, out).
-    Default out: runs/demo (runs/demo-latent with latent=True)."""
-    out = Path(out or ("runs/demo-latent" if latent else "runs/demo"))
+    Default out: runs/demo (runs/demo-latent with latent=True, runs/demo-dit with backbone="dit")."""
+    if (backbone, latent) not in DEMOS:
+        raise ConfigError(f"no {'latent ' if latent else ''}demo for backbone '{backbone}' (demos: "
+                          + ", ".join(f"{b}{' --latent' if lat else ''}" for b, lat in DEMOS) + ")")
+    name, default_out = DEMOS[backbone, latent]
+    out = Path(out or default_out)
     resume = latest_checkpoint(out) is not None
-    config = bundled_configs() / (DEMO_LATENT_CONFIG if latent else DEMO_CONFIG)
+    config = bundled_configs() / name
     cfg = load_config(out / "config.yaml" if resume else config, overrides or [])
     if latent and cfg.model.autoencoder is None:
         cfg.model.autoencoder = str(out / "autoencoder")

@@ -27,8 +27,8 @@ class Backbone:
     name: ClassVar[str] = ""
     presets: ClassVar[dict[str, Any]] = {}
     latent: ClassVar[bool] = False  # trains on an autoencoder's latents (the data source `latents`)
-    # a dense unconditional model loads in diffusers' DDIMPipeline (an export folder is one as well)
-    diffusers_pipeline: ClassVar[bool] = False
+    # the folder of a one-model export, and its kind there: the model's name in diffusers' pipelines
+    component: ClassVar[str] = "unet"
     # how `count_macs_params` counts (what `ebdiff info` and the run files report)
     macs_convention: ClassVar[str] = ("torch-pruning's count of one forward of one sample (multiply-accumulates), "
                                       "every parameter of the model")
@@ -90,6 +90,11 @@ class Backbone:
         if self.model_classes(model) is not None:
             ex["class_labels"] = torch.zeros((batch,), dtype=torch.long, device=dev)
         return ex
+
+    def pipeline(self, meta: dict) -> str | None:
+        """The diffusers pipeline class that samples a dense model of this family recorded as `meta` (its
+        checkpoint's num_classes, latent, ...) from an export folder, or None: no pipeline takes it as it is."""
+        return None
 
     def paper_count(self, model: nn.Module, macs: int) -> dict[str, int]:
         """Sizes in a paper's counting convention besides `macs_convention`'s (`ebdiff info`); none by default."""

@@ -30,7 +30,7 @@ from .common import use_fixed_scale_attention
 # hidden = heads x head_dim; MLP ratio 4 (diffusers' default); `image`: the pixel images a latent preset's
 # autoencoder encodes (its latents are in_channels x sample_size^2); `classes`: the default class count.
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU tests and the demo: Fashion-MNIST 1x32x32, 8x8 = 64 tokens of 4x4 patches, 0.2M parameters
+    # CPU tests and the demo: Fashion-MNIST 1x32x32, 8x8 = 64 tokens of 4x4 patches, 0.39M parameters, 12.97M MACs
     "dit-tiny": dict(dit=dict(sample_size=32, in_channels=1, patch_size=4, num_attention_heads=4,
                               attention_head_dim=16, num_layers=4)),
     # CIFAR-10 pixels: patch 2, hidden 384, depth 12, 6 heads (the DDIM fork's configs/cifar10_dit.yml)
@@ -50,6 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 class DiT(Backbone):
     """What the pixel and the latent DiT backbones share (everything but their presets and `latent`)."""
 
+    component = "transformer"  # DiTPipeline's name for it
     macs_convention = (Backbone.macs_convention + " (diffusers' DiT: every block has its own timestep and class "
                        "embedder, and the attention products are not counted); `paper_count`: the DiT paper's, "
                        "one shared embedder and the attention products of one latent added")
@@ -108,6 +109,11 @@ class DiT(Backbone):
         sample = ex.pop("sample")
         return {"hidden_states": sample, "timestep": ex["timestep"],
                 "class_labels": self.labels(model, ex.get("class_labels"), sample)}
+
+    def pipeline(self, meta: dict) -> str | None:
+        """diffusers' DiTPipeline for a latent model (its `vae` decodes the latents); a pixel model has no
+        pipeline: DiTPipeline always decodes with a `vae`, and a pixel model has no autoencoder to give it."""
+        return "DiTPipeline" if meta.get("latent") else None
 
     # ------------------------------------------------------------------ pruning
     def ignored_layers(self, model: nn.Module) -> list[nn.Module]:

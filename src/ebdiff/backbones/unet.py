@@ -68,7 +68,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 class UNet(DiffusersUNetBackbone):
     name = "unet"
     presets = PRESETS
-    diffusers_pipeline = True
+
+    def pipeline(self, meta: dict) -> str | None:
+        """DDIMPipeline calls `unet(sample, t)`: unconditional models only."""
+        return "DDIMPipeline" if meta.get("num_classes") is None and not meta.get("latent") else None
 
     def unet_config(self, preset: str, dropout: float = 0.1) -> dict[str, Any]:
         return {**_COMMON, **PRESETS[preset], "dropout": dropout}

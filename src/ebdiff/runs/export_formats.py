@@ -75,9 +75,10 @@ def input_names(model: nn.Module) -> list[str]:
 
 def _inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     """Example inputs of batch 2 (batch 1 would be specialised by the tracers) on the CPU, varied timesteps."""
-    ex = example_inputs(model, batch=2)
-    ex["timestep"] = torch.tensor([3, 900])
-    return tuple(ex[k] for k in input_names(model))
+    ex = example_inputs(model, batch=2)  # under the model's own argument names (a DiT's: hidden_states, ...)
+    sample = ex.get("sample", ex.get("hidden_states"))
+    labels = (torch.zeros(2, dtype=torch.long),) if model_classes(model) is not None else ()
+    return sample, torch.tensor([3, 900]), *labels
 
 
 def write_onnx(model: nn.Module, path: Path) -> None:

@@ -22,7 +22,7 @@ from .confine import inside
 REGIONS_FILE = "regions.json"  # marks a TA-EB run (and a TA-EB export): its regions and member folders
 MANIFEST = "ebdiff.json"  # marks an exported folder
 EXPORT_FORMAT = 1
-EXPORT_KINDS = ("unet", "ta-eb")
+EXPORT_KINDS = ("unet", "transformer", "ta-eb")  # one model (named as diffusers does), or TA-EB
 
 
 def is_taeb_run(path: Path) -> bool:

@@ -7,7 +7,9 @@
   exported folder.
 - `export(run, out)`: a self-contained model folder (safetensors weights, the pruning plan as JSON, the
   resolved config.yaml, regions.json for TA-EB, the scheduler config, a model card) that `load` rebuilds
-  without the run folder. A dense model's folder is also a diffusers `DDIMPipeline` folder.
+  without the run folder. A dense model's folder is also a diffusers pipeline's where one takes it
+  (`Backbone.pipeline`): an unconditional pixel UNet's a `DDIMPipeline`, a latent DiT's a `DiTPipeline` (with
+  the run's autoencoder in `vae/`). A pixel DiT's `transformer/` and `scheduler/` load in plain diffusers.
 - `scheduler(name, config)`: a diffusers scheduler (`SCHEDULERS`) configured to a run's noise schedule.
   Each is also an ebdiff sampler, `diffusers-<name>` in `sampling.SAMPLERS` (`ebdiff sample --scheduler`),
   beside ebdiff's own DDIM and DDPM, which stay the reference.
@@ -38,6 +40,7 @@ from ..config import Config, dump_yaml
 from ..core.diffusion import Schedule
 from ..core.regions import RegionRouter, RegionSet
 from ..core.sampling import SAMPLERS, ddim_timesteps, model_at, register_sampler, visited_timesteps
+from ..data.latents import load_autoencoder
 from ..errors import CheckpointError, ConfigError
 from . import checkpoint as ck
 from .confine import inside
@@ -55,6 +58,7 @@ from .folders import (
 PLAN_FILE = "plan.json"  # a member's preset, dropout and pruning plan
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' name, so a dense `unet/` loads in diffusers
 SAMPLER_PREFIX = "diffusers-"  # sampling.SAMPLERS name of a diffusers scheduler
+VAE = "vae"  # a DiTPipeline folder's autoencoder
 
 
 # ---------------------------------------------------------------------- diffusers' schedulers
@@ -280,6 +284,8 @@ def read_models(path: str | Path, ema: bool | None = None, device: str | torch.d
                                   f"{'out' if ema else ''} --no-ema for the other set)")
         pairs = [load_member(path / name, device) for name in man["members"]]
         metas = [dict(m, checkpoint=f"export:{name}") for (_, m), name in zip(pairs, man["members"])]
+        if (path / VAE / "config.json").is_file():  # a DiTPipeline folder decodes with its own copy
+            metas = [dict(m, latent=dict(m["latent"], autoencoder=str(path / VAE))) for m in metas]
         regions, route = (read_regions(path)[0], man.get("route")) if man["kind"] == "ta-eb" else (None, None)
         return Loaded([m for m, _ in pairs], metas, man["weights"], regions, route)
     use_ema = ema is not False
@@ -298,8 +304,9 @@ def read_models(path: str | Path, ema: bool | None = None, device: str | torch.d
 
 
 def load(path: str | Path, ema: bool | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """A run as a diffusers model, in eval mode: a dense run or a ticket as a `UNet2DModel` (EMA weights by
-    default; a ticket's architecture rebuilt from its pruning plan), a TA-EB run as a `RoutedUNet`.
+    """A run as a diffusers model, in eval mode: a dense run or a ticket as its backbone's model (`UNet2DModel`,
+    `DiTTransformer2DModel`, ...; EMA weights by default; a ticket's architecture rebuilt from its pruning
+    plan), a TA-EB run as a `RoutedUNet`.
     path: a run folder (its newest checkpoint), a checkpoint folder, a TA-EB run folder or a folder written
     by `export`. ema: True = EMA weights, False = online weights, None = EMA (an export: the set it holds)."""
     got = read_models(path, ema, device)
@@ -316,9 +323,12 @@ def export_facts(path: Path, got: Loaded, cfg) -> dict:
     facts: dict[str, Any] = {"source": str(Path(path).resolve()), "weights": got.weights, "preset": got.metas[0]["preset"],
                              "iterations": [m.get("iteration") for m in got.metas],
                              "phases": [m.get("phase") for m in got.metas], "members": []}
-    m0 = got.metas[0]  # a dense unconditional pixel UNet is a diffusers DDIMPipeline folder as well
-    facts["pipeline"] = (got.regions is None and m0.get("phase") == "dense" and m0.get("num_classes") is None
-                         and m0.get("latent") is None and backbone_of_preset(m0["preset"]).diffusers_pipeline)
+    m0 = got.metas[0]  # a dense model may be a diffusers pipeline's folder as well (`Backbone.pipeline`)
+    bb = backbone_of_preset(m0["preset"])
+    facts["component"], facts["shape"] = bb.component, list(bb.sample_shape(got.models[0]))
+    facts["pipeline"] = bb.pipeline(m0) if got.regions is None and m0.get("phase") == "dense" else None
+    if m0.get("latent") and not (Path(m0["latent"]["autoencoder"]).expanduser() / "config.json").is_file():
+        facts["pipeline"] = None  # a latent pipeline decodes with the run's autoencoder, which is not there
     if m0.get("num_classes") is not None:
         facts["classes"] = m0["num_classes"]
     if m0.get("latent"):
@@ -384,32 +394,69 @@ def model_card(name: str, kind: str, facts: dict) -> str:
     for k, m in enumerate(facts.get("members", [])):
         lines.append(f"| region {k}: t in [{m['t'][0]}, {m['t'][1]}], ratio {m['ratio']} | "
                      f"{format_count(m['params'])} params, {format_count(m['macs'])} MACs |")
-    if facts.get("classes") is not None or facts.get("autoencoder"):
-        lines += ["", "## Use", "", f"`ebdiff sample {name} --n 64 [--class K ...] [--guidance S]` (one grid row per "
-                  "class); `ebdiff.load('" + name + "')` gives the model, called as `model(x, t, class_labels).sample`."]
-        if facts.get("classes") is not None:
-            lines += ["", f"Class-conditional on {facts['classes']} classes; class {facts['classes']} is the null class "
-                      "of classifier-free guidance."]
-        if facts.get("autoencoder"):
-            lines += ["", f"A latent model: its samples are decoded by the autoencoder at `{facts['autoencoder']}` "
-                      "(the run's `model.autoencoder`), which must be there to sample."]
-    else:
-        lines += ["", "## Use", "", "```python", "import ebdiff, torch",
-                  "from diffusers import DDIMPipeline", "",
-                  f"model = ebdiff.load('{name}')  # {'RoutedUNet' if kind == 'ta-eb' else 'UNet2DModel'}, no unpickling",
-                  f"pipe = DDIMPipeline(model, ebdiff.scheduler('ddim', '{name}'))",
-                  "images = pipe(batch_size=16, num_inference_steps=100, generator=torch.Generator().manual_seed(0)).images",
-                  "```", "", "or `ebdiff sample " + name + " --n 64`."]
-    if facts.get("pipeline"):
-        lines += ["", f"A dense model also loads in plain diffusers: `DDIMPipeline.from_pretrained('{name}')`."]
-    else:
-        lines += ["", "`unet/config.json` / `region-*/config.json` describe the dense preset; the pruned widths "
-                  "come from `plan.json`, which `ebdiff.load` replays: plain diffusers cannot load this model."]
+    lines += use_lines(name, kind, facts)
     lines += ["", f"Files: `{MANIFEST}` (what this folder holds), `config.yaml` (the run's resolved config), "
               "`scheduler/` (diffusers DDIMScheduler config of the run's schedule), "
-              + ("`regions.json` and `region-*/`" if kind == "ta-eb" else "`unet/`")
-              + f" (`{WEIGHTS_FILE}`, `{PLAN_FILE}`: preset and pruning plan, `config.json`).", ""]
+              + ("`regions.json` and `region-*/`" if kind == "ta-eb" else f"`{kind}/`")
+              + f" (`{WEIGHTS_FILE}`, `{PLAN_FILE}`: preset and pruning plan, `config.json`)"
+              + (f", `{VAE}/` (the run's autoencoder; `scaling_factor` = the run's latent scale)"
+                 if facts.get("pipeline") == "DiTPipeline" else "") + ".", ""]
     return "\n".join(lines)
+
+
+def use_lines(name: str, kind: str, facts: dict) -> list[str]:
+    """The model card's "Use" section (pure): ebdiff's commands, and what plain diffusers loads of the folder."""
+    classes, component = facts.get("classes"), facts.get("component", "unet")
+    if component == "unet" and classes is None and not facts.get("autoencoder"):
+        lines = ["", "## Use", "", "```python", "import ebdiff, torch", "from diffusers import DDIMPipeline", "",
+                 f"model = ebdiff.load('{name}')  # {'RoutedUNet' if kind == 'ta-eb' else 'UNet2DModel'}, "
+                 "no unpickling", f"pipe = DDIMPipeline(model, ebdiff.scheduler('ddim', '{name}'))",
+                 "images = pipe(batch_size=16, num_inference_steps=100, "
+                 "generator=torch.Generator().manual_seed(0)).images",
+                 "```", "", "or `ebdiff sample " + name + " --n 64`."]
+    else:
+        lines = ["", "## Use", "", f"`ebdiff sample {name} --n 64 [--class K ...] [--guidance S]` (one grid row per "
+                 "class); `ebdiff.load('" + name + "')` gives the model, called as `model(x, t, class_labels).sample`."]
+        if classes is not None:
+            lines += ["", f"Class-conditional on {classes} classes; class {classes} is the null class "
+                      "of classifier-free guidance."]
+        elif component == "transformer":
+            lines += ["", "Unconditional: a DiT always takes a label, here 1 (its null class) in every call."]
+        if facts.get("autoencoder") and facts.get("pipeline") != "DiTPipeline":
+            lines += ["", f"A latent model: its samples are decoded by the autoencoder at `{facts['autoencoder']}` "
+                      "(the run's `model.autoencoder`), which must be there to sample."]
+    pipe, dense = facts.get("pipeline"), kind != "ta-eb" and facts["phases"][0] == "dense"
+    if pipe == "DDIMPipeline":
+        return lines + ["", f"A dense model also loads in plain diffusers: `DDIMPipeline.from_pretrained('{name}')`."]
+    n = classes or 1
+    if pipe == "DiTPipeline":
+        guide = [] if n == 1000 else ["", f"`guidance_scale` must stay 1: DiTPipeline's unconditional branch is class "
+                                          f"1000 (ImageNet's null class), this model's is {n} (`ebdiff sample "
+                                          "--guidance` guides any model)."]
+        return lines + ["", "A dense latent DiT is also a diffusers `DiTPipeline` folder (plain diffusers; it decodes "
+                        f"with `{VAE}/`):", "", "```python", "from diffusers import DiTPipeline", "",
+                        f"pipe = DiTPipeline.from_pretrained('{name}')",
+                        f"images = pipe(class_labels=[{', '.join(str(k % n) for k in range(4))}], "
+                        f"guidance_scale={4.0 if n == 1000 else 1.0}, num_inference_steps=50).images", "```", *guide]
+    if component == "transformer" and dense:
+        c, h, w = facts["shape"]
+        return lines + ["", "Not a diffusers `DiTPipeline` folder: DiTPipeline always decodes its result with a `vae` "
+                        "and a pixel model has none. Its parts load in plain diffusers:", "", "```python",
+                        "import torch",
+                        "from diffusers import DDIMScheduler, DiTTransformer2DModel", "",
+                        f"model = DiTTransformer2DModel.from_pretrained('{name}', subfolder='transformer')",
+                        f"sched = DDIMScheduler.from_pretrained('{name}', subfolder='scheduler')",
+                        "sched.set_timesteps(50)",
+                        f"x, y = torch.randn(16, {c}, {h}, {w}), torch.full((16,), {0 if classes else 1})"
+                        + ("  # a class; the null class is " + str(n) if classes else "  # the null class"),
+                        "with torch.no_grad():", "    for t in sched.timesteps:",
+                        "        eps = model(x, t.expand(16), class_labels=y).sample",
+                        "        x = sched.step(eps, t, x, use_clipped_model_output=True).prev_sample  # as ebdiff's "
+                        "clip_x0",
+                        "images = (x / 2 + 0.5).clamp(0, 1)", "```"]
+    member = "region-*" if kind == "ta-eb" else kind
+    return lines + ["", f"`{member}/config.json` describes the dense preset; the pruned widths come from `plan.json`, "
+                    "which `ebdiff.load` replays: plain diffusers cannot load this model."]
 
 
 def write_member(folder: Path, model: nn.Module, meta: dict) -> None:
@@ -421,6 +468,22 @@ def write_member(folder: Path, model: nn.Module, meta: dict) -> None:
     (folder / PLAN_FILE).write_text(json.dumps({"format": EXPORT_FORMAT, **{k: meta.get(k) for k in keep}}, indent=1,
                                                default=ck.json_default) + "\n")
     (folder / "config.json").write_text(model.to_json_string())
+
+
+def write_pipeline_index(folder: Path, pipeline: str, component: str, model: nn.Module, meta: dict, sched) -> None:
+    """model_index.json: plain diffusers loads the folder as `pipeline`. A DiTPipeline also gets `vae/`, the
+    run's autoencoder with `scaling_factor` set to the run's latent scale (DiTPipeline divides the latents by
+    it before decoding, as ebdiff does by the scale)."""
+    import diffusers
+
+    index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", type(sched).__name__], component: ["diffusers", type(model).__name__]}
+    if pipeline == "DiTPipeline":
+        ae = load_autoencoder(meta["latent"]["autoencoder"], meta["preset"]).model
+        ae.register_to_config(scaling_factor=float(meta["latent"]["scale"]))
+        ae.save_pretrained(str(folder / VAE), safe_serialization=True)
+        index[VAE] = ["diffusers", type(ae).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def export(run: str | Path, out: str | Path, ema: bool = True, formats: Sequence[str] = ("folder",)) -> Path:
@@ -438,8 +501,8 @@ def export(run: str | Path, out: str | Path, ema: bool = True, formats: Sequence
     extra = xf.check_formats(formats)
     got = read_models(run, ema)
     cfg = as_config(run)
-    kind = "unet" if got.regions is None else "ta-eb"
-    members = ["unet"] if kind == "unet" else [f"region-{k}" for k in range(len(got.models))]
+    kind = backbone_of_preset(got.metas[0]["preset"]).component if got.regions is None else "ta-eb"
+    members = [kind] if got.regions is None else [f"region-{k}" for k in range(len(got.models))]
     facts = export_facts(run, got, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -450,9 +513,7 @@ def export(run: str | Path, out: str | Path, ema: bool = True, formats: Sequence
         sched = scheduler("ddim", cfg)
         sched.save_config(str(tmp / "scheduler"))
         if facts["pipeline"]:  # plain diffusers loads this folder
-            (tmp / "model_index.json").write_text(json.dumps({
-                "_class_name": "DDIMPipeline", "_diffusers_version": diffusers.__version__,
-                "scheduler": ["diffusers", type(sched).__name__], "unet": ["diffusers", "UNet2DModel"]}, indent=2) + "\n")
+            write_pipeline_index(tmp, facts["pipeline"], kind, got.models[0], got.metas[0], sched)
         if kind == "ta-eb":
             (tmp / REGIONS_FILE).write_text(json.dumps(regions_record(got.regions, got.route, members), indent=2)
                                             + "\n")
