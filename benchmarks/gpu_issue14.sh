@@ -16,6 +16,9 @@
 #   bench_rest     eager fp32 and fast on dense, 30%, 50% and 80%, profiled: all targets' rows in one call
 #   curves         Fashion-MNIST loss curves: fp32 eager vs the fast path (bf16 + compile), judged against
 #                  the seed-to-seed floor of two fast-path runs (benchmarks/loss_curves.py)
+#   bench_dit      issue 23's DiT rows: dit-s2-cifar10 (pixels) and dit-b2-imagenet256 (latent 4x32x32), dense,
+#                  30% and 50% tickets, batch 128 and 32, eager fp32 and bf16 (nothing to compile: no cold
+#                  compile eats the stage), with model FLOP/s and MFU (attention products not counted)
 #   bench_round    the 30% and 80% tickets with channels rounded to multiples of 8 (early_bird.round_channels)
 #   bench_more     fast-nocl (compiled in NCHW), graph, fast-graph, fast-graph-layout on dense and 50%
 # A cold compile costs ~90 s per shape and mode, so a first call gets through about bench_layout. Its
@@ -26,7 +29,7 @@
 # CPU dry run (every stage, small sizes): see benchmarks/README.md, section 7.
 set -u
 TQDM_MININTERVAL=30
-STAGES=${STAGES:-bench_core compile_again graph_eb auto_eb bench_layout bench_rest curves bench_round bench_more}
+STAGES=${STAGES:-bench_core compile_again graph_eb auto_eb bench_layout bench_rest curves bench_dit bench_round bench_more}
 DEADLINE=${DEADLINE:-540}
 . benchmarks/gpu_common.sh
 export EBDIFF_COMPILE_CACHE=${EBDIFF_COMPILE_CACHE:-$PWD/.ccache}
@@ -40,6 +43,7 @@ if [ "${DRY:-0}" = 1 ]; then  # the CPU: tiny sizes, the CPU's modes, no CUDA gr
   FM="model.preset=tiny data.limit=256 train.batch_size=8 train.iters=60 train.log_every=5 train.device=cpu"
   ITERS=60; AFTER=20; CHECK=5; MAXS_G=30; MAXS_A=30; GRAPH="train.cuda_graph=false"
   FASTCURVE="train.channels_last=true"  # a CPU compile of one more shape costs minutes: the runs' plumbing only
+  DIT="--steps 1 --warmup 1 --device cpu"; DITB="2"; DITMODES=eager; DIT_S2=dit-tiny; DIT_B2=dit-latent-tiny
   FP32="train.mixed_precision=no train.compile=none"
 else
   B="$E bench --preset cifar10 --batch 128 --steps 40 --warmup 10"
@@ -47,6 +51,7 @@ else
   PROF=5; CORE=fast; LAYOUT=fast-nograph,fast-layout; REST=eager,fast; FASTMODE=fast; ROUNDMODE=fast; MORE=fast-nocl,graph,fast-graph,fast-graph-layout
   FM="" ITERS=1000 AFTER=300 CHECK=50 MAXS_G=800 MAXS_A=250; GRAPH="train.cuda_graph=true train.compile=none"
   FASTCURVE="train.compile=reduce-overhead"
+  DIT="--steps 20 --warmup 5"; DITB="128 32"; DITMODES=eager,bf16; DIT_S2=dit-s2-cifar10; DIT_B2=dit-b2-imagenet256
   FP32="train.mixed_precision=no train.compile=none train.channels_last=false train.fused_optimizer=false train.cudnn_benchmark=false"
 fi
 T="$E train --config configs/fmnist.yaml data.root=$FMROOT train.progress=false train.log_every=50 train.ckpt_every=100000"
@@ -79,7 +84,14 @@ run_if curves_fast_seed2 40 100 $T $C $FASTCURVE train.seed=1235 --out $R/fast_s
 [ -f $R/fp32/metrics.jsonl ] && [ -f $R/fast/metrics.jsonl ] && [ -f $R/fast_seed2/metrics.jsonl ] && \
   python3 benchmarks/loss_curves.py $R/fp32 $R/fast --noise $R/fast $R/fast_seed2 \
     --after $AFTER --json "$OUT/loss_curves.json" | tee "$OUT/loss_curves.log"
-# 8. channels rounded for the tensor cores; 9. the remaining modes
+# 8. DiT tickets (issue 23): pixel S/2 and latent B/2, both batch sizes, eager modes only (no compile)
+for b in $DITB; do
+  run_if bench_dit_s2_b$b 30 90 $E bench --preset $DIT_S2 --batch $b $DIT --ratios 0,0.3,0.5 --modes $DITMODES \
+    --json "$OUT/bench_dit_s2_b$b.json"
+  run_if bench_dit_b2_b$b 30 90 $E bench --preset $DIT_B2 --batch $b $DIT --ratios 0,0.3,0.5 --modes $DITMODES \
+    --json "$OUT/bench_dit_b2_b$b.json"
+done
+# 9. channels rounded for the tensor cores; 10. the remaining modes
 run_if bench_round 80 200 $B --ratios 0,0.3,0.8 --round 8 --modes $ROUNDMODE --profile $PROF --json "$OUT/bench_round.json"
 run_if bench_more 80 300 $B --ratios $PAIR --modes $MORE --profile $PROF --json "$OUT/bench_more.json"
 for r in graph_eb auto_eb fp32 fast fast_seed2; do
