@@ -46,6 +46,7 @@ from . import checkpoint as ck
 from .confine import inside
 from .folders import (
     EXPORT_FORMAT,
+    EXPORT_KINDS,
     MANIFEST,
     REGIONS_FILE,
     read_manifest,
@@ -284,8 +285,9 @@ def read_models(path: str | Path, ema: bool | None = None, device: str | torch.d
                                   f"{'out' if ema else ''} --no-ema for the other set)")
         pairs = [load_member(path / name, device) for name in man["members"]]
         metas = [dict(m, checkpoint=f"export:{name}") for (_, m), name in zip(pairs, man["members"])]
-        if (path / VAE / "config.json").is_file():  # a DiTPipeline folder decodes with its own copy
-            metas = [dict(m, latent=dict(m["latent"], autoencoder=str(path / VAE))) for m in metas]
+        if all(m.get("latent") for m in metas) and (path / VAE / "config.json").is_file():
+            vae = inside(path, VAE, "autoencoder folder")  # a DiTPipeline folder decodes with its own copy
+            metas = [dict(m, latent=dict(m["latent"], autoencoder=str(vae))) for m in metas]
         regions, route = (read_regions(path)[0], man.get("route")) if man["kind"] == "ta-eb" else (None, None)
         return Loaded([m for m, _ in pairs], metas, man["weights"], regions, route)
     use_ema = ema is not False
@@ -438,7 +440,7 @@ def use_lines(name: str, kind: str, facts: dict) -> list[str]:
                         f"pipe = DiTPipeline.from_pretrained('{name}')",
                         f"images = pipe(class_labels=[{', '.join(str(k % n) for k in range(4))}], "
                         f"guidance_scale={4.0 if n == 1000 else 1.0}, num_inference_steps=50).images", "```", *guide]
-    if component == "transformer" and dense:
+    if component == "transformer" and dense and not facts.get("autoencoder"):
         c, h, w = facts["shape"]
         return lines + ["", "Not a diffusers `DiTPipeline` folder: DiTPipeline always decodes its result with a `vae` "
                         "and a pixel model has none. Its parts load in plain diffusers:", "", "```python",
@@ -502,6 +504,9 @@ def export(run: str | Path, out: str | Path, ema: bool = True, formats: Sequence
     got = read_models(run, ema)
     cfg = as_config(run)
     kind = backbone_of_preset(got.metas[0]["preset"]).component if got.regions is None else "ta-eb"
+    if kind not in EXPORT_KINDS:
+        raise ConfigError(f"backbone component '{kind}' is not an export kind ebdiff reads back "
+                          f"({', '.join(EXPORT_KINDS)}): add it to runs.folders.EXPORT_KINDS")
     members = [kind] if got.regions is None else [f"region-{k}" for k in range(len(got.models))]
     facts = export_facts(run, got, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
