@@ -194,13 +194,14 @@ def test_bad_user_models_are_one_line_and_write_nothing(models, rgb, tmp_path, h
     unet = json.loads((models / "unet" / "config.json").read_text())
     files = {}
     for name, change in (("unknown", {"_class_name": "UNet3DConditionModel"}), ("outc", {"out_channels": 2}),
-                         ("table", {"num_class_embeds": 6})):
+                         ("table", {"num_class_embeds": 6}), ("shift", {"resnet_time_scale_shift": "scale_shift"})):
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps({**unet, **change}))
     out = tmp_path / "out"
     cases = [
         ([f"model.config={files['unknown']}"], ["UNet3DConditionModel", "cannot prune", "UNet2DModel"]),
         ([f"model.config={files['outc']}"], ["out_channels=2", "epsilon"]),
+        ([f"model.config={files['shift']}"], ["resnet_time_scale_shift", "'scale_shift'", "cannot prune"]),
         (["model.config=" + str(tmp_path / "nowhere.json")], ["not found"]),
         ([f"model.pretrained={models / 'dit'}"], ["has no weights", "diffusion_pytorch_model.safetensors"]),
         ([f"model.config={models / 'unet'}", "data.image_size=64"], ["sample_size=32", "64x64"]),

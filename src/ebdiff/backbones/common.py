@@ -4,6 +4,8 @@ attributes a pruned diffusers model must have fixed."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
@@ -123,8 +125,20 @@ class DiffusersUNetBackbone(Backbone):
         cin = int(config.get("in_channels", 3 if self.diffusers_class == "UNet2DModel" else 4))
         return cin, int(config.get("out_channels", cin)), config.get("sample_size"), 2 ** (blocks - 1)
 
+    # The settings whose pruning is tested (the presets' and those tests/test_user_model.py prunes), key -> the
+    # values ebdiff prunes correctly; others (scale-shift time conditioning, Fourier time embeddings, resnet
+    # up/down sampling, other block types) couple channels the engine does not know, so a config asking for them
+    # stops with one line instead of a ticket that breaks.
+    prunable: ClassVar[dict[str, tuple]] = {}
+
     def check_config(self, config: dict) -> None:
-        """Epsilon prediction: out_channels = in_channels; one square sample_size."""
+        """What ebdiff prunes (`prunable`); epsilon prediction: out_channels = in_channels; one square sample_size."""
+        for key, allowed in self.prunable.items():
+            values = config.get(key, allowed[0])
+            bad = [v for v in (values if isinstance(values, (list, tuple)) else [values]) if v not in allowed]
+            if bad:
+                raise ConfigError(f"model.config has {key} with {bad[0]!r}, which ebdiff cannot prune (it prunes "
+                                  f"{', '.join(map(str, allowed))})")
         cin, cout, size, _ = self.config_io(config)
         if cout != cin:
             raise ConfigError(f"model.config has out_channels={cout} but in_channels={cin}: ebdiff trains epsilon "

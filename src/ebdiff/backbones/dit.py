@@ -95,6 +95,9 @@ class DiT(Backbone):
         if cout not in (cin, 2 * cin):
             raise ConfigError(f"model.config has out_channels={cout} but in_channels={cin}: ebdiff trains epsilon "
                               f"prediction, so out_channels must be {cin} (or {2 * cin}: noise and learned variance)")
+        if config.get("activation_fn", "gelu-approximate") in ("geglu", "geglu-approximate", "swiglu"):
+            raise ConfigError(f"model.config has activation_fn={config['activation_fn']!r}, which ebdiff cannot prune "
+                              "in a DiT (its MLP channels are pruned as plain channels, not as value/gate pairs)")
         if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
             raise ConfigError(f"model.config has norm_type={config['norm_type']!r}: ebdiff conditions a DiT through "
                               "adaLN-Zero (norm_type ada_norm_zero)")

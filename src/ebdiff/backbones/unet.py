@@ -72,6 +72,10 @@ class UNet(DiffusersUNetBackbone):
     diffusers_pipeline = True
     classes_key = "num_class_embeds"
     diffusers_class = "UNet2DModel"
+    prunable = {"down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("UpBlock2D", "AttnUpBlock2D"),
+                "mid_block_type": ("UNetMidBlock2D", None), "resnet_time_scale_shift": ("default",),
+                "time_embedding_type": ("positional", "learned"), "downsample_type": ("conv",),
+                "upsample_type": ("conv",)}
 
     def preset_config(self, preset: str) -> dict[str, Any]:
         return {**_COMMON, **PRESETS[preset]}
