@@ -92,7 +92,8 @@ class UNetCond(DiffusersUNetBackbone):
 
     diffusers_class = "UNet2DConditionModel"
     prunable = {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-                "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
+                "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+                "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
                 "resnet_time_scale_shift": ("default",), "time_embedding_type": ("positional",)}
 
     def preset_config(self, preset: str) -> dict[str, Any]:
