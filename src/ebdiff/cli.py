@@ -151,14 +151,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode a latent preset's dataset once into its latent cache (what `train` would do first)."""
-    from .backbones import backbone_of_preset
+    from .backbones import ModelSpec
     from .config import load_config
     from .data.latents import describe_cache, latent_training_data
     from .training.distributed import resolve_device
 
     cfg = load_config(args.config, args.overrides)
-    if not backbone_of_preset(cfg.model.preset).latent:
-        raise ConfigError(f"model.preset={cfg.model.preset} trains on pixels: encode is for latent presets (ldm-*)")
+    if not ModelSpec.of(cfg.model).latent:
+        raise ConfigError(f"{ModelSpec.of(cfg.model).label} trains on pixels: encode is for latent models (ldm-*)")
     t0 = time.perf_counter()
     data = latent_training_data(cfg.data, cfg.model, resolve_device(args.device), progress=True)
     print(describe_cache(data, cfg.model.latent_scale, time.perf_counter() - t0))

@@ -8,6 +8,7 @@ and validates every key and type. Unknown keys and wrong types raise `ConfigErro
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import types
@@ -29,6 +30,11 @@ class ModelConfig:
     class_dropout: float = 0.0  # fraction of training labels replaced by the null class (classifier-free guidance)
     autoencoder: str | None = None  # latent presets: a local diffusers VQModel / AutoencoderKL folder
     latent_scale: Union[float, str] = "auto"  # auto (VQ: 1.0, KL: its scaling_factor) | std (1 / std of the latents) | a number
+    # your own architecture instead of the preset's: a diffusers config.json (UNet2DModel, UNet2DConditionModel,
+    # DiTTransformer2DModel), a folder holding one, or the mapping itself. Read when the config is loaded and
+    # recorded as the mapping (config.yaml), so a run never needs the file again
+    config: Union[str, dict, None] = None
+    pretrained: str | None = None  # a local diffusers model folder (config.json + safetensors): the starting weights
 
 
 @dataclass
@@ -229,8 +235,8 @@ class RunSpec:
 # Settings that define what a run's weights are (the model, the data, the diffusion process, and once a
 # model is pruned, how): they must match the checkpoint on --resume. Everything else (iterations, lr,
 # logging, evaluation, sampling) may change on resume and takes effect.
-IDENTITY_KEYS = ("model.preset", "model.num_classes", "model.autoencoder", "model.latent_scale", "data.name",
-                 "data.image_size", "data.resize", "data.limit", "diffusion.timesteps",
+IDENTITY_KEYS = ("model.preset", "model.num_classes", "model.autoencoder", "model.latent_scale", "model.config",
+                 "model.pretrained", "data.name", "data.image_size", "data.resize", "data.limit", "diffusion.timesteps",
                  "diffusion.beta_schedule", "diffusion.beta_start", "diffusion.beta_end", "diffusion.prediction",
                  "diffusion.t_min", "diffusion.t_max")
 SEARCH_IDENTITY_KEYS = ("early_bird.ratio", "early_bird.criterion", "early_bird.mask_source", "early_bird.reinit")
@@ -480,6 +486,73 @@ def _validate_runtime(t: TrainConfig, timesteps: int) -> None:
         raise ConfigError(f"config key 'train.eval_classifier_epochs' must be positive; got {t.eval_classifier_epochs}")
 
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name of a model folder's weights
+
+
+def diffusers_folder(path: Path) -> Path | None:
+    """The diffusers model folder at `path`: itself when it holds a config.json, else the model folder of a
+    pipeline (`unet/`, `transformer/`), else None."""
+    for cand in (path, path / "unet", path / "transformer"):
+        if (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def is_diffusers_source(value: str) -> bool:
+    """Whether `prune.from_run=value` names a diffusers model folder rather than an ebdiff run (which holds
+    checkpoints/) or one of its checkpoint folders (which holds meta.json)."""
+    path = Path(value).expanduser()
+    return (path.is_dir() and not (path / "checkpoints").is_dir() and not (path / "meta.json").is_file()
+            and diffusers_folder(path) is not None)
+
+
+def read_model_config(value: str, key: str, weights: bool = False) -> dict:
+    """The diffusers config a setting names: a config.json, or a model folder holding one (weights=True: a model
+    folder whose safetensors weights are there). Anything else stops with one line naming the setting."""
+    path = Path(value).expanduser()
+    folder = diffusers_folder(path) if path.is_dir() else None
+    if not path.exists():
+        raise ConfigError(f"{key}={value} not found (expected a diffusers model folder: config.json + "
+                          f"{DIFFUSERS_WEIGHTS}" + ("" if weights else ", or its config.json") + ")")
+    if path.is_dir() and folder is None:
+        raise ConfigError(f"{key}={value} holds no config.json (a diffusers model folder has config.json and "
+                          f"{DIFFUSERS_WEIGHTS})")
+    if weights and folder is None:
+        raise ConfigError(f"{key}={value} is a file: it must be a diffusers model folder (config.json + "
+                          f"{DIFFUSERS_WEIGHTS})")
+    if weights and not any((folder / n).is_file() for n in (DIFFUSERS_WEIGHTS, DIFFUSERS_WEIGHTS + ".index.json")):
+        pickled = any(folder.glob("*.bin")) or any(folder.glob("*.ckpt"))
+        raise ConfigError(f"{key}={value} has no weights: {folder} lacks {DIFFUSERS_WEIGHTS}" + (
+            " (its .bin file is a pickle, which ebdiff never loads: save the model with safe_serialization=True)"
+            if pickled else ""))
+    file = folder / "config.json" if folder is not None else path
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{key}={value}: {file} is not a readable JSON file ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}={value}: {file} is not a diffusers config (a JSON object)")
+    return data
+
+
+def resolve_model_config(cfg: "Config") -> None:
+    """model.config as a path, or the config.json of model.pretrained's folder or of a diffusers folder given as
+    prune.from_run, becomes the mapping it holds (config.yaml then records the architecture itself: a moved or
+    deleted file breaks no resume, sample or load). The one step of validation that reads files."""
+    mc, source = cfg.model, cfg.prune.from_run
+    if mc.pretrained is not None and source is not None:
+        raise ConfigError("model.pretrained and prune.from_run both give the dense weights: set one (prune.from_run "
+                          "also takes a diffusers model folder: the pretrained model is pruned, then fine-tuned)")
+    if isinstance(mc.config, str):
+        if mc.pretrained is not None:
+            raise ConfigError(f"model.pretrained={mc.pretrained} brings its own config.json: leave model.config unset")
+        mc.config = read_model_config(mc.config, "model.config")
+    elif mc.config is None and mc.pretrained is not None:
+        mc.config = read_model_config(mc.pretrained, "model.pretrained", weights=True)
+    elif mc.config is None and source is not None and is_diffusers_source(source):
+        mc.config = read_model_config(source, "prune.from_run", weights=True)
+
+
 def _validate_model(mc: ModelConfig) -> None:
     if not 0.0 <= mc.dropout < 1.0:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1); got {mc.dropout}")
@@ -487,12 +560,12 @@ def _validate_model(mc: ModelConfig) -> None:
         raise ConfigError(f"config key 'model.num_classes' must be at least 1; got {mc.num_classes}")
     if not 0.0 <= mc.class_dropout < 1.0:
         raise ConfigError(f"config key 'model.class_dropout' must be in [0, 1); got {mc.class_dropout}")
-    from .backbones import backbone_of_preset  # import cost: torch (the schema imports no torch)
+    from .backbones import ModelSpec  # import cost: torch (the schema imports no torch)
 
-    backbone = backbone_of_preset(mc.preset)
-    if mc.class_dropout and backbone.classes(mc.preset, mc.num_classes) is None:
+    spec = ModelSpec.of(mc)  # model.config: its class known, its settings trainable, its classes consistent
+    if mc.class_dropout and spec.num_classes is None:
         raise ConfigError("model.class_dropout needs a class-conditional model: set model.num_classes")
-    if mc.autoencoder is not None and not backbone.latent:
+    if mc.autoencoder is not None and not spec.latent:
         raise ConfigError(f"model.autoencoder is for latent presets (ldm-*); model.preset={mc.preset} trains on pixels")
     if isinstance(mc.latent_scale, str) and mc.latent_scale not in ("auto", "std"):
         raise ConfigError(f"config key 'model.latent_scale' must be auto, std or a positive number; got {mc.latent_scale!r}")
@@ -581,6 +654,7 @@ def validate(cfg: Config) -> Config:
     first problem stops with one `ConfigError` line naming the key."""
     _check_choices(cfg)
     _check_numbers(cfg)
+    resolve_model_config(cfg)
     T = cfg.diffusion.timesteps
     _validate_optimizer(cfg.train)
     _validate_model(cfg.model)

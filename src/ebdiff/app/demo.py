@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..backbones import backbone_of_preset
+from ..backbones import ModelSpec
 from ..config import Config, bundled_configs, load_config
 from ..data.datasets import load_dataset
 from ..data.latents import train_autoencoder
@@ -37,7 +37,7 @@ def demo_autoencoder(cfg: Config, folder: Path, log=print) -> None:
     """The latent demo's autoencoder: a small VQ model trained on the demo's images, once (OUT/autoencoder)."""
     if (folder / "config.json").is_file():
         return
-    data = load_dataset(cfg.data, backbone_of_preset(cfg.model.preset).image_shape(cfg.model.preset)[1])
+    data = load_dataset(cfg.data, ModelSpec.of(cfg.model).image_shape()[1])
     log(f"training the demo's VQ autoencoder (1x32x32 -> 3x8x8) on {len(data)} images -> {folder}")
     r = train_autoencoder(data.images, folder, steps=DEMO_AUTOENCODER_STEPS)
     log(f"autoencoder: {r['steps']} steps in {r['seconds']:.0f} s, reconstruction MSE {r['reconstruction_mse']:.4f}")

@@ -26,14 +26,16 @@ from . import unet  # noqa: F401
 from . import unet_cond  # noqa: F401
 from . import dit  # noqa: F401
 # isort: on
-from .base import (BACKBONES, Backbone, autocast_eps, backbone_names, backbone_of, backbone_of_preset, build_from_config,
-                   build_model, count_macs_params, eps_call, eps_fn, example_inputs, fixed_batch_eps, format_count,
-                   get_backbone, model_classes, preset_names, register_backbone, size_of, unregister_backbone)
+from .base import (BACKBONES, Backbone, ModelSpec, autocast_eps, backbone_names, backbone_of, backbone_of_config,
+                   backbone_of_preset, build_from_config, build_model, count_macs_params, diffusers_classes, eps_call,
+                   eps_fn, example_inputs, fixed_batch_eps, format_count, get_backbone, model_classes, preset_names,
+                   register_backbone, size_of, unregister_backbone)
 from .common import DiffusersLike, DiffusersUNetBackbone, FixedScaleAttnProcessor, use_fixed_scale_attention
 from .unet_cond import ClassConditionalUNet
 
 __all__ = ["BACKBONES", "Backbone", "ClassConditionalUNet", "DiffusersLike", "DiffusersUNetBackbone",
-           "FixedScaleAttnProcessor", "autocast_eps", "backbone_names", "backbone_of", "backbone_of_preset",
-           "build_from_config", "build_model", "count_macs_params", "eps_call", "eps_fn", "example_inputs",
+           "FixedScaleAttnProcessor", "ModelSpec", "autocast_eps", "backbone_names", "backbone_of",
+           "backbone_of_config", "backbone_of_preset", "build_from_config", "build_model", "count_macs_params",
+           "diffusers_classes", "eps_call", "eps_fn", "example_inputs",
            "fixed_batch_eps", "format_count", "get_backbone", "model_classes", "preset_names", "register_backbone",
            "size_of", "unregister_backbone", "use_fixed_scale_attention"]

@@ -1,5 +1,6 @@
 """Diffusion transformers: diffusers' `DiTTransformer2DModel` (Peebles & Xie's DiT), class-conditional through
-adaLN-Zero, predicting epsilon only (out_channels = in_channels: no learned sigma).
+adaLN-Zero, predicting epsilon (the presets: out_channels = in_channels; a user's learned-sigma config, out_channels
+= 2 x in_channels, keeps its variance half, which is neither trained nor used: `eps` takes the noise half).
 
 The class: the label embedding has num_classes + 1 rows, the last one the null class of classifier-free guidance.
 DiT always takes a label, so an unconditional model (a pixel preset without `model.num_classes`) is one with a
@@ -24,8 +25,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError
 from .base import Backbone, register_backbone
-from .common import use_fixed_scale_attention
+from .common import construct, use_fixed_scale_attention
 
 # hidden = heads x head_dim; MLP ratio 4 (diffusers' default); `image`: the pixel images a latent preset's
 # autoencoder encodes (its latents are in_channels x sample_size^2); `classes`: the default class count.
@@ -55,19 +57,65 @@ class DiT(Backbone):
                        "embedder, and the attention products are not counted); `paper_count`: the DiT paper's, "
                        "one shared embedder and the attention products of one latent added")
 
-    def dit_config(self, preset: str, dropout: float = 0.1, num_classes: int | None = None) -> dict[str, Any]:
-        """The diffusers constructor arguments of a preset's DiT conditioned on `num_classes` (None: 1 class)."""
+    classes_key = "num_embeds_ada_norm"
+    diffusers_class = "DiTTransformer2DModel"
+
+    def preset_config(self, preset: str) -> dict[str, Any]:
         cfg = dict(PRESETS[preset]["dit"])
-        return dict(cfg, out_channels=cfg["in_channels"], dropout=dropout, num_embeds_ada_norm=num_classes or 1)
+        return dict(cfg, out_channels=cfg["in_channels"])
 
     def build(self, preset: str, dropout: float = 0.1, num_classes: int | None = None) -> nn.Module:
+        return self.build_config(self.preset_config(preset), dropout, num_classes)
+
+    def build_config(self, config: dict, dropout: float = 0.1, num_classes: int | None = None) -> nn.Module:
+        """A DiT conditioned on `num_classes` (None: 1 class, whose every call gets the null class)."""
         from diffusers import DiTTransformer2DModel  # imported on use: diffusers is slow to import
 
-        model = DiTTransformer2DModel(**self.dit_config(preset, dropout, num_classes))
+        model = construct(DiTTransformer2DModel, config, dropout=dropout, num_embeds_ada_norm=num_classes or 1)
         for block in model.transformer_blocks:  # ebdiff's step drops labels (classifier-free guidance), once
             block.norm1.emb.class_embedder.dropout_prob = 0.0
         model.num_classes = num_classes  # None: unconditional (every call gets the null class)
         return use_fixed_scale_attention(model)
+
+    def config_io(self, config: dict) -> tuple[int, int, int, int]:
+        """diffusers' defaults: 4 channels in, out_channels None = in_channels; the size a multiple of the patch."""
+        cin = int(config.get("in_channels", 4))
+        cout = config.get("out_channels")
+        return cin, cin if cout is None else int(cout), config.get("sample_size", 32), int(config.get("patch_size", 2))
+
+    def with_io(self, config: dict, channels: int, size: int) -> dict:
+        """A learned-sigma DiT keeps its 2 x channels outputs."""
+        cin, cout, _, _ = self.config_io(config)
+        return dict(config, in_channels=channels, out_channels=channels * cout // cin, sample_size=size)
+
+    def check_config(self, config: dict) -> None:
+        """Epsilon prediction: out_channels = in_channels, or 2 x in_channels (a learned-sigma DiT, as the DiT
+        paper's: the noise is the first half, the variance half is kept but neither trained nor used); adaLN-Zero
+        conditioning (norm_type ada_norm_zero, the class table num_embeds_ada_norm); a square sample size."""
+        cin, cout, size, patch = self.config_io(config)
+        if cout not in (cin, 2 * cin):
+            raise ConfigError(f"model.config has out_channels={cout} but in_channels={cin}: ebdiff trains epsilon "
+                              f"prediction, so out_channels must be {cin} (or {2 * cin}: noise and learned variance)")
+        if config.get("activation_fn", "gelu-approximate") in ("geglu", "geglu-approximate", "swiglu"):
+            raise ConfigError(f"model.config has activation_fn={config['activation_fn']!r}, which ebdiff cannot prune "
+                              "in a DiT (its MLP channels are pruned as plain channels, not as value/gate pairs)")
+        if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
+            raise ConfigError(f"model.config has norm_type={config['norm_type']!r}: ebdiff conditions a DiT through "
+                              "adaLN-Zero (norm_type ada_norm_zero)")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1 or size % patch:
+            raise ConfigError(f"model.config has sample_size={size!r}: ebdiff trains square samples, one positive "
+                              f"integer size that is a multiple of patch_size={patch}")
+
+    def config_classes(self, config: dict, num_classes: int | None) -> int | None:
+        """num_embeds_ada_norm classes (1 or none: unconditional), or model.num_classes, which must agree with it."""
+        table = config.get("num_embeds_ada_norm")
+        if table is None or num_classes is None:
+            return num_classes if num_classes is not None else (table if table and table > 1 else None)
+        if table != num_classes:
+            raise ConfigError(f"model.config has num_embeds_ada_norm={table} classes but model.num_classes="
+                              f"{num_classes}: set num_embeds_ada_norm={num_classes} in the config, or "
+                              f"model.num_classes={table}")
+        return num_classes
 
     def image_shape(self, preset: str) -> tuple[int, int]:
         p = PRESETS[preset]
@@ -100,7 +148,8 @@ class DiT(Backbone):
 
     def eps(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
             cond: torch.Tensor | None = None) -> torch.Tensor:
-        return model(x, t, class_labels=self.labels(model, cond, x)).sample
+        out = model(x, t, class_labels=self.labels(model, cond, x)).sample
+        return out if out.shape[1] == x.shape[1] else out[:, : x.shape[1]]  # a learned-sigma DiT: the noise half
 
     def example_inputs(self, model: nn.Module, batch: int = 1, res: int | None = None) -> dict[str, torch.Tensor]:
         """`Backbone.example_inputs` under DiT's argument names, always with a label (the null class when

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..errors import ConfigError
 from .base import register_backbone
-from .common import DiffusersUNetBackbone, use_fixed_scale_attention
+from .common import DiffusersUNetBackbone, construct, use_fixed_scale_attention
 
 _COMMON: dict[str, Any] = dict(
     layers_per_block=2,
@@ -68,21 +69,48 @@ PRESETS: dict[str, dict[str, Any]] = {
 class UNet(DiffusersUNetBackbone):
     name = "unet"
     presets = PRESETS
+    classes_key = "num_class_embeds"
+    diffusers_class = "UNet2DModel"
+    prunable = {"down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("UpBlock2D", "AttnUpBlock2D"),
+                "mid_block_type": ("UNetMidBlock2D", None), "resnet_time_scale_shift": ("default",),
+                "time_embedding_type": ("positional", "learned"), "downsample_type": ("conv",),
+                "upsample_type": ("conv",)}
 
     def pipeline(self, meta: dict) -> str | None:
         """DDIMPipeline calls `unet(sample, t)`: unconditional models only."""
         return "DDIMPipeline" if meta.get("num_classes") is None and not meta.get("latent") else None
 
-    def unet_config(self, preset: str, dropout: float = 0.1) -> dict[str, Any]:
-        return {**_COMMON, **PRESETS[preset], "dropout": dropout}
+    def preset_config(self, preset: str) -> dict[str, Any]:
+        return {**_COMMON, **PRESETS[preset]}
 
     def build(self, preset: str, dropout: float = 0.1, num_classes: int | None = None) -> nn.Module:
+        return self.build_config(self.preset_config(preset), dropout, num_classes)
+
+    def build_config(self, config: dict, dropout: float = 0.1, num_classes: int | None = None) -> nn.Module:
         from diffusers import UNet2DModel  # imported on use: diffusers is slow to import
 
-        cfg = self.unet_config(preset, dropout)
-        if num_classes is not None:  # diffusers' class embedding, added to the timestep embedding
-            cfg["num_class_embeds"] = num_classes + 1
-        return use_fixed_scale_attention(UNet2DModel(**cfg))
+        # diffusers' class embedding, added to the timestep embedding: the classes and the null class
+        return use_fixed_scale_attention(construct(UNet2DModel, config, dropout=dropout, num_class_embeds=(
+            None if num_classes is None else num_classes + 1)))
+
+    def check_config(self, config: dict) -> None:
+        super().check_config(config)
+        if config.get("class_embed_type") is not None:
+            raise ConfigError(f"model.config has class_embed_type={config['class_embed_type']!r}: ebdiff conditions a "
+                              "UNet2DModel on classes through num_class_embeds only; set class_embed_type to null")
+
+    def config_classes(self, config: dict, num_classes: int | None) -> int | None:
+        table = config.get("num_class_embeds")
+        if table is None:
+            return num_classes
+        if not isinstance(table, int) or table < 2:
+            raise ConfigError(f"model.config has num_class_embeds={table!r}: ebdiff's class table holds the classes "
+                              "and the null class of guidance (its last row), so at least 2 rows")
+        if num_classes is not None and num_classes != table - 1:
+            raise ConfigError(f"model.config has num_class_embeds={table} ({table - 1} classes and the null class of "
+                              f"guidance) but model.num_classes={num_classes}: set num_class_embeds={num_classes + 1} "
+                              f"in the config, or model.num_classes={table - 1}")
+        return table - 1
 
     def image_shape(self, preset: str) -> tuple[int, int]:
         p = PRESETS[preset]

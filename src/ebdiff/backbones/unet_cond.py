@@ -10,8 +10,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError
 from .base import register_backbone
-from .common import DiffusersLike, DiffusersUNetBackbone, use_fixed_scale_attention
+from .common import DiffusersLike, DiffusersUNetBackbone, construct, use_fixed_scale_attention
 
 # Class-conditional latent presets: diffusers `UNet2DConditionModel` configurations of CompVis LDM UNets, the
 # class as a one-token cross-attention context from a learned table of num_classes + 1 rows (the last one is
@@ -89,14 +90,44 @@ class UNetCond(DiffusersUNetBackbone):
     macs_convention = (DiffusersUNetBackbone.macs_convention + "; `paper_count`: the paper's (Table 6), the UNet's "
                        "parameters without the class table and the MACs of a batch of 6 latents")
 
-    def unet_config(self, preset: str, dropout: float = 0.1) -> dict[str, Any]:
-        return dict(PRESETS[preset]["unet"], dropout=dropout)
+    diffusers_class = "UNet2DConditionModel"
+    prunable = {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+                "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+                "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
+                "resnet_time_scale_shift": ("default",), "time_embedding_type": ("positional",)}
+
+    def preset_config(self, preset: str) -> dict[str, Any]:
+        return dict(PRESETS[preset]["unet"])
 
     def build(self, preset: str, dropout: float = 0.1, num_classes: int | None = None) -> nn.Module:
+        return self.build_config(self.preset_config(preset), dropout, self.classes(preset, num_classes))
+
+    def build_config(self, config: dict, dropout: float = 0.1, num_classes: int | None = None) -> nn.Module:
         from diffusers import UNet2DConditionModel  # imported on use: diffusers is slow to import
 
-        unet = UNet2DConditionModel(**self.unet_config(preset, dropout))
-        return use_fixed_scale_attention(ClassConditionalUNet(unet, self.classes(preset, num_classes)))
+        unet = construct(UNet2DConditionModel, config, dropout=dropout)
+        return use_fixed_scale_attention(ClassConditionalUNet(unet, num_classes))
+
+    def check_config(self, config: dict) -> None:
+        """The class reaches the UNet as one cross-attention token of a learned table: one cross_attention_dim, and
+        none of diffusers' other conditionings (class, addition or encoder-projection embeddings)."""
+        super().check_config(config)
+        for key in ("class_embed_type", "num_class_embeds", "addition_embed_type", "encoder_hid_dim"):
+            if config.get(key) is not None:
+                raise ConfigError(f"model.config has {key}={config[key]!r}: ebdiff conditions a UNet2DConditionModel "
+                                  "on the class through cross-attention on its own class table; set it to null")
+        if not isinstance(config.get("cross_attention_dim", 1280), int):
+            raise ConfigError(f"model.config has cross_attention_dim={config['cross_attention_dim']!r}: ebdiff's class "
+                              "token needs one width for every block")
+
+    def config_classes(self, config: dict, num_classes: int | None) -> int | None:
+        if num_classes is None:
+            raise ConfigError("model.config is a UNet2DConditionModel, which ebdiff conditions on classes: set "
+                              "model.num_classes (the data's class count)")
+        return num_classes
+
+    def weights_module(self, model: nn.Module) -> nn.Module:
+        return model.unet  # the class table is ebdiff's, not in a diffusers folder
 
     def image_shape(self, preset: str) -> tuple[int, int]:
         return tuple(PRESETS[preset]["image"])

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..backbones import backbone_of_preset
+from ..backbones import ModelSpec
 from ..errors import ConfigError, DataError
 from ..files import cache_dir as files_cache_dir
 from ..progress import progress_bar, tqdm
@@ -356,15 +356,17 @@ class ImageData:
     def head_labels(self, n: int) -> torch.Tensor:
         return self.labels[:n]
 
-    def check_labels(self, num_classes: int) -> None:
-        """A class-conditional run's data: every item has a class in 0..num_classes-1, or one line."""
+    def check_labels(self, num_classes: int, setting: str = "model.num_classes") -> None:
+        """A class-conditional run's data: every item has a class in 0..num_classes-1, or one line naming the
+        `setting` that gave the class count (`ModelSpec.classes_setting`)."""
+        given = f"{setting}={num_classes}" if setting == "model.num_classes" else f"{setting} ({num_classes} classes)"
         if self.labels is None or len(self.labels) == 0 or int(self.labels.min()) < 0:
-            raise ConfigError(f"model.num_classes={num_classes}: data.name={self.name} has no class labels "
+            raise ConfigError(f"{given}: data.name={self.name} has no class labels "
                               "(an image folder needs one sub-folder per class)")
         top = int(self.labels.max())
         if top >= num_classes:
-            raise ConfigError(f"data.name={self.name} has class {top}, but model.num_classes={num_classes}: set "
-                              f"model.num_classes={top + 1}")
+            fix = f"{setting}={top + 1}" if setting == "model.num_classes" else f"{setting} for {top + 1} classes"
+            raise ConfigError(f"data.name={self.name} has class {top}, but {given}: set {fix}")
 
     def to(self, device: torch.device | str) -> "ImageData":
         if self.images is not None:
@@ -453,19 +455,19 @@ def load_dataset(dcfg, size: int, progress: bool = True) -> ImageData:
 
 # ---------------------------------------------------------------- data sources: what a backbone trains on
 def pixel_training_data(dcfg, mcfg, device, progress: bool = True) -> ImageData:
-    """A pixel backbone's training data: the dataset at its preset's resolution (or data.image_size), checked
-    against the preset's channels; small datasets are moved to the GPU (no loader in the hot loop)."""
-    preset = mcfg.preset
-    backbone = backbone_of_preset(preset)
-    c, size = backbone.image_shape(preset)
-    multiple = backbone.size_multiple(preset)
+    """A pixel backbone's training data: the dataset at its model's resolution (or data.image_size), which the
+    model fits (`ModelSpec.fit`: a preset adapts to the data's channels and size, a model.config must match
+    them); small datasets are moved to the GPU (no loader in the hot loop)."""
+    spec = ModelSpec.of(mcfg)
+    size = spec.image_shape()[1]
+    multiple = spec.size_multiple()
     if dcfg.image_size is not None and dcfg.image_size % multiple:
-        raise ConfigError(f"data.image_size={dcfg.image_size} does not fit model.preset={preset}: it halves the "
-                          f"image {multiple.bit_length() - 1} times, so the size must be a multiple of {multiple}")
+        raise ConfigError(f"data.image_size={dcfg.image_size} does not fit {spec.label}: its size must be a "
+                          f"multiple of {multiple} (a UNet halves it per down block, a DiT cuts it into patches)")
+    if spec.preset is None and dcfg.image_size is not None:  # a model.config's size, checked before any loading
+        spec.fit((spec.image_shape()[0], dcfg.image_size), f"data.image_size={dcfg.image_size}")
     data = load_dataset(dcfg, dcfg.image_size or size, progress=progress)
-    if data.shape[0] != c:
-        raise ConfigError(f"model.preset={preset} takes {c}-channel images but data.name={dcfg.name} gives "
-                          f"{data.shape[0]} channels")
+    spec.fit(data.shape, f"data.name={dcfg.name}")
     if data.images is not None and torch.device(device).type == "cuda":
         data.to(device)
     return data
@@ -479,19 +481,20 @@ def register_source(name: str, fn: Callable[..., ImageData]) -> None:
     SOURCES[name] = fn
 
 
-def source_of(preset: str) -> str:
-    """The data source a preset's backbone trains on: `latents` (an autoencoder's latents) or `pixels`."""
-    return "latents" if backbone_of_preset(preset).latent else "pixels"
+def source_of(mcfg) -> str:
+    """The data source a model trains on: `latents` (an autoencoder's latents) or `pixels` (`mcfg`: the run's
+    model config, or a preset's name)."""
+    spec = ModelSpec.of(SimpleNamespace(preset=mcfg) if isinstance(mcfg, str) else mcfg)
+    return "latents" if spec.latent else "pixels"
 
 
 def load_training_data(dcfg, preset: str, device: torch.device, progress: bool = True, model=None) -> ImageData:
-    """The dataset a run trains on, from its backbone's data source (`SOURCES`): pixels at the preset's
-    resolution, or a latent backbone's latents of its autoencoder (`model`: the run's model config)."""
-    source = source_of(preset)
-    if model is None:
-        if source != "pixels":
-            raise ConfigError(f"model.preset={preset} trains on {source}: its model settings are needed")
-        model = SimpleNamespace(preset=preset)
+    """The dataset a run trains on, from its model's data source (`SOURCES`): pixels at the model's resolution,
+    or a latent backbone's latents of its autoencoder (`model`: the run's model config; None: `preset` alone)."""
+    model = model if model is not None else SimpleNamespace(preset=preset)
+    source = source_of(model)
+    if source != "pixels" and not hasattr(model, "autoencoder"):
+        raise ConfigError(f"model.preset={preset} trains on {source}: its model settings are needed")
     if source not in SOURCES:
         raise ConfigError(f"model.preset={preset} trains on {source}, a data source not loaded "
                           f"(import ebdiff.{source})")
@@ -501,7 +504,7 @@ def load_training_data(dcfg, preset: str, device: torch.device, progress: bool =
 def preflight_training_data(dcfg, mcfg, device) -> ImageData:
     """Load a run's training data once before its processes start: a source that prepares it (latents: the
     cache is encoded, on `device`, with progress) does so for all of them; pixels load on the CPU, quietly."""
-    prepares = source_of(mcfg.preset) != "pixels"
+    prepares = source_of(mcfg) != "pixels"
     return load_training_data(dcfg, mcfg.preset, device if prepares else "cpu", progress=prepares, model=mcfg)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..backbones import backbone_of_preset
+from ..backbones import ModelSpec
 from ..errors import ConfigError, DataError
 from ..files import atomic_save, atomic_write_json, cache_dir
 from ..progress import progress_bar
@@ -112,18 +112,14 @@ def load_autoencoder(path: str | None, preset: str = "", device: torch.device | 
     return Autoencoder(model, AUTOENCODERS[name], str(folder)).to(device)
 
 
-def check_autoencoder(ae: Autoencoder, preset: str, image_channels: int, image_size: int) -> tuple[int, int]:
-    """The latent (channels, size) of `image_size` images, checked against the preset's UNet."""
-    latent_channels = backbone_of_preset(preset).latent_channels(preset)
-    if ae.image_channels != image_channels:
-        raise ConfigError(f"model.autoencoder={ae.path} encodes {ae.image_channels}-channel images but the data "
-                          f"has {image_channels} channels")
-    if ae.latent_channels != latent_channels:
-        raise ConfigError(f"model.autoencoder={ae.path} gives {ae.latent_channels}-channel latents but "
-                          f"model.preset={preset} takes {latent_channels}")
+def check_autoencoder(ae: Autoencoder, spec: ModelSpec, image_size: int) -> tuple[int, int]:
+    """The latent (channels, size) of `image_size` images, which the model fits (`ModelSpec.fit`: a preset adapts
+    to them, a model.config must match them), checked before anything is encoded."""
     if image_size % ae.factor:
         raise ConfigError(f"image size {image_size} is not a multiple of the autoencoder's factor {ae.factor}")
-    return ae.latent_channels, image_size // ae.factor
+    shape = (ae.latent_channels, image_size // ae.factor)
+    spec.fit(shape, f"model.autoencoder={ae.path} on {image_size}x{image_size} images", factor=ae.factor)
+    return shape
 
 
 def resolve_scale(setting: Any, ae: Autoencoder, cache: "LatentCache") -> float:
@@ -292,13 +288,13 @@ def _image_batches(data, lo: int, hi: int, batch: int, num_workers: int):
 def latent_training_data(dcfg, mcfg, device, progress: bool = True):
     """The run's training data as latents: load the autoencoder, encode the dataset once (or find its cache),
     return a `data.ImageData` whose rows are read from the cache, with `latent` = what the run records."""
-    c, size = backbone_of_preset(mcfg.preset).image_shape(mcfg.preset)
-    size = dcfg.image_size or size
+    spec = ModelSpec.of(mcfg)
     if dcfg.hflip:
         raise ConfigError("data.hflip=true: flips are not applied in latent space (the latents are encoded once); "
                           "leave data.hflip unset for latent presets")
-    ae = load_autoencoder(mcfg.autoencoder, mcfg.preset)
-    check_autoencoder(ae, mcfg.preset, c, size)
+    ae = load_autoencoder(mcfg.autoencoder, mcfg.preset if spec.preset else "")
+    c, size = ae.image_channels, dcfg.image_size or spec.image_shape(ae.factor)[1]  # the images it encodes
+    check_autoencoder(ae, spec, size)
     identity = cache_identity(dcfg, size, ae)
     key = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_root(dcfg.latent_cache) / f"{dcfg.name}-{size}-{ae.kind}-{key}"
@@ -311,8 +307,8 @@ def latent_training_data(dcfg, mcfg, device, progress: bool = True):
     if cache is None:
         pixels = load_dataset(dcfg, size, progress=progress)
         if pixels.shape[0] != c:
-            raise ConfigError(f"model.preset={mcfg.preset} encodes {c}-channel images but data.name={dcfg.name} "
-                              f"gives {pixels.shape[0]} channels")
+            raise ConfigError(f"model.autoencoder={ae.path} encodes {c}-channel images but data.name={dcfg.name} "
+                              f"gives {pixels.shape[0]} channels: choose an autoencoder for {pixels.shape[0]} channels")
         enc_device = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
         cache = encode_dataset(pixels, ae, folder, identity, dcfg.latent_shard_size, enc_device,
                                progress=progress, num_workers=dcfg.num_workers)
@@ -323,6 +319,16 @@ def latent_training_data(dcfg, mcfg, device, progress: bool = True):
 
 
 register_source("latents", latent_training_data)  # what latent backbones (`Backbone.latent`) train on
+
+
+def image_size(dcfg, mcfg) -> int:
+    """The size of the images a run trains on (a latent run: the images its autoencoder encodes): data.image_size,
+    else its model's (a latent model.config's: its sample_size x its autoencoder's factor)."""
+    spec = ModelSpec.of(mcfg)
+    if dcfg.image_size:
+        return dcfg.image_size
+    factor = load_autoencoder(mcfg.autoencoder).factor if spec.latent and spec.preset is None else None
+    return spec.image_shape(factor)[1]
 
 
 # ---------------------------------------------------------------------- decoding

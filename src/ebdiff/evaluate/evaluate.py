@@ -13,7 +13,6 @@ import torch
 from ..backbones import (
     autocast_eps,
     backbone_of,
-    backbone_of_preset,
     count_macs_params,
     eps_fn,
     fixed_batch_eps,
@@ -24,6 +23,7 @@ from ..core.diffusion import Schedule
 from ..core.regions import RegionRouter
 from ..core.sampling import generate, sampler_timesteps, visited_timesteps
 from ..data.datasets import DATASETS, get_dataset, load_dataset
+from ..data.latents import image_size
 from ..errors import ConfigError
 from ..files import atomic_save, atomic_write_json
 from ..runs.folders import require_checkpoints, run_config
@@ -199,7 +199,7 @@ def sampling_inputs(model, meta: dict, scfg: SampleConfig, device, where) -> tup
     if latent is not None:  # its autoencoder and scale, recorded in its checkpoints
         from ..data.latents import LatentDecoder
 
-        decode = LatentDecoder(latent, device, meta.get("preset", ""))
+        decode = LatentDecoder(latent, device, meta.get("preset") or "")
     return {"labels": labels, "null_class": classes, "decode": decode}, row
 
 
@@ -245,7 +245,7 @@ class Scorer:
             raise ConfigError(f"--metric fd needs a labelled dataset ({', '.join(labelled)}); "
                               f"{cfg.data.name} has none: use --metric fid")
         self.cfg, self.kind, self.progress = cfg, kind, progress
-        size = cfg.data.image_size or backbone_of_preset(cfg.model.preset).image_shape(cfg.model.preset)[1]
+        size = image_size(cfg.data, cfg.model)
         self.train = train or load_dataset(replace(cfg.data, split="train"), size, progress=progress)
         self.test = test
         if kind == "fd":

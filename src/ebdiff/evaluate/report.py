@@ -397,9 +397,12 @@ def format_train_summary(s: dict) -> str:
     pf = s.get("pruned_from")
     if pf:
         tk = s["ticket"]
+        pretrained = pf.get("checkpoint") == "diffusers"  # a diffusers model folder: its training time is unknown
+        at = "its pretrained weights" if pretrained else f"iteration {pf['iteration']}"
         lines.append(f"pruned model       {count_text(tk['params'])} params, {count_text(tk['macs'])} MACs ({pf['method']}, "
-              f"{pf['criterion']} p={pf['ratio']}, from {pf['run']} at iteration {pf['iteration']})")
-        lines.append(f"training time      {t['train_total']:.1f} s = dense run {t['dependency_s']:.1f} + prune "
+              f"{pf['criterion']} p={pf['ratio']}, from {pf['run']} at {at})")
+        dense = "pretrained (not counted)" if pretrained else f"dense run {t['dependency_s']:.1f}"
+        lines.append(f"training time      {t['train_total']:.1f} s = {dense} + prune "
               f"{t['extract_s']:.1f} + {'training' if pf['reinit'] else 'fine-tuning'} {t['sparse_s']:.1f}; "
               f"wall {t['wall_s']:.1f} s")
     else:

@@ -156,12 +156,13 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def build_from_meta(meta: dict[str, Any]) -> nn.Module:
-    """The architecture a checkpoint describes: its preset, with its pruning plan replayed."""
-    from ..backbones import build_model
+    """The architecture a checkpoint describes (`backbones.ModelSpec.record`: its preset, or the diffusers settings
+    that replace the preset's), with its pruning plan replayed."""
+    from ..backbones import ModelSpec
     from ..pruning.engine import apply_plan, check_plan
 
     plan = check_plan(meta.get("plan") or [])  # before any model is built
-    model = build_model(meta["preset"], meta.get("dropout", 0.1), meta.get("num_classes"))
+    model = ModelSpec.from_meta(meta).build()
     if plan:
         apply_plan(model, plan)
     return model

@@ -35,8 +35,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..backbones import DiffusersLike, backbone_of_preset, count_macs_params, eps_fn, format_count
-from ..config import Config, dump_yaml
+from ..backbones import DiffusersLike, ModelSpec, backbone_of, count_macs_params, eps_fn, format_count
+from ..config import DIFFUSERS_WEIGHTS, Config, diffusers_folder, dump_yaml, read_model_config
 from ..core.diffusion import Schedule
 from ..core.regions import RegionRouter, RegionSet
 from ..core.sampling import SAMPLERS, ddim_timesteps, model_at, register_sampler, visited_timesteps
@@ -57,7 +57,7 @@ from .folders import (
 )
 
 PLAN_FILE = "plan.json"  # a member's preset, dropout and pruning plan
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' name, so a dense `unet/` loads in diffusers
+WEIGHTS_FILE = DIFFUSERS_WEIGHTS  # diffusers' name, so a dense `unet/` loads in diffusers
 SAMPLER_PREFIX = "diffusers-"  # sampling.SAMPLERS name of a diffusers scheduler
 VAE = "vae"  # a DiTPipeline folder's autoencoder
 
@@ -247,6 +247,48 @@ class RoutedUNet(DiffusersLike):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
+# ---------------------------------------------------------------------- diffusers model folders: model.pretrained
+def load_pretrained(model: nn.Module, folder: str | Path, key: str = "model.pretrained") -> nn.Module:
+    """Load the weights of a local diffusers model folder (config.json + safetensors, read by diffusers'
+    `from_pretrained` offline, never a pickle) into `model`, an ebdiff model of that folder's architecture (into
+    its backbone's `weights_module`: a class-conditional latent UNet's class table is ebdiff's and stays as it is).
+    A folder without weights, weights that do not read, or do not fit the model, stop with one line naming `key`."""
+    import diffusers
+
+    config = read_model_config(str(folder), key, weights=True)
+    name = config.get("_class_name")
+    target = backbone_of(model).weights_module(model)
+    if name != type(target).__name__ or not hasattr(diffusers, name):
+        raise ConfigError(f"{key}={folder} holds a {name}, but this run's model is a {type(target).__name__}")
+    try:
+        loaded = getattr(diffusers, name).from_pretrained(str(diffusers_folder(Path(folder).expanduser())),
+                                                          local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{key}={folder}: diffusers cannot load its weights ({first})") from None
+    sd, want = loaded.state_dict(), target.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or wrong:
+        k = (wrong or missing or unexpected)[0]
+        what = (f"tensor '{k}' has shape {list(sd[k].shape)} there but {list(want[k].shape)} in the model" if wrong
+                else f"tensor '{k}' is {'missing there' if missing else 'not in the model'}")
+        raise ConfigError(f"{key}={folder}: its weights do not fit this run's model: {what}")
+    bad = ck.first_nonfinite(sd.items())
+    if bad is not None:
+        raise ConfigError(f"{key}={folder}: its weights hold non-finite values (tensor '{bad}')")
+    target.load_state_dict(sd, strict=True)
+    return model
+
+
+def model_label(meta: dict) -> str:
+    """How a model card and error lines name a model: its preset, or the diffusers class of its model.config."""
+    spec = ModelSpec.from_meta(meta)
+    if spec.preset is not None:
+        return f"preset `{spec.preset}`"
+    return f"a `{spec.backbone.diffusers_class}` of its own config"
+
+
 # ---------------------------------------------------------------------- reading any model source
 @dataclass
 class Loaded:
@@ -267,8 +309,9 @@ def load_member(folder: Path, device) -> tuple[nn.Module, dict]:
     try:
         model = ck.build_from_meta(meta)
     except (KeyError, IndexError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{folder}/{PLAN_FILE}: the pruning plan does not replay on preset "
-                              f"{meta['preset']} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"{folder}/{PLAN_FILE}: the pruning plan does not replay on "
+                              f"{model_label(meta)} ({type(exc).__name__}: {first})") from None
     ck.load_weights(model, inside(folder, WEIGHTS_FILE, "weights file"))
     return model.to(device).eval(), meta
 
@@ -322,11 +365,12 @@ def export_facts(path: Path, got: Loaded, cfg) -> dict:
     """What the model card says, read from the run: sizes, quality (eval.json), training time."""
     run = ck.run_folder(path)
     sizes = [count_macs_params(m) for m in got.models]
-    facts: dict[str, Any] = {"source": str(Path(path).resolve()), "weights": got.weights, "preset": got.metas[0]["preset"],
+    facts: dict[str, Any] = {"source": str(Path(path).resolve()), "weights": got.weights,
+                             "preset": got.metas[0].get("preset"), "model": model_label(got.metas[0]),
                              "iterations": [m.get("iteration") for m in got.metas],
                              "phases": [m.get("phase") for m in got.metas], "members": []}
     m0 = got.metas[0]  # a dense model may be a diffusers pipeline's folder as well (`Backbone.pipeline`)
-    bb = backbone_of_preset(m0["preset"])
+    bb = ModelSpec.from_meta(m0).backbone
     facts["component"], facts["shape"] = bb.component, list(bb.sample_shape(got.models[0]))
     facts["pipeline"] = bb.pipeline(m0) if got.regions is None and m0.get("phase") == "dense" else None
     if m0.get("latent") and not (Path(m0["latent"]["autoencoder"]).expanduser() / "config.json").is_file():
@@ -371,7 +415,8 @@ def model_card(name: str, kind: str, facts: dict) -> str:
     if kind == "ta-eb":
         what = f"A TA-EB ensemble of {len(facts['members'])} region tickets, routed by timestep"
     weights = "EMA" if facts["weights"] == "ema" else "online"
-    lines = [f"# {name}", "", f"{what}: preset `{facts['preset']}`, trained with ebdiff (EB-Diff-Train), "
+    model = facts.get("model") or f"preset `{facts['preset']}`"
+    lines = [f"# {name}", "", f"{what}: {model}, trained with ebdiff (EB-Diff-Train), "
              f"{weights} weights of iteration {', '.join(str(i) for i in facts['iterations'])}.", "",
              "| | |", "|---|---|",
              f"| parameters | {format_count(facts['params'])}"
@@ -467,8 +512,9 @@ def write_member(folder: Path, model: nn.Module, meta: dict) -> None:
     folder.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
     keep = ("preset", "dropout", "num_classes", "phase", "plan", "iteration", "image_shape", "checkpoint", "latent")
-    (folder / PLAN_FILE).write_text(json.dumps({"format": EXPORT_FORMAT, **{k: meta.get(k) for k in keep}}, indent=1,
-                                               default=ck.json_default) + "\n")
+    built = {k: meta[k] for k in ("backbone", "model_config") if k in meta}  # a model.config or an adapted preset
+    (folder / PLAN_FILE).write_text(json.dumps({"format": EXPORT_FORMAT, **{k: meta.get(k) for k in keep}, **built},
+                                               indent=1, default=ck.json_default) + "\n")
     (folder / "config.json").write_text(model.to_json_string())
 
 
@@ -503,7 +549,7 @@ def export(run: str | Path, out: str | Path, ema: bool = True, formats: Sequence
     extra = xf.check_formats(formats)
     got = read_models(run, ema)
     cfg = as_config(run)
-    kind = backbone_of_preset(got.metas[0]["preset"]).component if got.regions is None else "ta-eb"
+    kind = ModelSpec.from_meta(got.metas[0]).backbone.component if got.regions is None else "ta-eb"
     if kind not in EXPORT_KINDS:
         raise ConfigError(f"backbone component '{kind}' is not an export kind ebdiff reads back "
                           f"({', '.join(EXPORT_KINDS)}): add it to runs.folders.EXPORT_KINDS")

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..backbones import backbone_of_preset, build_from_config, size_of
+from ..backbones import ModelSpec, size_of
 from ..config import Config, RunSpec, dump_yaml, identity_changes, run_identity
 from ..data.datasets import ImageData, iterations_per_epoch, load_training_data
 from ..errors import ConfigError, DataError
 from ..pruning.engine import ScoreProbe
 from ..runs import checkpoint as ck
 from ..runs.facts import RunFacts
+from ..runs.interop import load_pretrained
 from .baselines import prune_from_run
 from .hooks import Hook
 from .search import EarlyBirdHook, EarlyBirdSearch
@@ -61,11 +62,16 @@ class RunStart:
     prepare: Callable[[ck.TrainState], None]  # once the state is built from `model`
 
 
-def fresh(cfg: Config, run_dir: Path, probe, say) -> First:
-    return First(build_from_config(cfg.model))
+def fresh(cfg: Config, run_dir: Path, probe, say, spec: ModelSpec) -> First:
+    """The dense model, freshly initialised or, with model.pretrained, with the weights of that folder."""
+    model = spec.build()
+    if cfg.model.pretrained is not None:
+        load_pretrained(model, cfg.model.pretrained, "model.pretrained")
+        say(f"model.pretrained: the dense weights start from {cfg.model.pretrained}")
+    return First(model)
 
 
-def resumed(cfg: Config, run_dir: Path, probe, say) -> First:
+def resumed(cfg: Config, run_dir: Path, probe, say, spec: ModelSpec) -> First:
     ckpt, model, meta, saved = ck.read_for_resume(run_dir, log=say)
     changes = identity_changes(meta.get("identity") or {"model.preset": meta["preset"]}, run_identity(cfg))
     if changes:
@@ -83,9 +89,9 @@ def resumed(cfg: Config, run_dir: Path, probe, say) -> First:
                  RunFacts.carried(meta), restore)
 
 
-def pruned_from_run(cfg: Config, run_dir: Path, probe, say) -> First:
+def pruned_from_run(cfg: Config, run_dir: Path, probe, say, spec: ModelSpec) -> First:
     t0 = time.perf_counter()
-    pruned, source = prune_from_run(cfg, probe.device, probe, say)
+    pruned, source = prune_from_run(cfg, spec, probe.device, probe, say)
     extract_s = time.perf_counter() - t0
 
     def count(st: ck.TrainState) -> None:
@@ -108,13 +114,16 @@ class _Probe:
         return ScoreProbe.of(self.data, batch, self.loss, timesteps, self.seed, self.device, labels=self.labels)
 
 
-def _load_data(cfg: Config, dist) -> ImageData:
+def _load_data(cfg: Config, dist) -> tuple[ImageData, ModelSpec]:
+    """The training data and the dense model fitted to it (`ModelSpec.fit`: a preset adapted to the data's
+    channels and size, a model.config checked against them)."""
     data = load_training_data(cfg.data, cfg.model.preset, dist.device, dist.rank == 0 and cfg.train.progress,
                               model=cfg.model)
     if len(data) < cfg.train.batch_size:
         raise DataError(f"dataset of {len(data)} images is smaller than one batch (train.batch_size="
                         f"{cfg.train.batch_size})")
-    return data
+    spec = ModelSpec.of(cfg.model).fit(data.shape, f"data.name={cfg.data.name}")
+    return data, spec
 
 
 def start_run(cfg: Config, run_dir: Path, resume: bool, dist, loss, say=print,
@@ -123,23 +132,23 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, dist, loss, say=print,
     score probe uses). search_artifacts(run_dir, search, ticket_dict, title=...): what writes the
     Early-Bird search's files (None: none)."""
     run_dir, main = Path(run_dir), dist.rank == 0
-    data = _load_data(cfg, dist)
+    data, model_spec = _load_data(cfg, dist)
     torch.manual_seed(cfg.train.seed + dist.rank)
     np.random.seed((cfg.train.seed + dist.rank) % 2**32)
-    classes = backbone_of_preset(cfg.model.preset).classes(cfg.model.preset, cfg.model.num_classes)  # None: unconditional
+    classes = model_spec.num_classes  # None: unconditional
     probe = _Probe(data, loss, cfg.train.seed, dist.device, classes is not None)
     spec = RunSpec.of(cfg)
     strategy = resumed if resume else pruned_from_run if spec.kind == "prune-from-run" else fresh
-    first = strategy(cfg, run_dir, probe, say)
-    if classes is not None:
-        data.check_labels(classes)
+    if classes is not None:  # before any model is built or loaded
+        data.check_labels(classes, model_spec.classes_setting)
+    first = strategy(cfg, run_dir, probe, say, model_spec)
     if main:  # records past the state training continues from (a resume's checkpoint, or 0: a run
         # restarted after dying before its first checkpoint) are trained and logged again: no duplicates
         ck.truncate_log(run_dir / ck.METRICS_FILE, first.iteration)
     facts = first.facts
     facts.image_shape, facts.latent, facts.identity = list(data.shape), data.latent, run_identity(cfg)
     if not facts.dense_size:
-        facts.dense_size = size_of(first.model if first.plan is None else build_from_config(cfg.model))
+        facts.dense_size = size_of(first.model if first.plan is None else model_spec.build())
     hooks, search = [], None
     if spec.searches and first.phase == "dense" and not facts.ticket:
         eb = cfg.early_bird
@@ -147,12 +156,12 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, dist, loss, say=print,
         search = EarlyBirdSearch.from_config(eb, ipe if eb.check_every == "epoch" else int(eb.check_every),
                                              seed=cfg.train.seed,
                                              probe=lambda: probe(eb.taylor_timesteps, eb.taylor_batch))
-        hooks.append(EarlyBirdHook(search, eb, lambda: build_from_config(cfg.model), search_artifacts))
+        hooks.append(EarlyBirdHook(search, eb, model_spec.build, search_artifacts))
 
     def prepare(st: ck.TrainState) -> None:
         first.prepare(st)
         if main:
             ck.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
-    arch = {"preset": cfg.model.preset, "dropout": cfg.model.dropout, "num_classes": classes, "latent": data.latent}
+    arch = {**model_spec.record(), "latent": data.latent}
     return RunStart(data, first.model, first.phase, first.plan, facts, arch, classes, hooks, search, prepare)
