@@ -156,8 +156,8 @@ def main() -> None:
     for x, y in pairs:
         if x in ladders and y in ladders:
             eq[f"{x} vs {y}"] = res = equal_quality(ladders[x], ladders[y])
-            v = verdict(LABEL[x], LABEL[y], res, metric)
-            verdicts.append(v + (" (dense is 4x the size)" if y == "dense" else ""))
+            verdicts.append(verdict(LABEL[x], LABEL[y], res, metric,
+                                    "at a quarter of its size" if y == "dense" else "at the same size"))
     qb = {f"{x} vs {y}": quality_at_budget(ladders[x], ladders[y]) for x, y in pairs[:2] + [("eb-50", "dense")]
           if x in ladders and y in ladders}
     lines += ["", "## Verdicts", "", *[f"- {v}" for v in verdicts], "",

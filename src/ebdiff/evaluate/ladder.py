@@ -76,18 +76,19 @@ def equal_quality(a: dict[int, list[Rung]], b: dict[int, list[Rung]]) -> dict:
     return {"seeds": per, "speedup": spread(ups), "reached": len(ups), "n": len(per)}
 
 
-def verdict(label_a: str, label_b: str, res: dict, metric: str) -> str:
-    """One line: does A reach B's final quality at the same size, and in how much less time (per seed)."""
+def verdict(label_a: str, label_b: str, res: dict, metric: str, size: str = "at the same size") -> str:
+    """One line: does A reach B's final quality (`size`: how their sizes compare), and in how much less time
+    (per seed)."""
     n, reached = res["n"], res["reached"]
     if n == 0:
         return f"{label_a} vs {label_b}: no seed of both to compare"
     seeds = ", ".join(f"{p['speedup']:.2f}x" if p["speedup"] is not None else
                       f"not reached (best {p['a_best']:.1f} vs {p['target']:.1f})" for p in res["seeds"])
     if reached == 0:
-        return f"{label_a} does not reach {label_b}'s final {metric} at the same size in any seed (seeds: {seeds})"
+        return f"{label_a} does not reach {label_b}'s final {metric} {size} in any seed (seeds: {seeds})"
     sp = res["speedup"]
     how = f"{sp['mean']:.2f}x less time" if sp["mean"] >= 1 else f"{1 / sp['mean']:.2f}x more time"
-    head = f"{label_a} reaches {label_b}'s final {metric} at the same size in {how}"
+    head = f"{label_a} reaches {label_b}'s final {metric} {size} in {how}"
     tail = f" in {reached} of {n} seeds" if reached < n else ""
     return f"{head}{tail} (mean over seeds that reach it; seeds: {seeds})"
 
