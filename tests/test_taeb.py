@@ -26,6 +26,10 @@ def test_three_process_gloo_run_resume_and_ensemble_sampling(tmp_path, has_fmnis
     assert all(c["train_s"] == max(c["branch_train_s"]) for c in curve)
     a = json.loads((run / "taeb.json").read_text())
     assert len(a["branches"]) == 3 and sum(a["steps_per_region"]) == 5
+    # three branch processes on one CPU: their times measured each other's load, and the record says so
+    assert json.loads((run / "launch.json").read_text()) == {"together": True, "processes": 3, "devices": 1,
+                                                             "shared": True}
+    assert "shared_device" in a["device_seconds"] and "note: the branches trained at the same time" in out
     assert all(b["ticket_found"] and b["dense_iterations"] + b["ticket_iterations"] == 8 for b in a["branches"])
     params = [b["params"] for b in a["branches"]]
     assert params[0] > params[1] > params[2]  # 30% < 60% < 80% pruning
@@ -151,3 +155,22 @@ def test_device_seconds_of_a_three_branch_run():
     assert d["one_device_per_branch"]["speedup_over_dense"] == pytest.approx(85 / 3 / 50)  # 0.57x
     assert d["one_device"]["speedup_over_dense"] == pytest.approx(85 / 3 / 100)  # 0.28x
     assert device_seconds([{**b, "dense_iterations": 0} for b in branches])["one_device"]["speedup_over_dense"] is None
+
+
+def test_device_seconds_when_the_branches_shared_a_device():
+    """Branches trained at the same time on one device each measured the others' load too: the one-device-per-
+    branch speed-up is not given, and the record and the printout say why (measured: 3 branches sharing one
+    CPU core took 153 s for the longest branch against 60 s alone)."""
+    from ebdiff.training.taeb_spec import SHARED_NOTE, device_seconds, format_accounting
+
+    branches = [{"train_s": 30.0, "dense_s": 10.0, "dense_iterations": 40, "ticket_iterations": 60},
+                {"train_s": 20.0, "dense_s": 15.0, "dense_iterations": 50, "ticket_iterations": 50}]
+    d = device_seconds(branches, shared=True)
+    assert d["shared_device"] == SHARED_NOTE and d["one_device_per_branch"]["speedup_over_dense"] is None
+    assert d["one_device"]["speedup_over_dense"] == device_seconds(branches)["one_device"]["speedup_over_dense"]
+    assert "shared_device" not in device_seconds(branches)
+    a = {"branches": [], "steps_per_region": [], "weighted_params": 1e6, "weighted_macs": 1e9, "route": "higher-noise",
+         "taeb_train_s": 30.0, "sum_train_s": 50.0, "device_seconds": d}
+    text = format_accounting(a)
+    assert "with one device per branch" in text and "- with one device per branch" in text
+    assert text.splitlines()[-1] == f"note: {SHARED_NOTE}"

@@ -118,6 +118,9 @@ def die_with_parent() -> None:
         pass
 
 
+LAUNCH_FILE = "launch.json"  # how the one-launch mode ran the branches: together or not, processes, devices
+
+
 def launch(cfg: Config, run: Path) -> None:
     """Train all branches: under torchrun as one group per region; else start torch.distributed.run on
     the worker entry point and forward SIGINT/SIGTERM/SIGHUP to it (each branch saves and stops)."""
@@ -128,11 +131,15 @@ def launch(cfg: Config, run: Path) -> None:
         run_rank(run, cfg)
         return
     write_layout(cfg, run)
-    if cfg.taeb.launch == "sequential" or len(regions) * cfg.taeb.procs_per_region == 1:
+    nproc = len(regions) * cfg.taeb.procs_per_region
+    together = cfg.taeb.launch != "sequential" and nproc > 1
+    devices = torch.cuda.device_count() if cfg.train.device != "cpu" and torch.cuda.is_available() else 1
+    ck.atomic_write_json(run / LAUNCH_FILE, {"together": together, "processes": nproc, "devices": devices,
+                                             "shared": together and nproc > devices})
+    if not together:
         for k in range(len(regions)):
             _train_branch(cfg, run, k)
         return
-    nproc = len(regions) * cfg.taeb.procs_per_region
     _backend_for(cfg, nproc)  # a layout the GPUs cannot hold stops here, in one line, before launching
     env = dict(os.environ)
     if cfg.train.device == "cpu" or not torch.cuda.is_available():
@@ -287,7 +294,8 @@ def accounting(run: Path, cfg: Config) -> dict:
             "search_s": (t or {}).get("search_seconds", times["dense_s"] + times["check_s"]),
             "train_s": times["train_total"], "wall_s": times.get("wall_s"), "dense_s": times["dense_s"],
         })
-    res = accounting_record(regions, branches, spec["route"], cfg.sample, visited)
+    launched = ck.read_json(Path(run) / LAUNCH_FILE) or {}  # absent for branches trained as separate jobs
+    res = accounting_record(regions, branches, spec["route"], cfg.sample, visited, bool(launched.get("shared")))
     ck.atomic_write_json(Path(run) / "taeb.json", res)
     return res
 

@@ -58,12 +58,19 @@ def size_weightings(regions: RegionSet, params: list[float], macs: list[float], 
     }
 
 
-def device_seconds(branches: list[dict]) -> dict:
+SHARED_NOTE = ("the branches trained at the same time on shared devices (more branch processes than devices): "
+               "each branch's seconds include the others' load, so the longest branch is not what one device per "
+               "branch would take (time them alone with taeb.launch=sequential, or one device each)")
+
+
+def device_seconds(branches: list[dict], shared: bool = False) -> dict:
     """Pure: TA-EB's training cost counted two ways, each with its speed-up over the dense model trained for
     as many iterations as the longest branch, at the seconds per iteration the branches' dense (search)
     phases measured (`dense_s` over `dense_iterations`, averaged over the branches that have one):
     `one_device_per_branch` is the longest branch (the branches in parallel; what the paper's speed-ups
-    count), `one_device` all branches' seconds together (what a single device pays, one after another)."""
+    count), `one_device` all branches' seconds together (what a single device pays, one after another).
+    shared: the branches ran at the same time on shared devices; the longest branch then measured the load of
+    the others too, and its speed-up is not given (`shared_device` says why)."""
     rates = [b["dense_s"] / b["dense_iterations"] for b in branches if b.get("dense_iterations") and "dense_s" in b]
     iters = max(b["dense_iterations"] + b["ticket_iterations"] for b in branches)
     dense = sum(rates) / len(rates) * iters if rates else None
@@ -72,14 +79,16 @@ def device_seconds(branches: list[dict]) -> dict:
     return {
         "dense_estimate": {"train_s": dense, "iterations": iters, "definition": f"the dense model for {iters} "
                            "iterations at the s/iteration of the branches' dense phases"},
-        "one_device_per_branch": {"train_s": longest, "speedup_over_dense": speedup(longest),
+        **({"shared_device": SHARED_NOTE} if shared else {}),
+        "one_device_per_branch": {"train_s": longest, "speedup_over_dense": None if shared else speedup(longest),
                                   "definition": "the longest branch (branches in parallel; the paper counts this)"},
         "one_device": {"train_s": together, "speedup_over_dense": speedup(together),
                        "definition": "all branches' device-seconds together (one device, one after another)"},
     }
 
 
-def accounting_record(regions: RegionSet, branches: list[dict], route: str, sc, visited: list[int]) -> dict:
+def accounting_record(regions: RegionSet, branches: list[dict], route: str, sc, visited: list[int],
+                      shared: bool = False) -> dict:
     """Pure: taeb.json's content from the branches' sizes and times (`taeb.accounting` reads them): the
     weighted sizes in both weightings (`size_weightings`), the longest branch's and all branches' training time
     (and their speed-ups: `device_seconds`). sc: the sample settings (sampler, steps, spacing); visited: the
@@ -96,7 +105,7 @@ def accounting_record(regions: RegionSet, branches: list[dict], route: str, sc, 
         "branches": branches,
         "taeb_train_s": max(b["train_s"] for b in branches),
         "sum_train_s": sum(b["train_s"] for b in branches),
-        "device_seconds": device_seconds(branches),
+        "device_seconds": device_seconds(branches, shared),
     }
 
 
@@ -122,4 +131,6 @@ def format_accounting(a: dict) -> str:
         lines.append(f"speed-up over dense ({d['dense_estimate']['train_s']:.1f} s estimated for "
                      f"{d['dense_estimate']['iterations']} iterations): {x('one_device_per_branch')} with one device "
                      f"per branch (the paper's count), {x('one_device')} on one device (all branches' seconds)")
+    if d.get("shared_device"):
+        lines.append(f"note: {d['shared_device']}")
     return "\n".join(lines)
