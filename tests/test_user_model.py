@@ -210,6 +210,13 @@ def test_bad_user_models_are_one_line_and_write_nothing(models, rgb, tmp_path, h
         ([f"model.config={models / 'cond'}"], ["latents", "model.autoencoder"]),
         ([f"model.pretrained={models / 'unet'}", f"model.config={models / 'unet'}"], ["leave model.config unset"]),
     ]
+    odd = tmp_path / "odd"  # a pretrained folder of a class ebdiff cannot prune: the line names model.pretrained
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({**unet, "_class_name": "UNet3DConditionModel"}))
+    (odd / "diffusion_pytorch_model.safetensors").write_bytes((models / "unet" / "diffusion_pytorch_model.safetensors")
+                                                               .read_bytes())
+    cases.append(([f"model.pretrained={odd}"], [f"model.pretrained={odd}: its config.json is a UNet3DConditionModel",
+                                                "cannot prune"]))
     for extra, words in cases:
         assert main(["train", *_args(out, *extra)]) == 2, extra
         line = _one_line(capsys)

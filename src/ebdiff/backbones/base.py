@@ -271,10 +271,17 @@ class ModelSpec:
             return cls(bb, mcfg.preset, None, dropout, bb.classes(mcfg.preset, n))
         if not isinstance(config, dict):
             raise ConfigError(f"model.config must be a path or a mapping; got {config!r}")
-        bb = backbone_of_config(config, getattr(mcfg, "autoencoder", None) is not None)
-        settings = {k: v for k, v in config.items() if not k.startswith("_")}
-        bb.check_config(settings)
-        return cls(bb, None, settings, dropout, bb.config_classes(settings, n))
+        try:
+            bb = backbone_of_config(config, getattr(mcfg, "autoencoder", None) is not None)
+            settings = {k: v for k, v in config.items() if not k.startswith("_")}
+            bb.check_config(settings)
+            return cls(bb, None, settings, dropout, bb.config_classes(settings, n))
+        except ConfigError as e:  # a pretrained folder's config: name the setting the user gave
+            pretrained, text = getattr(mcfg, "pretrained", None), str(e)
+            if pretrained is None or not text.startswith("model.config "):
+                raise
+            raise ConfigError(f"model.pretrained={pretrained}: its config.json {text.removeprefix('model.config ')}"
+                              ) from None
 
     @classmethod
     def from_meta(cls, meta: dict) -> "ModelSpec":
