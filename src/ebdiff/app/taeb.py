@@ -71,8 +71,13 @@ def dist_backend(world: int, per_region: int, cuda: bool, n_gpus: int) -> str:
     return "gloo"
 
 
+def _on_cuda(cfg: Config) -> bool:
+    """Whether the branches train on GPUs (else on the CPU, one device for all)."""
+    return torch.cuda.is_available() and cfg.train.device != "cpu"
+
+
 def _backend_for(cfg: Config, world: int) -> str:
-    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    cuda = _on_cuda(cfg)
     return dist_backend(world, cfg.taeb.procs_per_region, cuda, torch.cuda.device_count() if cuda else 0)
 
 
@@ -133,7 +138,7 @@ def launch(cfg: Config, run: Path) -> None:
     write_layout(cfg, run)
     nproc = len(regions) * cfg.taeb.procs_per_region
     together = cfg.taeb.launch != "sequential" and nproc > 1
-    devices = torch.cuda.device_count() if cfg.train.device != "cpu" and torch.cuda.is_available() else 1
+    devices = torch.cuda.device_count() if _on_cuda(cfg) else 1
     ck.atomic_write_json(run / LAUNCH_FILE, {"together": together, "processes": nproc, "devices": devices,
                                              "shared": together and nproc > devices})
     if not together:
@@ -142,7 +147,7 @@ def launch(cfg: Config, run: Path) -> None:
         return
     _backend_for(cfg, nproc)  # a layout the GPUs cannot hold stops here, in one line, before launching
     env = dict(os.environ)
-    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+    if not _on_cuda(cfg):
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ebdiff.app.taeb_worker", str(run)]
