@@ -252,3 +252,17 @@ def test_presets_adapt_to_the_data_channels_and_size(rgb, tmp_path, capsys):
     assert main(["train", *_rgb_args(bad, rgb, "model.preset=dit-tiny", "data.image_size=18")]) == 2
     line = _one_line(capsys)
     assert "data.image_size=18" in line and "multiple of 4" in line and not bad.exists()
+
+
+def test_state_misfit_names_the_first_offender_and_counts_them():
+    """The one tensor-by-tensor fit check behind checkpoints (load_weights) and pretrained folders."""
+    from ebdiff.runs.checkpoint import state_misfit
+
+    want = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(1)}
+    assert state_misfit(want, dict(want), "there", "missing there") is None
+    assert state_misfit(want, {"a": torch.zeros(5), "b": torch.zeros(3), "d": torch.zeros(1)}, "in the file",
+                        "missing from the file") == ("tensor 'a' has shape [5] in the file but [2] in the model", 3)
+    assert state_misfit(want, {"a": torch.zeros(2), "b": torch.zeros(3)}, "there", "missing there") == (
+        "tensor 'c' is missing there", 1)
+    assert state_misfit(want, {**want, "z": torch.zeros(1)}, "there", "missing there") == (
+        "tensor 'z' is not in the model", 1)

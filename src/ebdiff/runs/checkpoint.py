@@ -178,14 +178,9 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
         sd = load_file(str(path))
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read weights {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    want = model.state_dict()
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
-    if missing or unexpected or wrong:
-        k = (wrong or missing or unexpected)[0]
-        what = (f"tensor '{k}' has shape {list(sd[k].shape)} in the file but {list(want[k].shape)} in the model"
-                if wrong else f"tensor '{k}' is {'missing from the file' if missing else 'not in the model'}")
-        n = len(missing) + len(unexpected) + len(wrong)
+    misfit = state_misfit(model.state_dict(), sd, "in the file", "missing from the file")
+    if misfit is not None:
+        what, n = misfit
         raise CheckpointError(f"weights {path} do not fit the architecture in meta.json: {what}"
                               + (f" (and {n - 1} more)" if n > 1 else ""))
     bad = first_nonfinite(sd.items())
@@ -193,6 +188,20 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
         raise CheckpointError(f"weights {path} hold non-finite values (tensor '{bad}'): this checkpoint is unusable")
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def state_misfit(want: dict, sd: dict, shape_at: str, missing_at: str) -> tuple[str, int] | None:
+    """Whether state dict `sd` fits a model's `want` tensor by tensor: None, or (the first offender in words, how
+    many offend). shape_at / missing_at: how the words name where `sd` came from ("in the file", "missing from
+    the file")."""
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    if not (missing or unexpected or wrong):
+        return None
+    k = (wrong or missing or unexpected)[0]
+    what = (f"tensor '{k}' has shape {list(sd[k].shape)} {shape_at} but {list(want[k].shape)} in the model" if wrong
+            else f"tensor '{k}' is {missing_at if missing else 'not in the model'}")
+    return what, len(missing) + len(unexpected) + len(wrong)
 
 
 def load_model(ckpt: Path, ema: bool = True, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:

@@ -266,14 +266,10 @@ def load_pretrained(model: nn.Module, folder: str | Path, key: str = "model.pret
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{key}={folder}: diffusers cannot load its weights ({first})") from None
-    sd, want = loaded.state_dict(), target.state_dict()
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
-    if missing or unexpected or wrong:
-        k = (wrong or missing or unexpected)[0]
-        what = (f"tensor '{k}' has shape {list(sd[k].shape)} there but {list(want[k].shape)} in the model" if wrong
-                else f"tensor '{k}' is {'missing there' if missing else 'not in the model'}")
-        raise ConfigError(f"{key}={folder}: its weights do not fit this run's model: {what}")
+    sd = loaded.state_dict()
+    misfit = ck.state_misfit(target.state_dict(), sd, "there", "missing there")
+    if misfit is not None:
+        raise ConfigError(f"{key}={folder}: its weights do not fit this run's model: {misfit[0]}")
     bad = ck.first_nonfinite(sd.items())
     if bad is not None:
         raise ConfigError(f"{key}={folder}: its weights hold non-finite values (tensor '{bad}')")
