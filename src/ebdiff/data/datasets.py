@@ -20,7 +20,6 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -482,30 +481,26 @@ def register_source(name: str, fn: Callable[..., ImageData]) -> None:
 
 
 def source_of(mcfg) -> str:
-    """The data source a model trains on: `latents` (an autoencoder's latents) or `pixels` (`mcfg`: the run's
-    model config, or a preset's name)."""
-    spec = ModelSpec.of(SimpleNamespace(preset=mcfg) if isinstance(mcfg, str) else mcfg)
-    return "latents" if spec.latent else "pixels"
+    """The data source a model trains on (`mcfg`: the run's model config): `latents` (an autoencoder's latents)
+    or `pixels`."""
+    return "latents" if ModelSpec.of(mcfg).latent else "pixels"
 
 
-def load_training_data(dcfg, preset: str, device: torch.device, progress: bool = True, model=None) -> ImageData:
+def load_training_data(dcfg, mcfg, device: torch.device, progress: bool = True) -> ImageData:
     """The dataset a run trains on, from its model's data source (`SOURCES`): pixels at the model's resolution,
-    or a latent backbone's latents of its autoencoder (`model`: the run's model config; None: `preset` alone)."""
-    model = model if model is not None else SimpleNamespace(preset=preset)
-    source = source_of(model)
-    if source != "pixels" and not hasattr(model, "autoencoder"):
-        raise ConfigError(f"model.preset={preset} trains on {source}: its model settings are needed")
+    or a latent backbone's latents of its autoencoder (`mcfg`: the run's model config)."""
+    source = source_of(mcfg)
     if source not in SOURCES:
-        raise ConfigError(f"model.preset={preset} trains on {source}, a data source not loaded "
+        raise ConfigError(f"{ModelSpec.of(mcfg).label} trains on {source}, a data source not loaded "
                           f"(import ebdiff.{source})")
-    return SOURCES[source](dcfg, model, device, progress)
+    return SOURCES[source](dcfg, mcfg, device, progress)
 
 
 def preflight_training_data(dcfg, mcfg, device) -> ImageData:
     """Load a run's training data once before its processes start: a source that prepares it (latents: the
     cache is encoded, on `device`, with progress) does so for all of them; pixels load on the CPU, quietly."""
     prepares = source_of(mcfg) != "pixels"
-    return load_training_data(dcfg, mcfg.preset, device if prepares else "cpu", progress=prepares, model=mcfg)
+    return load_training_data(dcfg, mcfg, device if prepares else "cpu", progress=prepares)
 
 
 # ---------------------------------------------------------------- deterministic batches

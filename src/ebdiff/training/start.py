@@ -117,8 +117,7 @@ class _Probe:
 def _load_data(cfg: Config, dist) -> tuple[ImageData, ModelSpec]:
     """The training data and the dense model fitted to it (`ModelSpec.fit`: a preset adapted to the data's
     channels and size, a model.config checked against them)."""
-    data = load_training_data(cfg.data, cfg.model.preset, dist.device, dist.rank == 0 and cfg.train.progress,
-                              model=cfg.model)
+    data = load_training_data(cfg.data, cfg.model, dist.device, dist.rank == 0 and cfg.train.progress)
     if len(data) < cfg.train.batch_size:
         raise DataError(f"dataset of {len(data)} images is smaller than one batch (train.batch_size="
                         f"{cfg.train.batch_size})")
